@@ -1,0 +1,97 @@
+"""Weight formats as data types: BF16 bits, INT4 `pack-quantized`, and their conversions.
+
+numpy has no bfloat16, so a BF16 tensor is a uint16 array of its raw bits (the top half of a
+float32). An INT4 matrix is an `Int4Tensor`: compressed-tensors `pack-quantized`, the layout
+K2 Thinking ships its routed experts in (K2_SPEC §4):
+
+  weight_packed int32 [out, in/8]   eight 4-bit codes per word along the input dim, LSB first;
+                                    code u = q + 8 (offset binary, not two's complement)
+  weight_scale  bf16  [out, in/g]   one scale per group of g input columns (g = 32)
+  W[r, c] = (u(r, c) - 8) * scale[r, c // g]        symmetric: no zero point
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+
+# ---------------------------------------------------------------- bfloat16
+def bf16_to_f32(bits: np.ndarray) -> np.ndarray:
+    """uint16 bf16 bits -> float32 (exact)."""
+    return (np.asarray(bits, np.uint16).astype(np.uint32) << 16).view(np.float32)
+
+
+def f32_to_bf16(x: np.ndarray) -> np.ndarray:
+    """float32 -> uint16 bf16 bits, round to nearest even (as torch's .to(bfloat16)); NaN stays NaN."""
+    u = np.ascontiguousarray(x, np.float32).view(np.uint32)
+    rounded = ((u + 0x7FFF + ((u >> 16) & 1)) >> 16).astype(np.uint16)
+    return np.where(np.isnan(np.asarray(x, np.float32)), np.uint16(0x7FC0), rounded)
+
+
+# ---------------------------------------------------------------- INT4 pack-quantized
+@dataclass
+class Int4Tensor:
+    """A [out, in] matrix stored as group-quantized symmetric INT4 (compressed-tensors layout)."""
+    packed: np.ndarray      # int32  [out, ceil(in/8)]
+    scales: np.ndarray      # uint16 (bf16 bits) [out, in/group_size]; float32 also accepted
+    shape: tuple            # (out, in)
+    group_size: int = 32
+
+    @property
+    def nbytes(self) -> int:
+        return self.packed.nbytes + self.scales.nbytes
+
+
+def pack_int4(q: np.ndarray) -> np.ndarray:
+    """int codes in [-8, 7], [out, in] -> int32 [out, ceil(in/8)] (zero-padded columns)."""
+    q = np.asarray(q)
+    if q.min(initial=0) < -8 or q.max(initial=0) > 7:
+        raise ValueError("int4 codes must lie in [-8, 7]")
+    out, n = q.shape
+    u = np.zeros((out, -(-n // 8) * 8), np.uint32)
+    u[:, :n] = (q.astype(np.int64) + 8).astype(np.uint32)
+    u = u.reshape(out, -1, 8)
+    word = np.zeros(u.shape[:2], np.uint32)
+    for j in range(8):                       # column 8k+j -> bits [4j, 4j+4) of word k
+        word |= u[:, :, j] << np.uint32(4 * j)
+    return word.view(np.int32)
+
+
+def unpack_int4(packed: np.ndarray, n_in: int) -> np.ndarray:
+    """int32 [out, ceil(in/8)] -> int8 codes [out, in] in [-8, 7]."""
+    w = np.asarray(packed, np.int32).view(np.uint32)
+    shifts = np.arange(8, dtype=np.uint32) * 4
+    u = (w[:, :, None] >> shifts) & np.uint32(0xF)
+    return (u.reshape(w.shape[0], -1)[:, :n_in].astype(np.int8) - 8).astype(np.int8)
+
+
+def scales_f32(scales: np.ndarray) -> np.ndarray:
+    s = np.asarray(scales)
+    return bf16_to_f32(s) if s.dtype == np.uint16 else s.astype(np.float32)
+
+
+def dequantize_int4(t: Int4Tensor) -> np.ndarray:
+    """Int4Tensor -> float32 [out, in]; q * scale, exactly representable in fp32."""
+    out, n = t.shape
+    q = unpack_int4(t.packed, n).astype(np.float32)
+    s = np.repeat(scales_f32(t.scales), t.group_size, axis=1)[:, :n]
+    return q * s
+
+
+def quantize_int4(w: np.ndarray, group_size: int = 32, qat_grid: bool = False) -> Int4Tensor:
+    """float [out, in] -> Int4Tensor as compressed-tensors' quantizer does it: per group
+    scale = absmax / 7.5 stored as bf16, q = round_half_even(clamp(w / scale, -8, 7)).
+    qat_grid=True uses scale = absmax / 7 and levels -7..7 (K2 Thinking's QAT grid)."""
+    w = np.asarray(w, np.float32)
+    out, n = w.shape
+    if n % group_size:
+        raise ValueError(f"input dim {n} is not a multiple of group size {group_size}")
+    g = w.reshape(out, n // group_size, group_size)
+    amax = np.abs(g).max(axis=2)
+    scale_bits = f32_to_bf16(amax / (7.0 if qat_grid else 7.5))
+    scale = bf16_to_f32(scale_bits)
+    safe = np.where(scale == 0, 1.0, scale)
+    lo = -7 if qat_grid else -8
+    q = np.clip(np.round(g / safe[:, :, None]), lo, 7).astype(np.int8).reshape(out, n)
+    return Int4Tensor(pack_int4(q), scale_bits, (out, n), group_size)

@@ -1,0 +1,135 @@
+"""The numpy specification of every k2lite op: plain, slow, and the oracle for the kernels.
+
+Each function here has a twin with the same name and signature in every native backend
+(`k2lite/cpu.py` over `k2lite._cpu`, `k2lite/cuda.py` over `k2lite._cuda`); `ops.py` picks
+one backend and falls back to these. All arithmetic is float32, as in the reference PyTorch
+implementations run in float32; BF16 weights are uint16 bit arrays (see formats.py).
+
+Dimension letters: T tokens, S keys, D hidden, N outputs, I inputs, H heads,
+C latent (kv_lora_rank), R rope dims, E experts, K experts per token, B sequences, P pages.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from .formats import bf16_to_f32, dequantize_int4, Int4Tensor, scales_f32, unpack_int4
+
+
+# ---------------------------------------------------------------- linear layers
+def bf16_matmul(x: np.ndarray, w: np.ndarray) -> np.ndarray:
+    """y[T,N] = x[T,I] · w[N,I]ᵀ with w as bf16 bits."""
+    return x @ bf16_to_f32(w).T
+
+
+def int4_matmul(x: np.ndarray, packed: np.ndarray, scales: np.ndarray, group_size: int) -> np.ndarray:
+    """y[T,N] = x[T,I] · W[N,I]ᵀ, W = (codes - 8) * scale[n, i // group_size]."""
+    n_in = x.shape[1]
+    q = unpack_int4(packed, n_in).astype(np.float32)                          # [N, I]
+    s = np.repeat(scales_f32(scales), group_size, axis=1)[:, :n_in]          # [N, I]
+    return x @ (q * s).T
+
+
+def f32_matmul(x: np.ndarray, w: np.ndarray) -> np.ndarray:
+    return x @ np.asarray(w, np.float32).T
+
+
+def linear(x: np.ndarray, w) -> np.ndarray:
+    """The one choke point where the weight format picks the kernel (DeepSeek's linear())."""
+    if isinstance(w, Int4Tensor):
+        return int4_matmul(x, w.packed, w.scales, w.group_size)
+    if w.dtype == np.uint16:
+        return bf16_matmul(x, w)
+    return f32_matmul(x, w)
+
+
+def dense(w) -> np.ndarray:
+    """Any weight format -> float32 [N, I] (for the expanded prefill form and for tests)."""
+    if isinstance(w, Int4Tensor):
+        return dequantize_int4(w)
+    return bf16_to_f32(w) if w.dtype == np.uint16 else np.asarray(w, np.float32)
+
+
+# ---------------------------------------------------------------- elementwise
+def rmsnorm(x: np.ndarray, w: np.ndarray, eps: float) -> np.ndarray:
+    """x / sqrt(mean(x²) + eps) * w, in float32."""
+    var = np.mean(x * x, axis=-1, keepdims=True, dtype=np.float32)
+    return (x / np.sqrt(var + np.float32(eps))).astype(np.float32) * w
+
+
+def silu(x: np.ndarray) -> np.ndarray:
+    return x / (np.float32(1) + np.exp(-x))
+
+
+def rope(x: np.ndarray, positions: np.ndarray, inv_freq: np.ndarray) -> np.ndarray:
+    """Rotate interleaved pairs (2i, 2i+1) of x[T,H,R] by angle positions[t]·inv_freq[i].
+    This is DeepSeek's complex multiply on the weights' native pair order (K2_SPEC §3.3)."""
+    theta = positions.astype(np.float32)[:, None] * inv_freq[None, :]      # [T, R/2] fp32 angles
+    cos, sin = np.cos(theta)[:, None, :], np.sin(theta)[:, None, :]         # [T, 1, R/2]
+    x0, x1 = x[..., 0::2], x[..., 1::2]
+    out = np.empty_like(x)
+    out[..., 0::2] = x0 * cos - x1 * sin
+    out[..., 1::2] = x1 * cos + x0 * sin
+    return out
+
+
+# ---------------------------------------------------------------- mixture of experts
+def swiglu_expert(x: np.ndarray, gate, up, down) -> np.ndarray:
+    """down( silu(gate·x) ⊙ (up·x) ) for x[T,D]."""
+    return linear(silu(linear(x, gate)) * linear(x, up), down)
+
+
+def moe(x: np.ndarray, experts: list, idx: np.ndarray, weights: np.ndarray) -> np.ndarray:
+    """Routed-expert sum Σ_k weights[t,k] · Expert_{idx[t,k]}(x[t]) for x[T,D].
+    experts[e] = (gate_proj, up_proj, down_proj). Tokens are grouped per expert so each
+    chosen expert's weights are read once for the whole batch."""
+    out = np.zeros_like(x)
+    flat = idx.reshape(-1)
+    order = np.argsort(flat, kind="stable")
+    counts = np.bincount(flat, minlength=len(experts))
+    start = 0
+    for e, n in enumerate(counts):
+        if n == 0:
+            continue
+        sel = order[start:start + n]
+        start += n
+        tok, k = np.divmod(sel, idx.shape[1])
+        y = swiglu_expert(x[tok], *experts[e])
+        np.add.at(out, tok, weights[tok, k][:, None] * y)
+    return out
+
+
+# ---------------------------------------------------------------- attention
+def softmax(s: np.ndarray) -> np.ndarray:
+    s = s - s.max(axis=-1, keepdims=True)
+    p = np.exp(s)
+    return p / p.sum(axis=-1, keepdims=True)
+
+
+def attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, scale: float, q_offset: int) -> np.ndarray:
+    """Causal multi-head attention, expanded form: q[T,H,Dk], k[S,H,Dk], v[S,H,Dv] -> [T,H,Dv].
+    Query t sits at position q_offset + t and sees keys 0..q_offset+t. Softmax in fp32."""
+    T, S = q.shape[0], k.shape[0]
+    scores = np.einsum("thd,shd->hts", q, k) * np.float32(scale)            # [H, T, S]
+    future = np.arange(S)[None, :] > (q_offset + np.arange(T))[:, None]     # [T, S]
+    scores = np.where(future[None], -np.inf, scores)
+    return np.einsum("hts,shd->thd", softmax(scores), v).astype(np.float32)
+
+
+def mla_decode(q_latent: np.ndarray, q_pe: np.ndarray, pool: np.ndarray, page_table: np.ndarray,
+               lengths: np.ndarray, scale: float) -> np.ndarray:
+    """Absorbed MLA decode for B sequences, one new query each, over the paged latent cache.
+    q_latent[B,H,C] (q_nope already folded through W_UK), q_pe[B,H,R] (rotated),
+    pool[P, page, C+R] one layer's pages (latent c then rotated k_pe per token),
+    page_table[B, maxpages] page ids, lengths[B] tokens cached (the new one included).
+    Returns u[B,H,C] = Σ_t softmax_t(scale·(q_latent·c_t + q_pe·k_pe_t)) · c_t."""
+    B, H, C = q_latent.shape
+    page = pool.shape[1]
+    out = np.zeros((B, H, C), np.float32)
+    for b in range(B):
+        n = int(lengths[b])
+        pages = page_table[b, :(n + page - 1) // page]
+        kv = pool[pages].reshape(-1, pool.shape[2])[:n]                      # [S, C+R]
+        c, k_pe = kv[:, :C], kv[:, C:]
+        scores = (q_latent[b] @ c.T + q_pe[b] @ k_pe.T) * np.float32(scale)  # [H, S]
+        out[b] = softmax(scores) @ c
+    return out

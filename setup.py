@@ -1,0 +1,78 @@
+"""Build k2lite: the pure-Python package plus two native modules.
+
+k2lite._cpu   pybind11 C++17 kernels in src/cpu (always built)
+k2lite._cuda  CUDA kernels in src/cuda (built when nvcc is found; K2LITE_CUDA=1 forces, =0 disables)
+"""
+import os
+import shutil
+import subprocess
+import sys
+from glob import glob
+
+from pybind11.setup_helpers import Pybind11Extension, build_ext
+from setuptools import find_packages, setup
+
+
+def cpu_extension():
+    sources = sorted(glob("src/cpu/*.cpp")) + ["src/bindings_cpu.cpp"]
+    flags = ["-O3", "-std=c++17", "-fopenmp"]
+    if os.environ.get("K2LITE_NATIVE", "1") == "1" and sys.platform.startswith("linux"):
+        flags.append("-march=native")  # AVX-512 / VNNI / BF16 where the build machine has them
+    return Pybind11Extension("k2lite._cpu", sources, include_dirs=["src"],
+                             extra_compile_args=flags, extra_link_args=["-fopenmp"])
+
+
+def want_cuda():
+    flag = os.environ.get("K2LITE_CUDA")
+    if flag == "0":
+        return False
+    found = shutil.which("nvcc") is not None and bool(glob("src/cuda/*.cu"))
+    if flag == "1" and not found:
+        raise RuntimeError("K2LITE_CUDA=1 but nvcc or src/cuda/*.cu was not found")
+    return found
+
+
+class BuildExt(build_ext):
+    """build_ext that also compiles the .cu files of k2lite._cuda with nvcc."""
+
+    def build_extension(self, ext):
+        cu = [s for s in ext.sources if s.endswith(".cu")]
+        if cu:
+            ext.sources = [s for s in ext.sources if not s.endswith(".cu")]
+            os.makedirs(self.build_temp, exist_ok=True)
+            archs = os.environ.get("K2LITE_CUDA_ARCHS", "80;89;90").split(";")
+            gencode = [f"-gencode=arch=compute_{a},code=sm_{a}" for a in archs]
+            gencode.append(f"-gencode=arch=compute_{archs[-1]},code=compute_{archs[-1]}")  # PTX
+            for src in cu:
+                obj = os.path.join(self.build_temp, os.path.basename(src) + ".o")
+                cmd = ["nvcc", "-c", src, "-o", obj, "-O3", "-std=c++17", "-Isrc",
+                       "-Xcompiler", "-fPIC", *gencode]
+                subprocess.check_call(cmd)
+                ext.extra_objects.append(obj)
+        super().build_extension(ext)
+
+
+ext_modules = [cpu_extension()]
+if want_cuda():
+    cuda_home = os.path.dirname(os.path.dirname(shutil.which("nvcc")))
+    ext_modules.append(Pybind11Extension(
+        "k2lite._cuda", sorted(glob("src/cuda/*.cu")) + ["src/bindings_cuda.cpp"],
+        include_dirs=["src", os.path.join(cuda_home, "include")],
+        library_dirs=[os.path.join(cuda_home, "lib64")], libraries=["cudart"],
+        extra_compile_args=["-O3", "-std=c++17"]))
+
+setup(
+    name="k2lite",
+    version="0.1.0",
+    description="A small, fast, readable inference engine for Kimi K2 (DeepSeek-V3 architecture)",
+    packages=find_packages(include=["k2lite", "k2lite.*"]),
+    package_data={"k2lite": ["data/*"]},
+    python_requires=">=3.9",
+    install_requires=["numpy>=1.22", "tiktoken>=0.5", "click>=8.0"],
+    extras_require={
+        "test": ["pytest", "torch", "transformers>=4.57", "compressed-tensors", "safetensors", "openai"],
+    },
+    ext_modules=ext_modules,
+    cmdclass={"build_ext": BuildExt},
+    entry_points={"console_scripts": ["k2lite=k2lite.cli:main"]},
+)
