@@ -1,0 +1,298 @@
+"""K2 Thinking chat format: render prompts, parse assistant output (batch and streaming).
+
+Rendering reproduces the released `chat_template.jinja` of Kimi-K2-Thinking (no jinja2 here):
+tool declaration first (compact sorted-key JSON), the default system prompt when the first message
+is not a system one, no newlines between messages, `<think></think>` for assistant turns up to the
+last assistant turn without tool calls, reasoning kept after it, generation prompt without `<think>`.
+`render_parts` keeps markup and content apart so `Tokenizer.encode_chat` can encode content as
+plain text (prompt-injection safety).
+
+Parsing. `StreamParser` is fed decoded text (`feed_text`) or token ids (`feed_token`, needs a
+Tokenizer) and returns a list of deltas per call; `finish()` returns the last ones. Deltas:
+    {"reasoning_content": str}                   reasoning text (never empty)
+    {"content": str}                             answer text (never empty)
+    {"tool_call": call, "index": int}            one complete tool call, `call` as below
+`parse_assistant(text)` returns the final state, equal to what the deltas add up to:
+    {"reasoning_content": str, "content": str, "tool_calls": [call, ...]}
+    call = {"id": "functions.get_weather:0", "type": "function",
+            "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'}}
+A call whose arguments are not valid JSON (or whose id or end marker is malformed) keeps the raw
+text and gets an extra "error" key with a one-line reason; nothing here raises on model output.
+Control tokens never reach either text stream: think markers, tool markers and any `<|...|>` /
+`[EOS]`-style special name are consumed; `<|im_end|>`, `[EOS]` and `[EOT]` end the message and
+everything after them is ignored.
+"""
+import json
+import re
+
+DEFAULT_SYSTEM = "You are Kimi, an AI assistant created by Moonshot AI."
+# What the released template emits for an image part. `<|media_start|>` is not a named token in
+# any Kimi vocabulary (the others are), so it encodes as plain text, as it does upstream.
+IMAGE_MARKUP = ["<|media_start|>", "image", "<|media_content|>", "<|media_pad|>", "<|media_end|>"]
+ROLES = ("system", "user", "assistant", "tool")
+
+
+# --- rendering -------------------------------------------------------------------------------
+def _sort_keys(x):
+    """The Kimi tokenizer sorts every dict key of `tools` before rendering."""
+    if isinstance(x, dict):
+        return {k: _sort_keys(x[k]) for k in sorted(x)}
+    if isinstance(x, list):
+        return [_sort_keys(v) for v in x]
+    return x
+
+
+def _content_parts(msg, where):
+    """(is_markup, text) parts of a message's content: a string, None, or a list of parts."""
+    c = msg.get("content")
+    if c is None:
+        return []
+    if isinstance(c, str):
+        return [(False, c)]
+    if not isinstance(c, list):
+        raise ValueError(f"{where}: content must be a string, a list of parts or None, "
+                         f"not {type(c).__name__}")
+    out = []
+    for part in c:
+        if not isinstance(part, dict):
+            raise ValueError(f"{where}: content parts must be dicts, not {type(part).__name__}")
+        if part.get("type") == "image" or "image" in part or "image_url" in part:
+            out += [(True, m) for m in IMAGE_MARKUP]
+            # The released template leaves a newline after each image (jinja whitespace rules).
+            out.append((False, "\n"))
+        elif isinstance(part.get("text"), str):
+            out.append((False, part["text"]))
+        else:
+            raise ValueError(f"{where}: a content part needs a string 'text' or an image")
+    return out
+
+
+def _tool_calls_parts(msg, where):
+    calls = msg.get("tool_calls")
+    if not isinstance(calls, list):
+        raise ValueError(f"{where}: tool_calls must be a list")
+    out = [(True, "<|tool_calls_section_begin|>")]
+    for call in calls:
+        fn = call.get("function") if isinstance(call, dict) else None
+        if not isinstance(fn, dict):
+            raise ValueError(f"{where}: each tool call needs a 'function' dict")
+        args = fn.get("arguments", "")
+        # String arguments are verbatim (OpenAI clients send JSON strings); others like jinja tojson.
+        args = args if isinstance(args, str) else json.dumps(args, ensure_ascii=False)
+        # The id is rendered verbatim: the model counts calls across the conversation by it.
+        out += [(True, "<|tool_call_begin|>"), (False, str(call.get("id", ""))),
+                (True, "<|tool_call_argument_begin|>"), (False, args), (True, "<|tool_call_end|>")]
+    return out + [(True, "<|tool_calls_section_end|>")]
+
+
+def render_parts(messages, tools=None, add_generation_prompt=True):
+    """The prompt as (is_markup, text) pieces; "".join of the texts is the template output."""
+    if not isinstance(messages, list):
+        raise ValueError(f"messages must be a list of dicts, not {type(messages).__name__}")
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict):
+            raise ValueError(f"messages[{i}] must be a dict, not {type(m).__name__}")
+        if m.get("role") not in ROLES:
+            raise ValueError(f"messages[{i}]: unknown role {m.get('role')!r} (expected one of {ROLES})")
+    # Earlier reasoning is dropped: everything up to the last assistant turn without tool calls is
+    # history; reasoning after it is kept because it belongs to the tool loop still in progress.
+    last = max((i for i, m in enumerate(messages)
+                if m["role"] == "assistant" and not m.get("tool_calls")), default=-1)
+    P = []
+    if tools:
+        tools_json = json.dumps(_sort_keys(tools), separators=(",", ":"), ensure_ascii=False)
+        P += [(True, "<|im_system|>"), (False, "tool_declare"), (True, "<|im_middle|>"),
+              (False, tools_json), (True, "<|im_end|>")]
+    if not messages or messages[0]["role"] != "system":
+        P += [(True, "<|im_system|>"), (False, "system"), (True, "<|im_middle|>"),
+              (False, DEFAULT_SYSTEM), (True, "<|im_end|>")]
+    for i, m in enumerate(messages):
+        where, role = f"messages[{i}]", m["role"]
+        header = {"user": "<|im_user|>", "assistant": "<|im_assistant|>"}.get(role, "<|im_system|>")
+        # A `name` replaces the role label (`tool` messages show the role, not the function).
+        P += [(True, header), (False, str(m.get("name") or role)), (True, "<|im_middle|>")]
+        if role == "assistant":
+            rc = m.get("reasoning_content") if i > last else None
+            P += [(True, "<think>"), (False, rc or ""), (True, "</think>")]
+            P += _content_parts(m, where)
+            if m.get("tool_calls"):
+                P += _tool_calls_parts(m, where)
+        elif role == "tool":
+            P.append((False, f"## Return of {m.get('tool_call_id') or ''}\n"))
+            P += _content_parts(m, where)
+        else:
+            P += _content_parts(m, where)
+        P.append((True, "<|im_end|>"))
+    if add_generation_prompt:
+        # No `<think>` prefill: K2 Thinking opens its reasoning itself.
+        P += [(True, "<|im_assistant|>"), (False, "assistant"), (True, "<|im_middle|>")]
+    return [(mk, t) for mk, t in P if t]
+
+
+# --- parsing ---------------------------------------------------------------------------------
+# Everything that can be a control token in decoded text: think markers, `<|name|>`, `[NAME]`.
+_MARKER = re.compile(r"</?think>|<\|[A-Za-z0-9_]{1,40}\|>|\[(?:BOS|EOS|EOT|UNK|PAD)\]")
+# What a marker can look like when it has been cut short at the end of a text piece.
+_PARTIAL = re.compile(r"<(?:/(?:t(?:h(?:i(?:nk?)?)?)?)?|t(?:h(?:i(?:nk?)?)?)?|\|[A-Za-z0-9_]{0,40}\|?)?"
+                      r"|\[(?:B(?:OS?)?|E(?:OS?|OT?)?|U(?:NK?)?|P(?:AD?)?)?")
+_END = {"<|im_end|>", "[EOS]", "[EOT]"}
+_SECTION_BEGIN = {"<|tool_calls_section_begin|>", "<|tool_call_section_begin|>"}  # vLLM accepts both
+_SECTION_END = {"<|tool_calls_section_end|>", "<|tool_call_section_end|>"}
+_CALL_ID = re.compile(r"(?:functions\.)?(.+):\d+")
+
+
+def _make_call(call_id, args, error=None):
+    """An OpenAI-shaped tool call from the raw id and argument text."""
+    call_id, args = call_id.strip(), args.strip()
+    m = _CALL_ID.fullmatch(call_id)
+    name = m.group(1) if m else call_id
+    if not m and error is None:
+        error = f"tool call id {call_id!r} is not of the form functions.NAME:INDEX"
+    if error is None:
+        try:
+            json.loads(args)
+        except ValueError as e:
+            error = f"arguments are not valid JSON: {e}"
+    call = {"id": call_id, "type": "function", "function": {"name": name, "arguments": args}}
+    if error:
+        call["error"] = error
+    return call
+
+
+class StreamParser:
+    """Incremental parser of one assistant message; see the module docstring for the deltas.
+
+    thinking=True (K2 Thinking): text is reasoning until `</think>` or a tool-call section, with
+    or without a leading `<think>`, since the prompt does not prefill it and it can be lost.
+    thinking=False (models that answer directly): text is content unless it opens with `<think>`.
+    """
+
+    def __init__(self, tokenizer=None, thinking=True):
+        self._tok = tokenizer
+        self._decoder = tokenizer.stream_decoder() if tokenizer is not None else None
+        self._pending = ""      # text held back because it may be the start of a marker
+        self._mode = "reasoning" if thinking else "content"
+        self._started = False   # anything seen yet (a late `<think>` does not reopen reasoning)
+        self._call_id = self._call_args = None  # raw text of the tool call being read
+        self.reasoning_content, self.content, self.tool_calls = "", "", []
+
+    def result(self):
+        """The message so far, in parse_assistant's shape."""
+        return {"reasoning_content": self.reasoning_content, "content": self.content,
+                "tool_calls": list(self.tool_calls)}
+
+    def feed_token(self, token_id):
+        """Feed one generated token id; special ids are whole markers, text waits for full UTF-8."""
+        if self._decoder is None:
+            raise ValueError("feed_token needs StreamParser(tokenizer)")
+        return self.feed_text(self._decoder.feed(token_id))
+
+    def feed_text(self, text):
+        """Feed the next piece of decoded text; returns the deltas it completes."""
+        out = []
+        buf = self._pending + text
+        while buf and self._mode != "done":
+            m = _MARKER.search(buf)
+            if m is None:
+                break
+            self._text(buf[:m.start()], out)
+            self._marker(m.group(), out)
+            buf = buf[m.end():]
+        if self._mode == "done":
+            self._pending = ""
+            return out
+        # Hold back the earliest suffix that could still grow into a marker.
+        hold = len(buf)
+        for i in range(max(0, len(buf) - 48), len(buf)):
+            if buf[i] in "<[" and _PARTIAL.fullmatch(buf, i):
+                hold = i
+                break
+        self._text(buf[:hold], out)
+        self._pending = buf[hold:]
+        return out
+
+    def finish(self):
+        """End of the stream: flush held-back text and any unterminated tool call."""
+        out = []
+        if self._decoder is not None:
+            out += self.feed_text(self._decoder.flush())
+        if self._mode != "done":
+            self._text(self._pending, out)  # a lone `<` or `[` at the very end is plain text
+        self._pending = ""
+        self._close_call("tool call was cut off before <|tool_call_end|>", out)
+        self._mode = "done"
+        return out
+
+    # --- state machine -------------------------------------------------------------------
+    def _text(self, s, out):
+        if not s:
+            return
+        self._started = True
+        mode = self._mode
+        if mode in ("reasoning", "content"):
+            if mode == "reasoning":
+                self.reasoning_content += s
+            else:
+                self.content += s
+            if out and mode in out[-1]:
+                out[-1] = {mode: out[-1][mode] + s}  # one delta per mode per feed call
+            else:
+                out.append({mode: s})
+        elif mode == "call_id":
+            self._call_id += s
+        elif mode == "call_args":
+            self._call_args += s
+        # mode "section": whitespace between calls, dropped
+
+    def _marker(self, mk, out):
+        mode = self._mode
+        if mk in _END:
+            self._close_call("tool call was cut off before <|tool_call_end|>", out)
+            self._mode = "done"
+        elif mk == "<think>":
+            if not self._started:
+                self._mode = "reasoning"
+        elif mk == "</think>":
+            if mode == "reasoning":
+                self._mode = "content"
+        elif mk in _SECTION_BEGIN:
+            # Reasoning ends at the tool-call section even without `</think>` (vLLM #32216).
+            self._close_call("tool call was cut off before <|tool_call_end|>", out)
+            self._mode = "section"
+        elif mk in _SECTION_END:
+            self._close_call("tool call was cut off before <|tool_call_end|>", out)
+            self._mode = "content"
+        elif mk == "<|tool_call_begin|>":
+            # A call without its section marker is still a call, never reasoning or content.
+            self._close_call("tool call was cut off before <|tool_call_end|>", out)
+            self._call_id, self._call_args, self._mode = "", None, "call_id"
+        elif mk == "<|tool_call_argument_begin|>":
+            if mode == "call_id":
+                self._call_args, self._mode = "", "call_args"
+        elif mk == "<|tool_call_end|>":
+            if mode in ("call_id", "call_args"):
+                self._close_call(None, out)
+                self._mode = "section"
+        self._started = True
+        # Any other special token (`<|im_middle|>`, reserved ids, ...) is dropped.
+
+    def _close_call(self, error, out):
+        """Emit the tool call being read, if any; `error` flags an abnormal end."""
+        if self._call_id is None:
+            return
+        if self._call_args is None:
+            args, error = "", error or "tool call has no <|tool_call_argument_begin|>"
+        else:
+            args = self._call_args
+        call = _make_call(self._call_id, args, error)
+        self._call_id = self._call_args = None
+        self.tool_calls.append(call)
+        out.append({"tool_call": call, "index": len(self.tool_calls) - 1})
+
+
+def parse_assistant(text, thinking=True):
+    """Split a whole assistant message into reasoning_content, content and tool_calls."""
+    p = StreamParser(thinking=thinking)
+    p.feed_text(text)
+    p.finish()
+    return p.result()

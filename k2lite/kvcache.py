@@ -1,0 +1,116 @@
+"""The paged latent KV cache.
+
+MLA caches one row per token per layer: the normalised latent c (kv_lora_rank) followed by
+the rotated rope key k_pe (qk_rope_head_dim): 576 floats for K2. Rows live in fixed-size
+pages of `page_size` tokens taken from one pool shared by every sequence; each sequence owns
+a list of page ids (its page table), the same ids in every layer. A sequence that closes
+returns its pages at once, so many conversations of different lengths share the memory
+without fragmentation (vLLM's PagedAttention idea, applied to the latent).
+
+    pool: [layers, pages, page_size, width]   float32
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+
+class CacheFullError(RuntimeError):
+    """No free page is left for a sequence to grow (or it would pass the context limit)."""
+
+
+@dataclass
+class SeqState:
+    pages: list = field(default_factory=list)   # page ids, in token order
+    length: int = 0                             # tokens cached so far
+    closed: bool = False
+
+
+class PagedKVCache:
+    def __init__(self, n_layers: int, width: int, page_size: int = 64, max_pages: int = 1024,
+                 initial_pages: int = 16, dtype=np.float32):
+        if page_size < 1 or max_pages < 1:
+            raise ValueError("page_size and max_pages must be positive")
+        self.n_layers, self.width, self.page_size, self.max_pages = n_layers, width, page_size, max_pages
+        self.pool = np.zeros((n_layers, min(initial_pages, max_pages), page_size, width), dtype)
+        self.free_pages = list(range(self.pool.shape[1] - 1, -1, -1))   # pop() gives low ids first
+
+    # ------------------------------------------------------------ allocation
+    @property
+    def capacity_tokens(self) -> int:
+        return self.max_pages * self.page_size
+
+    @property
+    def pages_free(self) -> int:
+        return len(self.free_pages) + self.max_pages - self.pool.shape[1]
+
+    def new_seq(self) -> SeqState:
+        return SeqState()
+
+    def _grow(self):
+        """Double the pool (up to max_pages); page ids stay valid."""
+        old = self.pool.shape[1]
+        new = min(max(2 * old, 1), self.max_pages)
+        if new == old:
+            raise CacheFullError(f"KV cache is full: all {self.max_pages} pages of {self.page_size} tokens are in use")
+        pool = np.zeros((self.n_layers, new) + self.pool.shape[2:], self.pool.dtype)
+        pool[:, :old] = self.pool
+        self.pool = pool
+        self.free_pages = list(range(new - 1, old - 1, -1)) + self.free_pages
+
+    def reserve(self, seqs, positions):
+        """Give every sequence enough pages for the positions about to be written."""
+        if len(seqs) == len(positions):            # decode: one new position per sequence
+            last = list(zip(seqs, (int(p) for p in positions)))
+        else:                                      # prefill: several positions of seqs[0]
+            last = [(seqs[0], int(np.max(positions)))]
+        if any(s.closed for s, _ in last):
+            raise ValueError("sequence is closed")
+        need = sum(max(0, p // self.page_size + 1 - len(s.pages)) for s, p in last)
+        if need > self.pages_free:
+            raise CacheFullError(f"KV cache is full: {need} more pages needed, {self.pages_free} free "
+                                 f"(capacity {self.capacity_tokens} tokens)")
+        for s, p in last:
+            while len(s.pages) <= p // self.page_size:
+                if not self.free_pages:
+                    self._grow()
+                s.pages.append(self.free_pages.pop())
+
+    def free(self, seq: SeqState):
+        self.free_pages.extend(reversed(seq.pages))
+        seq.pages, seq.length, seq.closed = [], 0, True
+
+    # ------------------------------------------------------------ reading and writing
+    def _slots(self, seqs, positions):
+        """(page ids, offsets) of each position; one sequence with T positions, or B with one each."""
+        if len(seqs) == len(positions):
+            pages = np.array([s.pages[p // self.page_size] for s, p in zip(seqs, positions)], np.int64)
+        else:
+            pages = np.asarray(seqs[0].pages, np.int64)[positions // self.page_size]
+        return pages, positions % self.page_size
+
+    def write(self, layer: int, seqs, positions, rows: np.ndarray):
+        pages, offs = self._slots(seqs, positions)
+        self.pool[layer, pages, offs] = rows
+
+    def gather(self, layer: int, seq: SeqState, n: int) -> np.ndarray:
+        """The first n cached rows of one sequence, [n, width]."""
+        pages = np.asarray(seq.pages[:(n + self.page_size - 1) // self.page_size], np.int64)
+        return self.pool[layer, pages].reshape(-1, self.width)[:n]
+
+    def page_table(self, seqs):
+        """(table i32 [B, max pages], lengths i32 [B]) for this step; lengths include the new token."""
+        n = max(len(s.pages) for s in seqs)
+        table = np.zeros((len(seqs), n), np.int32)
+        for b, s in enumerate(seqs):
+            table[b, :len(s.pages)] = s.pages
+        lengths = np.array([s.length + 1 for s in seqs], np.int32)
+        return table, lengths
+
+    def advance(self, seqs, positions):
+        if len(seqs) == len(positions):
+            for s, p in zip(seqs, positions):
+                s.length = int(p) + 1
+        else:
+            seqs[0].length = int(positions[-1]) + 1

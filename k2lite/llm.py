@@ -1,0 +1,137 @@
+"""The library API: `k2lite.load(path) -> LLM`, `LLM.logits(ids)`, `LLM.sequence().append(ids)`.
+
+The engine works on token ids only; text goes through `LLM.tokenizer` (when the folder ships
+tiktoken.model + tokenizer_config.json). Generation helpers (generate/stream/chat) build on
+`Sequence.append` in generate.py.
+"""
+from __future__ import annotations
+
+import os
+
+import numpy as np
+
+from . import ops
+from .config import Config
+from .errors import ModelFormatError
+from .kvcache import PagedKVCache, SeqState
+from .loader import Checkpoint, load_weights
+from .model import Model
+
+try:    # generation helpers are optional until generate.py lands
+    from .generate import GenerationMixin
+except ImportError:
+    class GenerationMixin:
+        pass
+
+
+class Sequence:
+    """One conversation's position in the paged cache. `append` feeds tokens, returns logits."""
+
+    def __init__(self, llm: "LLM"):
+        self.llm = llm
+        self.state: SeqState = llm.cache.new_seq()
+        self.tokens: list = []
+
+    def __len__(self):
+        return self.state.length
+
+    def append(self, ids) -> np.ndarray:
+        """Feed ids (prefill form for several, absorbed decode for one); logits f32 [len(ids), vocab]."""
+        ids = self.llm._check_ids(ids)
+        if self.state.closed:
+            raise ValueError("sequence is closed")
+        if len(ids) == 0:
+            return np.zeros((0, self.llm.config.vocab_size), np.float32)
+        if self.state.length + len(ids) > self.llm.context:
+            raise ValueError(f"sequence would be {self.state.length + len(ids)} tokens, "
+                             f"over the context limit of {self.llm.context}")
+        logits = self.llm.model.forward(ids, self.llm.cache, [self.state], decode=len(ids) == 1)
+        self.tokens.extend(int(t) for t in ids)
+        return logits
+
+    def close(self):
+        if not self.state.closed:
+            self.llm.cache.free(self.state)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def __del__(self):
+        try:
+            self.close()
+        except Exception:
+            pass
+
+
+class LLM(GenerationMixin):
+    """A loaded model: config, weights (mmap'd), op backend, paged latent cache, tokenizer."""
+
+    def __init__(self, path: str, device: str = "cpu", threads: int | None = None,
+                 context: int | None = None, page_size: int = 64, max_cache_tokens: int | None = None):
+        self.path = path
+        self.config = Config.from_json(os.path.join(path, "config.json")) if os.path.isdir(path) else \
+            Config.from_json(path)
+        if device not in ("ref", "cpu", "cuda"):
+            raise ValueError(f"unknown device {device!r}: expected ref, cpu or cuda")
+        backend = device
+        if device == "cpu" and not ops.available("cpu"):
+            backend = "ref"    # native module not built: the numpy reference still runs
+        if device == "cuda" and not ops.available("cuda"):
+            raise RuntimeError("device='cuda' needs k2lite._cuda (built when nvcc is found) and a GPU")
+        self.device, self.backend = device, backend
+        self.ops = ops.get(backend)
+        if threads and hasattr(self.ops, "set_threads"):
+            self.ops.set_threads(int(threads))
+        self.checkpoint = Checkpoint(path)
+        self.weights = load_weights(self.config, self.checkpoint)
+        self.model = Model(self.config, self.weights, backend)
+        self.context = int(context or min(self.config.max_position_embeddings, 1 << 20))
+        cap = max_cache_tokens or max(self.context, 4096)
+        width = self.config.kv_lora_rank + self.config.qk_rope_head_dim
+        self.cache = PagedKVCache(self.config.num_hidden_layers, width, page_size,
+                                  max_pages=-(-cap // page_size))
+        self.tokenizer = self._load_tokenizer(path)
+
+    @staticmethod
+    def _load_tokenizer(path):
+        if not (os.path.exists(os.path.join(path, "tiktoken.model"))
+                and os.path.exists(os.path.join(path, "tokenizer_config.json"))):
+            return None
+        try:
+            from .tokenizer import Tokenizer
+        except ImportError:
+            return None
+        return Tokenizer.from_dir(path)
+
+    def _check_ids(self, ids) -> np.ndarray:
+        a = np.asarray(ids)
+        if a.ndim == 0:
+            a = a.reshape(1)
+        if a.ndim != 1 or (a.size and not np.issubdtype(a.dtype, np.integer)):
+            raise ValueError("token ids must be a 1-D sequence of integers")
+        if a.size and (a.min() < 0 or a.max() >= self.config.vocab_size):
+            raise ValueError(f"token id out of range [0, {self.config.vocab_size})")
+        return a.astype(np.int64)
+
+    def sequence(self) -> Sequence:
+        return Sequence(self)
+
+    def logits(self, ids) -> np.ndarray:
+        """Logits f32 [len(ids), vocab] of a fresh sequence prefilled with ids."""
+        with self.sequence() as seq:
+            return seq.append(ids)
+
+    def __repr__(self):
+        c = self.config
+        return (f"LLM({self.path!r}, device={self.device!r}, layers={c.num_hidden_layers}, "
+                f"hidden={c.hidden_size}, experts={c.n_routed_experts})")
+
+
+def load(path: str, device: str = "cpu", threads: int | None = None, **kw) -> LLM:
+    """Open a checkpoint folder (config.json + safetensors). Weights are mmap'd, not read."""
+    if not os.path.exists(path):
+        raise ModelFormatError(f"{path}: no such file or directory")
+    return LLM(path, device=device, threads=threads, **kw)

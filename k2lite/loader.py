@@ -1,0 +1,160 @@
+"""Open a checkpoint folder: safetensors shards -> zero-copy views -> model.Weights.
+
+Every checkpoint quirk lives here (mlx-lm's sanitize()): which tensors are INT4
+(`X.weight_packed` present => X is pack-quantized, else `X.weight`), bf16 bits kept as
+uint16, norm vectors converted to float32 (they are tiny), shapes and dtypes checked against
+config.json so a mismatch is a ModelFormatError naming the tensor, not a numpy error later.
+"""
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+
+from .config import Config
+from .errors import ModelFormatError
+from .formats import Int4Tensor, bf16_to_f32
+from .model import MLP, Attention, Layer, MoE, Weights
+from .safetensors import SafetensorsFile
+
+MATRIX_DTYPES = ("BF16", "F32", "F16")
+
+
+class Checkpoint:
+    """All tensors of a folder: through model.safetensors.index.json, else every *.safetensors."""
+
+    def __init__(self, path: str):
+        if not os.path.isdir(path):
+            raise ModelFormatError(f"{path}: not a directory")
+        self.path = path
+        index = os.path.join(path, "model.safetensors.index.json")
+        self.files, self.where = {}, {}
+        if os.path.exists(index):
+            try:
+                with open(index, "rb") as f:
+                    wm = json.loads(f.read().decode("utf-8"))["weight_map"]
+                if not isinstance(wm, dict) or not all(isinstance(v, str) for v in wm.values()):
+                    raise TypeError("weight_map must map names to file names")
+            except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError) as e:
+                raise ModelFormatError(f"{index}: bad index file ({type(e).__name__}: {e})") from None
+            for shard in sorted(set(wm.values())):
+                if os.path.basename(shard) != shard:
+                    raise ModelFormatError(f"{index}: shard name {shard!r} must be a plain file name")
+                self.files[shard] = SafetensorsFile(os.path.join(path, shard))
+            for name, shard in wm.items():
+                if name not in self.files[shard]:
+                    raise ModelFormatError(f"{os.path.join(path, shard)}: tensor '{name}' listed in the index is missing")
+                self.where[name] = shard
+        else:
+            shards = sorted(f for f in os.listdir(path) if f.endswith(".safetensors"))
+            if not shards:
+                raise ModelFormatError(f"{path}: no *.safetensors files and no model.safetensors.index.json")
+            for shard in shards:
+                self.files[shard] = sf = SafetensorsFile(os.path.join(path, shard))
+                for name in sf.keys():
+                    self.where[name] = shard
+
+    def __contains__(self, name):
+        return name in self.where
+
+    def file_of(self, name) -> str:
+        return os.path.join(self.path, self.where[name])
+
+    def info(self, name) -> tuple:
+        f = self.files[self.where[name]]
+        return f.dtype(name), f.shape(name)
+
+    def get(self, name: str, shape=None, dtypes=None) -> np.ndarray:
+        if name not in self.where:
+            raise ModelFormatError(f"{self.path}: missing tensor '{name}'")
+        f = self.files[self.where[name]]
+        dt, sh = f.dtype(name), f.shape(name)
+        if dtypes and dt not in dtypes:
+            raise ModelFormatError(f"{f.path}: tensor '{name}' has dtype {dt}, expected one of {'/'.join(dtypes)}")
+        if shape is not None and tuple(sh) != tuple(shape):
+            raise ModelFormatError(f"{f.path}: tensor '{name}' has shape {list(sh)}, config says {list(shape)}")
+        a = f.get(name)
+        return a.astype(np.float32) if dt == "F16" else a    # F16 has no fast kernel: widen once
+
+    def total_bytes(self) -> int:
+        return sum(int(np.prod(self.info(n)[1], dtype=np.int64)) * _itemsize(self.info(n)[0]) for n in self.where)
+
+
+def _itemsize(dt):
+    from .safetensors import DTYPES
+    return DTYPES[dt].itemsize
+
+
+def _vector(ck: Checkpoint, name: str, n: int) -> np.ndarray:
+    a = ck.get(name, (n,), ("BF16", "F32", "F16"))
+    return bf16_to_f32(a) if a.dtype == np.uint16 else np.array(a, np.float32)
+
+
+def _matrix(ck: Checkpoint, prefix: str, shape, cfg: Config):
+    """`prefix`.weight as bf16/f32, or the pack-quantized triplet as an Int4Tensor."""
+    if prefix + ".weight_packed" in ck:
+        q = cfg.quantization
+        if q is None or q.method != "compressed-tensors":
+            raise ModelFormatError(f"{ck.file_of(prefix + '.weight_packed')}: tensor '{prefix}.weight_packed' "
+                                   "found but config.json has no compressed-tensors quantization_config")
+        out, n_in = shape
+        g = q.group_size
+        if n_in % g:
+            raise ModelFormatError(f"{ck.path}: '{prefix}' input dim {n_in} is not a multiple of group_size {g}")
+        packed = ck.get(prefix + ".weight_packed", (out, -(-n_in // 8)), ("I32",))
+        scales = ck.get(prefix + ".weight_scale", (out, n_in // g), ("BF16", "F32"))
+        if prefix + ".weight_shape" in ck:
+            ws = ck.get(prefix + ".weight_shape", None, ("I32", "I64"))
+            if ws.size != 2 or tuple(int(v) for v in ws) != (out, n_in):
+                raise ModelFormatError(f"{ck.file_of(prefix + '.weight_shape')}: tensor '{prefix}.weight_shape' "
+                                       f"is {ws.tolist()}, config says {[out, n_in]}")
+        return Int4Tensor(packed, scales, (out, n_in), g)
+    return ck.get(prefix + ".weight", shape, MATRIX_DTYPES)
+
+
+def load_weights(cfg: Config, ck: Checkpoint) -> Weights:
+    """Build model.Weights from checkpoint names, checking every shape against the config."""
+    D, H, V = cfg.hidden_size, cfg.num_attention_heads, cfg.vocab_size
+    N, R, C, Vd = cfg.qk_nope_head_dim, cfg.qk_rope_head_dim, cfg.kv_lora_rank, cfg.v_head_dim
+    pre = "language_model.model." if "language_model.model.embed_tokens.weight" in ck else "model."
+    layers = []
+    for i in range(cfg.num_hidden_layers):
+        p = f"{pre}layers.{i}."
+
+        def m(name, shape):
+            return _matrix(ck, p + name, shape, cfg)
+
+        qr = cfg.q_lora_rank
+        attn = Attention(
+            q_a_proj=m("self_attn.q_a_proj", (qr, D)) if qr else None,
+            q_a_layernorm=_vector(ck, p + "self_attn.q_a_layernorm.weight", qr) if qr else None,
+            q_b_proj=m("self_attn.q_b_proj", (H * (N + R), qr)) if qr else None,
+            q_proj=None if qr else m("self_attn.q_proj", (H * (N + R), D)),
+            kv_a_proj_with_mqa=m("self_attn.kv_a_proj_with_mqa", (C + R, D)),
+            kv_a_layernorm=_vector(ck, p + "self_attn.kv_a_layernorm.weight", C),
+            kv_b_proj=m("self_attn.kv_b_proj", (H * (N + Vd), C)),
+            o_proj=m("self_attn.o_proj", (D, H * Vd)))
+        if cfg.is_moe_layer(i):
+            E, F = cfg.n_routed_experts, cfg.moe_intermediate_size
+            experts = [(m(f"mlp.experts.{e}.gate_proj", (F, D)), m(f"mlp.experts.{e}.up_proj", (F, D)),
+                        m(f"mlp.experts.{e}.down_proj", (D, F))) for e in range(E)]
+            S = F * cfg.n_shared_experts
+            shared = MLP(m("mlp.shared_experts.gate_proj", (S, D)), m("mlp.shared_experts.up_proj", (S, D)),
+                         m("mlp.shared_experts.down_proj", (D, S))) if cfg.n_shared_experts else None
+            bias_name = p + "mlp.gate.e_score_correction_bias"
+            bias = _vector(ck, bias_name, E) if (bias_name in ck or cfg.topk_method == "noaux_tc") \
+                else np.zeros(E, np.float32)
+            mlp = MoE(m("mlp.gate", (E, D)), bias, experts, shared)
+        else:
+            Fd = cfg.intermediate_size
+            mlp = MLP(m("mlp.gate_proj", (Fd, D)), m("mlp.up_proj", (Fd, D)), m("mlp.down_proj", (D, Fd)))
+        layers.append(Layer(_vector(ck, p + "input_layernorm.weight", D), attn,
+                            _vector(ck, p + "post_attention_layernorm.weight", D), mlp))
+    embed = ck.get(pre + "embed_tokens.weight", (V, D), MATRIX_DTYPES)
+    head_name = ("language_model." if pre.startswith("language_model") else "") + "lm_head"
+    if cfg.tie_word_embeddings and head_name + ".weight" not in ck:
+        lm_head = embed
+    else:
+        lm_head = _matrix(ck, head_name, (V, D), cfg)
+    return Weights(embed, layers, _vector(ck, pre + "norm.weight", D), lm_head)

@@ -1,0 +1,234 @@
+"""Kimi K2 (DeepSeek-V3 architecture) forward pass in numpy: the file to read first.
+
+What differs from a textbook pre-norm transformer:
+  * MLA attention: keys and values are compressed into one 512-wide latent c (plus a 64-wide
+    rotary key k_pe shared by all heads), and only that is cached: 576 numbers per token and
+    layer instead of 64 heads × (192 + 128). Prefill expands c back to per-head k/v with
+    kv_b_proj; decode instead folds kv_b_proj into the query and the output ("absorbed"), so
+    it attends over the latent directly (K2_SPEC §3.2, §3.4).
+  * YaRN RoPE on the 64 rotary dims only, in DeepSeek's interleaved pair order, and a softmax
+    scale multiplied by YaRN's mscale² (0.1447 for K2, not 1/sqrt(192)).
+  * Mixture of experts: a sigmoid router picks top-k of 384 experts with a bias that is used
+    only for the choice, weights them by the unbiased scores (normalised, × 2.827) and adds
+    one always-on shared expert. The first `first_k_dense_replace` layers are dense.
+  * Routed experts may be INT4 (compressed-tensors pack-quantized); that is a weight data type
+    handled by ops.linear / ops.moe, and this file never branches on it.
+
+Dimension letters: T tokens, B sequences, D hidden, H heads, C latent (kv_lora_rank),
+R rope dims, N nope dims, V value dims, E experts, K experts per token.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Callable, Optional
+
+import numpy as np
+
+from . import ops as _ops
+from .config import Config
+from .kvcache import PagedKVCache, SeqState
+
+
+# ---------------------------------------------------------------- weights
+@dataclass
+class Attention:
+    q_a_proj: object            # [q_lora, D]      (None when q_lora_rank is None)
+    q_a_layernorm: np.ndarray   # f32 [q_lora]
+    q_b_proj: object            # [H*(N+R), q_lora]
+    q_proj: object              # [H*(N+R), D]     (only when q_lora_rank is None)
+    kv_a_proj_with_mqa: object  # [C+R, D]
+    kv_a_layernorm: np.ndarray  # f32 [C]
+    kv_b_proj: object           # [H*(N+V), C]
+    o_proj: object              # [D, H*V]
+    kv_b_f32: Optional[np.ndarray] = None  # f32 [H, N+V, C], made on first use (absorbed decode)
+
+
+@dataclass
+class MLP:
+    gate_proj: object           # [F, D]
+    up_proj: object             # [F, D]
+    down_proj: object           # [D, F]
+
+
+@dataclass
+class MoE:
+    gate: object                # router [E, D]
+    e_score_correction_bias: np.ndarray  # f32 [E], used only to choose experts
+    experts: list               # E × (gate_proj [F, D], up_proj [F, D], down_proj [D, F])
+    shared_experts: Optional[MLP]
+
+
+@dataclass
+class Layer:
+    input_layernorm: np.ndarray           # f32 [D]
+    self_attn: Attention
+    post_attention_layernorm: np.ndarray  # f32 [D]
+    mlp: object                           # MLP (dense layers) or MoE
+
+
+@dataclass
+class Weights:
+    embed_tokens: np.ndarray    # bf16 bits [vocab, D]
+    layers: list                # [Layer] × num_hidden_layers
+    norm: np.ndarray            # f32 [D]
+    lm_head: object             # [vocab, D]
+
+
+# ---------------------------------------------------------------- rotary embedding
+def yarn_inv_freq(cfg: Config) -> tuple:
+    """(inv_freq f32 [R/2], attention_factor) for the rotary dims, as transformers computes them."""
+    d, base = cfg.qk_rope_head_dim, cfg.rope_theta
+    pos_freqs = base ** (np.arange(0, d, 2, dtype=np.float32) / np.float32(d))
+    inv_freq = (1.0 / pos_freqs).astype(np.float32)
+    rs = cfg.rope_scaling
+    if not rs:
+        return inv_freq, 1.0
+    factor = rs.get("factor") or cfg.max_position_embeddings / rs["original_max_position_embeddings"]
+    orig = rs["original_max_position_embeddings"]
+    beta_fast, beta_slow = rs.get("beta_fast") or 32, rs.get("beta_slow") or 1
+
+    def correction_dim(rotations):     # the rotary dim whose wavelength fits `rotations` times
+        return d * math.log(orig / (rotations * 2 * math.pi)) / (2 * math.log(base))
+
+    low, high = correction_dim(beta_fast), correction_dim(beta_slow)
+    if rs.get("truncate", True):
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, d - 1)
+    if low == high:
+        high += 0.001
+    ramp = np.clip((np.arange(d // 2, dtype=np.float32) - low) / (high - low), 0, 1)
+    extrapolate = (1 - ramp).astype(np.float32)    # 1: keep the original frequency
+    inv_freq = (inv_freq / np.float32(factor)) * (1 - extrapolate) + inv_freq * extrapolate
+
+    def mscale(s, m=1.0):
+        return 1.0 if s <= 1 else 0.1 * m * math.log(s) + 1.0
+
+    att = rs.get("attention_factor")
+    if att is None:
+        m, m_all = rs.get("mscale"), rs.get("mscale_all_dim")
+        att = mscale(factor, m) / mscale(factor, m_all) if (m and m_all) else mscale(factor)
+    return inv_freq.astype(np.float32), float(att)
+
+
+# ---------------------------------------------------------------- the model
+class Model:
+    """K2 weights + the op backend; forward() runs a step of one or several sequences."""
+
+    def __init__(self, config: Config, weights: Weights, backend: str | None = None):
+        self.config, self.weights = config, weights
+        self.ops = _ops.get(backend)
+        self.inv_freq, self.rope_factor = yarn_inv_freq(config)
+        self.scale = config.softmax_scale
+
+    # ------------------------------------------------------------ attention (MLA)
+    def mla(self, layer: int, attn: Attention, x, cache: PagedKVCache, seqs, positions, decode: bool,
+            trace: Callable | None):
+        """x[T,D] -> [T,D]. Writes this step's latent to the cache, then attends over it."""
+        cfg, ops = self.config, self.ops
+        H, N, R, C, V = (cfg.num_attention_heads, cfg.qk_nope_head_dim, cfg.qk_rope_head_dim,
+                         cfg.kv_lora_rank, cfg.v_head_dim)
+        T = x.shape[0]
+        if attn.q_a_proj is not None:   # low-rank query: D -> q_lora -> H*(N+R)
+            cq = ops.rmsnorm(ops.linear(x, attn.q_a_proj), attn.q_a_layernorm, 1e-6)
+            q = ops.linear(cq, attn.q_b_proj)
+        else:
+            q = ops.linear(x, attn.q_proj)
+        q = q.reshape(T, H, N + R)
+        q_nope, q_pe = q[..., :N], q[..., N:]
+        kv_a = ops.linear(x, attn.kv_a_proj_with_mqa)                       # [T, C+R]
+        # q/kv_a_layernorm carry no eps in the checkpoint config: HF uses its default 1e-6
+        kv_latent = ops.rmsnorm(np.ascontiguousarray(kv_a[:, :C]), attn.kv_a_layernorm, 1e-6)
+        k_pe = kv_a[:, None, C:]                                             # [T, 1, R]
+        q_pe = ops.rope(np.ascontiguousarray(q_pe), positions, self.inv_freq) * np.float32(self.rope_factor)
+        k_pe = ops.rope(np.ascontiguousarray(k_pe), positions, self.inv_freq) * np.float32(self.rope_factor)
+        # the cache keeps the *normalised* latent and the *rotated* rope key
+        cache.write(layer, seqs, positions, np.concatenate([kv_latent, k_pe[:, 0]], axis=1))
+        if trace:
+            trace("q_nope", layer, q_nope); trace("q_pe", layer, q_pe)
+            trace("kv_latent", layer, kv_latent); trace("k_pe", layer, k_pe[:, 0])
+
+        if attn.kv_b_f32 is None:
+            attn.kv_b_f32 = ops.dense(attn.kv_b_proj).reshape(H, N + V, C)
+        w_uk, w_uv = attn.kv_b_f32[:, :N], attn.kv_b_f32[:, N:]              # [H, N, C], [H, V, C]
+        if decode:
+            # absorbed: fold W_UK into the query, attend over the latent, then apply W_UV
+            q_latent = np.einsum("thn,hnc->thc", q_nope, w_uk)                # [B, H, C]
+            table, lengths = cache.page_table(seqs)
+            u = ops.mla_decode(q_latent, np.ascontiguousarray(q_pe), cache.pool[layer], table,
+                               lengths, self.scale)                          # [B, H, C]
+            o = np.einsum("thc,hvc->thv", u, w_uv)                           # [B, H, V]
+        else:
+            # expanded (prefill) form for one sequence: rebuild per-head keys and values
+            seq = seqs[0]
+            kv_all = cache.gather(layer, seq, int(positions[-1]) + 1)       # [S, C+R]
+            kv = np.einsum("sc,hmc->shm", kv_all[:, :C], attn.kv_b_f32)      # [S, H, N+V]
+            S = kv.shape[0]
+            k = np.concatenate([kv[..., :N], np.broadcast_to(kv_all[:, None, C:], (S, H, R))], -1)
+            q_full = np.concatenate([q_nope, q_pe], axis=-1)
+            o = ops.attention(np.ascontiguousarray(q_full), np.ascontiguousarray(k),
+                              np.ascontiguousarray(kv[..., N:]), self.scale, int(positions[0]))
+        if trace:
+            trace("attn_heads", layer, o)
+        return ops.linear(np.ascontiguousarray(o.reshape(T, H * V)), attn.o_proj)
+
+    # ------------------------------------------------------------ feed-forward
+    def mlp(self, m: MLP, x):
+        return self.ops.swiglu_expert(x, m.gate_proj, m.up_proj, m.down_proj)
+
+    def route(self, moe: MoE, x):
+        """(weights f32 [T,K], indices i32 [T,K]): biased scores choose, unbiased ones weigh."""
+        cfg = self.config
+        logits = self.ops.linear(x, moe.gate)                                # fp32 [T, E]
+        if cfg.scoring_func == "softmax":
+            scores = self.ops.softmax(logits)
+        else:
+            scores = 1.0 / (1.0 + np.exp(-logits))
+        choice = scores + moe.e_score_correction_bias                        # bias: selection only
+        if cfg.n_group > 1:   # keep the topk_group groups with the best top-2 sums
+            T, E = choice.shape
+            g = choice.reshape(T, cfg.n_group, E // cfg.n_group)
+            group_score = np.sort(g, axis=-1)[..., -2:].sum(-1)              # [T, n_group]
+            keep = np.argsort(-group_score, axis=-1, kind="stable")[:, :cfg.topk_group]
+            mask = np.zeros_like(group_score, dtype=bool)
+            np.put_along_axis(mask, keep, True, axis=-1)
+            choice = np.where(np.repeat(mask, E // cfg.n_group, axis=-1), choice, -np.inf)
+        idx = np.argsort(-choice, axis=-1, kind="stable")[:, :cfg.num_experts_per_tok]
+        w = np.take_along_axis(scores, idx, axis=-1)
+        if cfg.norm_topk_prob:
+            w = w / (w.sum(-1, keepdims=True) + np.float32(1e-20))
+        return (w * np.float32(cfg.routed_scaling_factor)).astype(np.float32), idx.astype(np.int32)
+
+    def moe(self, layer: int, moe: MoE, x, trace):
+        weights, idx = self.route(moe, x)
+        if trace:
+            trace("router_weights", layer, weights); trace("router_idx", layer, idx)
+        y = self.ops.moe(x, moe.experts, idx, weights)
+        if moe.shared_experts is not None:   # always on, weight 1
+            y = y + self.mlp(moe.shared_experts, x)
+        return y
+
+    # ------------------------------------------------------------ the whole step
+    def forward(self, tokens, cache: PagedKVCache, seqs: list, decode: bool,
+                trace: Callable | None = None) -> np.ndarray:
+        """Run new tokens through the model; returns logits f32 [T, vocab].
+        decode=False: tokens[T] all belong to seqs[0] (prefill or multi-token append).
+        decode=True:  tokens[B] is one new token for each of seqs[B]."""
+        cfg, ops, w = self.config, self.ops, self.weights
+        tokens = np.asarray(tokens, np.int64)
+        if decode:
+            positions = np.array([s.length for s in seqs], np.int64)
+        else:
+            positions = seqs[0].length + np.arange(len(tokens), dtype=np.int64)
+        cache.reserve(seqs, positions)
+        x = ops.dense(w.embed_tokens[tokens])                                # [T, D] f32
+        for i, layer in enumerate(w.layers):
+            h = x + self.mla(i, layer.self_attn, ops.rmsnorm(x, layer.input_layernorm, cfg.rms_norm_eps),
+                             cache, seqs, positions, decode, trace)
+            hn = ops.rmsnorm(h, layer.post_attention_layernorm, cfg.rms_norm_eps)
+            ffn = self.moe(i, layer.mlp, hn, trace) if isinstance(layer.mlp, MoE) else self.mlp(layer.mlp, hn)
+            x = h + ffn
+            if trace:
+                trace("hidden", i, x)
+        cache.advance(seqs, positions)
+        return ops.linear(ops.rmsnorm(x, w.norm, cfg.rms_norm_eps), w.lm_head)

@@ -1,0 +1,1 @@
+"""Helpers for tests, benchmarks and demos: random checkpoints in the release layout."""

@@ -1,0 +1,200 @@
+"""Kimi tokenizer: tiktoken BPE over the checkpoint's `tiktoken.model`, plus 256 special ids.
+
+The checkpoint folder holds `tiktoken.model` (lines `<base64 bytes> <rank>`, rank = id) and
+`tokenizer_config.json`. Special tokens take the 256 ids right after the ranks; ids named in
+`added_tokens_decoder` keep that name, the rest are `<|reserved_token_{id}|>`. Nothing here
+hard-codes Kimi's sizes, so a demo model that ships a prefix of the ranks works the same way.
+
+Two encoders:
+  encode(text)          HF behaviour: special-token strings inside the text become special ids.
+  encode_ordinary(text) every character is plain text. Chat content goes through this one
+                        (see `encode_chat`), so a user who types `<|im_end|>` cannot end a turn.
+"""
+import base64
+import codecs
+import json
+import os
+import re
+
+import tiktoken
+
+# Kimi's pre-tokenizer. `&&` is character-class intersection (Rust fancy-regex in tiktoken);
+# Python's `regex` module needs regex.V1 for it, and PCRE needs a rewrite (llama.cpp #14642).
+PAT_STR = "|".join([
+    r"""[\p{Han}]+""",
+    r"""[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}&&[^\p{Han}]]*[\p{Ll}\p{Lm}\p{Lo}\p{M}&&[^\p{Han}]]+(?i:'s|'t|'re|'ve|'m|'ll|'d)?""",
+    r"""[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}&&[^\p{Han}]]+[\p{Ll}\p{Lm}\p{Lo}\p{M}&&[^\p{Han}]]*(?i:'s|'t|'re|'ve|'m|'ll|'d)?""",
+    r"""\p{N}{1,3}""",
+    r""" ?[^\s\p{L}\p{N}]+[\r\n]*""",
+    r"""\s*[\r\n]+""",
+    r"""\s+(?!\S)""",
+    r"""\s+""",
+])
+NUM_SPECIAL = 256
+# The released tokenizer cuts text into 400k-char chunks, and again inside any run of >25k
+# whitespace or non-whitespace chars (keeps the Rust regex fast). The cuts can change tokens at
+# the boundary, so we cut in the same places to stay id-for-id identical.
+MAX_CHUNK_CHARS = 400_000
+MAX_RUN_CHARS = 25_000
+_LONG_RUN = re.compile(r"\s{%d}|\S{%d}" % (MAX_RUN_CHARS + 1, MAX_RUN_CHARS + 1))
+
+
+def load_ranks(path):
+    """Read a tiktoken ranks file into {token bytes: rank}."""
+    ranks = {}
+    with open(path, "rb") as f:
+        for line in f:
+            if line.strip():
+                tok, rank = line.split()
+                ranks[base64.b64decode(tok)] = int(rank)
+    if sorted(ranks.values()) != list(range(len(ranks))):
+        raise ValueError(f"{path}: ranks are not 0..{len(ranks) - 1} without gaps")
+    return ranks
+
+
+def _split_long_runs(s):
+    """Yield pieces of s with no whitespace / non-whitespace run longer than MAX_RUN_CHARS."""
+    if not _LONG_RUN.search(s):  # fast path: almost every real text
+        yield s
+        return
+    run_len, run_is_space, start = 0, s[0].isspace(), 0
+    for i, ch in enumerate(s):
+        is_space = ch.isspace()
+        if is_space != run_is_space:
+            run_len, run_is_space = 1, is_space
+        else:
+            run_len += 1
+            if run_len > MAX_RUN_CHARS:
+                yield s[start:i]
+                start, run_len = i, 1
+    yield s[start:]
+
+
+def _chunks(text):
+    for i in range(0, len(text), MAX_CHUNK_CHARS):
+        yield from _split_long_runs(text[i:i + MAX_CHUNK_CHARS])
+
+
+class StreamDecoder:
+    """Token ids in, text out, never half a UTF-8 character: incomplete trailing bytes wait."""
+
+    def __init__(self, tokenizer):
+        self._tok = tokenizer
+        # The stdlib incremental decoder holds back an incomplete sequence and replaces invalid
+        # bytes with U+FFFD, exactly like the batch decode(errors="replace").
+        self._utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
+
+    def feed(self, token_id):
+        """Return the text that became complete with this token (may be "")."""
+        return self._utf8.decode(self._tok.token_bytes(token_id))
+
+    def flush(self):
+        """End of stream: whatever bytes are left, with U+FFFD for an incomplete tail."""
+        return self._utf8.decode(b"", final=True)
+
+
+class Tokenizer:
+    """The checkpoint's tokenizer: encode/decode, special ids by name, chat template."""
+
+    def __init__(self, ranks, added_tokens=None, name="kimi"):
+        """ranks: {bytes: id}; added_tokens: {id: name} for ids in the special range."""
+        n = len(ranks)
+        added_tokens = added_tokens or {}
+        self.n_ranks = n
+        self.vocab_size = n + NUM_SPECIAL
+        self.special_names = {}  # id -> name, for all 256 special ids
+        for i in range(n, n + NUM_SPECIAL):
+            self.special_names[i] = added_tokens.get(i, f"<|reserved_token_{i}|>")
+        self.special_tokens = {name: i for i, name in self.special_names.items()}  # name -> id
+        self.enc = tiktoken.Encoding(name=name, pat_str=PAT_STR, mergeable_ranks=ranks,
+                                     special_tokens=self.special_tokens)
+        self.bos_id = self.special_tokens.get("[BOS]")
+        # Generation stops at the end of the assistant turn; [EOS] too, since it costs nothing.
+        self.eos_ids = [self.special_tokens[t] for t in ("<|im_end|>", "[EOS]")
+                        if t in self.special_tokens]
+        self.pad_id = self.special_tokens.get("[PAD]")
+
+    @classmethod
+    def from_dir(cls, path):
+        """Load `tiktoken.model` + `tokenizer_config.json` from a checkpoint folder."""
+        ranks = load_ranks(os.path.join(path, "tiktoken.model"))
+        cfg_path = os.path.join(path, "tokenizer_config.json")
+        added = {}
+        if os.path.exists(cfg_path):
+            with open(cfg_path, encoding="utf-8") as f:
+                cfg = json.load(f)
+            for k, v in cfg.get("added_tokens_decoder", {}).items():
+                i = int(k)
+                if not len(ranks) <= i < len(ranks) + NUM_SPECIAL:
+                    raise ValueError(f"{cfg_path}: added token id {i} ({v['content']!r}) is "
+                                     f"outside the special range {len(ranks)}..{len(ranks) + 255}")
+                added[i] = v["content"]
+        return cls(ranks, added, name=os.path.basename(os.path.normpath(path)) or "kimi")
+
+    # --- ids ---------------------------------------------------------------------------
+    def special_id(self, name):
+        """Id of a special token by name, e.g. special_id("<|im_end|>"); KeyError if absent."""
+        return self.special_tokens[name]
+
+    def is_special(self, token_id):
+        return self.n_ranks <= token_id < self.vocab_size
+
+    def token_bytes(self, token_id):
+        """Raw bytes of one token; a special id gives its name."""
+        if self.is_special(token_id):
+            return self.special_names[token_id].encode("utf-8")
+        return self.enc.decode_single_token_bytes(token_id)
+
+    # --- text <-> ids ------------------------------------------------------------------
+    def encode(self, text):
+        """Like the released tokenizer: special-token names in the text become special ids."""
+        out = []
+        for chunk in _chunks(text):
+            out.extend(self.enc.encode(chunk, allowed_special="all", disallowed_special=()))
+        return out
+
+    def encode_ordinary(self, text):
+        """Every character is plain text; `<|im_end|>` becomes ordinary BPE tokens."""
+        out = []
+        for chunk in _chunks(text):
+            out.extend(self.enc.encode_ordinary(chunk))
+        return out
+
+    def decode(self, ids):
+        """Concatenate token bytes and decode UTF-8 with U+FFFD for invalid bytes."""
+        for i in ids:
+            if not 0 <= i < self.vocab_size:
+                raise ValueError(f"token id {i} is outside the vocabulary 0..{self.vocab_size - 1}")
+        return self.enc.decode(list(ids), errors="replace")
+
+    def stream_decoder(self):
+        """A fresh StreamDecoder: feed(id) -> text, flush() -> text."""
+        return StreamDecoder(self)
+
+    # --- chat ----------------------------------------------------------------------------
+    def apply_chat_template(self, messages, tools=None, add_generation_prompt=True):
+        """The released K2 Thinking chat template, rendered to a string."""
+        from k2lite.chat import render_parts
+        return "".join(text for _, text in render_parts(messages, tools, add_generation_prompt))
+
+    def encode_chat(self, messages, tools=None, add_generation_prompt=True):
+        """Prompt token ids for generation: only template markup becomes control tokens.
+
+        Message content (and names, ids, tool JSON) is encoded as plain text, so typing
+        `<|im_end|>` or `<|tool_call_begin|>` in a message cannot forge a turn or a tool call.
+        Adjacent text is encoded together, so for benign content the ids equal
+        encode(apply_chat_template(...)).
+        """
+        from k2lite.chat import render_parts
+        ids, text = [], []
+        for is_markup, piece in render_parts(messages, tools, add_generation_prompt):
+            if is_markup and piece in self.special_tokens:
+                ids.extend(self.encode_ordinary("".join(text)))
+                text = []
+                ids.append(self.special_tokens[piece])
+            else:
+                # Markup this vocabulary lacks (e.g. `<think>` in the original K2 config,
+                # `<|media_start|>` everywhere) is plain text, as the released encode makes it.
+                text.append(piece)
+        ids.extend(self.encode_ordinary("".join(text)))
+        return ids
