@@ -109,7 +109,7 @@ def render_parts(messages, tools=None, add_generation_prompt=True):
     for i, m in enumerate(messages):
         where, role = f"messages[{i}]", m["role"]
         header = {"user": "<|im_user|>", "assistant": "<|im_assistant|>"}.get(role, "<|im_system|>")
-        # A `name` replaces the role label (`tool` messages show the role, not the function).
+        # A `name` replaces the role label (a tool result named get_weather shows that name).
         P += [(True, header), (False, str(m.get("name") or role)), (True, "<|im_middle|>")]
         if role == "assistant":
             rc = m.get("reasoning_content") if i > last else None
@@ -231,13 +231,13 @@ class StreamParser:
         mode = self._mode
         if mode in ("reasoning", "content"):
             if mode == "reasoning":
-                self.reasoning_content += s
+                key, self.reasoning_content = "reasoning_content", self.reasoning_content + s
             else:
-                self.content += s
-            if out and mode in out[-1]:
-                out[-1] = {mode: out[-1][mode] + s}  # one delta per mode per feed call
+                key, self.content = "content", self.content + s
+            if out and key in out[-1]:
+                out[-1] = {key: out[-1][key] + s}  # one delta per stream per feed call
             else:
-                out.append({mode: s})
+                out.append({key: s})
         elif mode == "call_id":
             self._call_id += s
         elif mode == "call_args":
