@@ -71,12 +71,19 @@ def scales_f32(scales: np.ndarray) -> np.ndarray:
     return bf16_to_f32(s) if s.dtype == np.uint16 else s.astype(np.float32)
 
 
+def dequantize_int4_arrays(packed: np.ndarray, scales: np.ndarray, n_in: int, group_size: int) -> np.ndarray:
+    """(packed, scales) -> float32 [out, in]. compressed-tensors multiplies q·scale in the
+    scale's dtype, so with bf16 scales each weight is rounded to bf16 (q has 4 bits, the
+    scale 8, the product up to 12): we do the same, so our weights equal the library's."""
+    q = unpack_int4(packed, n_in).astype(np.float32)
+    s = np.repeat(scales_f32(scales), group_size, axis=1)[:, :n_in]
+    w = q * s
+    return bf16_to_f32(f32_to_bf16(w)) if np.asarray(scales).dtype == np.uint16 else w
+
+
 def dequantize_int4(t: Int4Tensor) -> np.ndarray:
-    """Int4Tensor -> float32 [out, in]; q * scale, exactly representable in fp32."""
-    out, n = t.shape
-    q = unpack_int4(t.packed, n).astype(np.float32)
-    s = np.repeat(scales_f32(t.scales), t.group_size, axis=1)[:, :n]
-    return q * s
+    """Int4Tensor -> float32 [out, in]."""
+    return dequantize_int4_arrays(t.packed, t.scales, t.shape[1], t.group_size)
 
 
 def quantize_int4(w: np.ndarray, group_size: int = 32, qat_grid: bool = False) -> Int4Tensor:

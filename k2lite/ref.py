@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .formats import bf16_to_f32, dequantize_int4, Int4Tensor, scales_f32, unpack_int4
+from .formats import Int4Tensor, bf16_to_f32, dequantize_int4, dequantize_int4_arrays
 
 
 # ---------------------------------------------------------------- linear layers
@@ -22,11 +22,9 @@ def bf16_matmul(x: np.ndarray, w: np.ndarray) -> np.ndarray:
 
 
 def int4_matmul(x: np.ndarray, packed: np.ndarray, scales: np.ndarray, group_size: int) -> np.ndarray:
-    """y[T,N] = x[T,I] · W[N,I]ᵀ, W = (codes - 8) * scale[n, i // group_size]."""
-    n_in = x.shape[1]
-    q = unpack_int4(packed, n_in).astype(np.float32)                          # [N, I]
-    s = np.repeat(scales_f32(scales), group_size, axis=1)[:, :n_in]          # [N, I]
-    return x @ (q * s).T
+    """y[T,N] = x[T,I] · W[N,I]ᵀ, W = (codes - 8) * scale[n, i // group_size] (rounded to
+    bf16 when the scales are bf16, as compressed-tensors dequantizes)."""
+    return x @ dequantize_int4_arrays(packed, scales, x.shape[1], group_size).T
 
 
 def f32_matmul(x: np.ndarray, w: np.ndarray) -> np.ndarray:
