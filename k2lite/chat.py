@@ -112,6 +112,7 @@ def render_parts(messages, tools=None, add_generation_prompt=True):
         # A `name` replaces the role label (a tool result named get_weather shows that name).
         P += [(True, header), (False, str(m.get("name") or role)), (True, "<|im_middle|>")]
         if role == "assistant":
+            # reasoning_content None renders as "" (jinja would print "None").
             rc = m.get("reasoning_content") if i > last else None
             P += [(True, "<think>"), (False, rc or ""), (True, "</think>")]
             P += _content_parts(m, where)
@@ -168,7 +169,6 @@ class StreamParser:
     """
 
     def __init__(self, tokenizer=None, thinking=True):
-        self._tok = tokenizer
         self._decoder = tokenizer.stream_decoder() if tokenizer is not None else None
         self._pending = ""      # text held back because it may be the start of a marker
         self._mode = "reasoning" if thinking else "content"
@@ -245,6 +245,7 @@ class StreamParser:
         # mode "section": whitespace between calls, dropped
 
     def _marker(self, mk, out):
+        """Act on one control marker; any we do not know (`<|im_middle|>`, reserved) is dropped."""
         mode = self._mode
         if mk in _END:
             self._close_call("tool call was cut off before <|tool_call_end|>", out)
@@ -274,7 +275,6 @@ class StreamParser:
                 self._close_call(None, out)
                 self._mode = "section"
         self._started = True
-        # Any other special token (`<|im_middle|>`, reserved ids, ...) is dropped.
 
     def _close_call(self, error, out):
         """Emit the tool call being read, if any; `error` flags an abnormal end."""
