@@ -65,8 +65,11 @@ setup(
     name="k2lite",
     version="0.1.0",
     description="A small, fast, readable inference engine for Kimi K2 (DeepSeek-V3 architecture)",
-    packages=find_packages(include=["k2lite", "k2lite.*"]),
-    package_data={"k2lite": ["data/*"]},
+    # models/ ships inside the package as k2lite.models_data, so an installed k2lite finds
+    # its default model (k2-nano) and the K2 Thinking config/tokenizer files
+    packages=find_packages(include=["k2lite", "k2lite.*"]) + ["k2lite.models_data"],
+    package_dir={"k2lite.models_data": "models"},
+    package_data={"k2lite.models_data": ["k2-nano/*", "kimi-k2-thinking/*"]},
     python_requires=">=3.9",
     install_requires=["numpy>=1.22", "tiktoken>=0.5", "click>=8.0"],
     extras_require={

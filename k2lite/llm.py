@@ -130,6 +130,15 @@ class LLM(GenerationMixin):
                 f"hidden={c.hidden_size}, experts={c.n_routed_experts})")
 
 
+def default_model_dir() -> str:
+    """The embedded demo model k2-nano: models/k2-nano in a checkout, else the installed copy."""
+    here = os.path.dirname(os.path.abspath(__file__))
+    for cand in (os.path.join(here, "..", "models", "k2-nano"), os.path.join(here, "models_data", "k2-nano")):
+        if os.path.exists(os.path.join(cand, "config.json")):
+            return os.path.normpath(cand)
+    raise ModelFormatError("the default model k2-nano is not installed; pass --model DIR")
+
+
 def load(path: str, device: str = "cpu", threads: int | None = None, **kw) -> LLM:
     """Open a checkpoint folder (config.json + safetensors). Weights are mmap'd, not read."""
     if not os.path.exists(path):
