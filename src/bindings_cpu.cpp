@@ -1,8 +1,200 @@
 // pybind11 glue for k2lite._cpu: checks arguments, extracts pointers, calls src/cpu; no math.
+// k2lite/cpu.py validates with friendly messages first; these checks (dtype, C order, shapes,
+// index ranges) make a direct call just as safe. Arrays may be read-only (mmap'd weights):
+// only `out` is written. Each op releases the GIL while it runs.
 #include <pybind11/pybind11.h>
+#include <pybind11/numpy.h>
+#include <pybind11/stl.h>
+#include <string>
+#include <vector>
+#include "common.h"
 
 namespace py = pybind11;
+using arr = py::array;
+
+static void need(bool ok, const std::string& msg) {
+    if (!ok) throw py::value_error(msg);
+}
+
+// Pointer to a C-contiguous array of dtype T with the given shape (-1: any extent).
+template <class T>
+static const T* cptr(const arr& a, const char* name, std::vector<py::ssize_t> shape) {
+    need(a.dtype().is(py::dtype::of<T>()), std::string(name) + ": wrong dtype " + std::string(py::str(a.dtype())));
+    need(a.flags() & arr::c_style, std::string(name) + ": must be C-contiguous");
+    need(a.ndim() == (py::ssize_t)shape.size(), std::string(name) + ": wrong number of dimensions");
+    for (size_t i = 0; i < shape.size(); i++)
+        need(shape[i] < 0 || a.shape(i) == shape[i], std::string(name) + ": wrong shape");
+    return static_cast<const T*>(a.data());
+}
+template <class T>
+static T* wptr(arr& a, const char* name, std::vector<py::ssize_t> shape) {
+    cptr<T>(a, name, shape);
+    need(a.writeable(), std::string(name) + ": must be writeable");
+    return static_cast<T*>(a.mutable_data());
+}
+static const void* scale_ptr(const arr& s, const char* name, int N, int ng, bool& f32) {
+    f32 = s.dtype().is(py::dtype::of<float>());
+    if (f32) return cptr<float>(s, name, {N, ng});
+    return cptr<uint16_t>(s, name, {N, ng});
+}
+
+static void b_int4_matmul(arr out, arr x, arr packed, arr scales, int group) {
+    need(group > 0, "group_size must be positive");
+    const int T = x.shape(0), I = x.ndim() == 2 ? x.shape(1) : -1, N = packed.shape(0);
+    const float* xp = cptr<float>(x, "x", {-1, -1});
+    const int32_t* pp = cptr<int32_t>(packed, "packed", {N, ceil_div(I, 8)});
+    bool f32;
+    const void* sp = scale_ptr(scales, "scales", N, ceil_div(I, group), f32);
+    float* op = wptr<float>(out, "out", {T, N});
+    py::gil_scoped_release nogil;
+    int4_matmul(op, xp, pp, sp, f32, T, I, N, group);
+}
+
+static void b_bf16_matmul(arr out, arr x, arr w) {
+    const int T = x.shape(0), I = x.ndim() == 2 ? x.shape(1) : -1, N = w.shape(0);
+    const float* xp = cptr<float>(x, "x", {-1, -1});
+    const uint16_t* wp = cptr<uint16_t>(w, "w", {N, I});
+    float* op = wptr<float>(out, "out", {T, N});
+    py::gil_scoped_release nogil;
+    bf16_matmul(op, xp, wp, T, I, N);
+}
+
+// experts: list of (gate, up, down) for the used experts only; each matrix is either a bf16
+// array or a (packed, scales) pair. lidx[T,K] holds positions in that list.
+static void b_moe(arr out, arr x, py::list experts, arr lidx, arr weights, bool int4, int group) {
+    const float* xp = cptr<float>(x, "x", {-1, -1});
+    const int T = x.shape(0), D = x.shape(1);
+    const int32_t* ip = cptr<int32_t>(lidx, "idx", {T, -1});
+    const int K = lidx.shape(1);
+    const float* wp = cptr<float>(weights, "weights", {T, K});
+    float* op = wptr<float>(out, "out", {T, D});
+    const int U = (int)experts.size();
+    for (int i = 0; i < T * K; i++) need(ip[i] >= 0 && ip[i] < U, "idx: expert id out of range");
+    need(!int4 || group > 0, "group_size must be positive");
+    std::vector<ExpertMats> mats(U);
+    int F = -1;
+    for (int u = 0; u < U; u++) {
+        py::tuple e = experts[u].cast<py::tuple>();
+        need(e.size() == 3, "each expert must be (gate, up, down)");
+        for (int m = 0; m < 3; m++) {
+            // gate/up: [F, D]; down: [D, F]
+            if (int4) {
+                py::tuple ps = e[m].cast<py::tuple>();
+                need(ps.size() == 2, "int4 matrix must be (packed, scales)");
+                arr pk = ps[0].cast<arr>(), sc = ps[1].cast<arr>();
+                if (F < 0) F = pk.shape(0);
+                const int rows = m < 2 ? F : D, cols = m < 2 ? D : F;
+                mats[u].q[m] = cptr<int32_t>(pk, "packed", {rows, ceil_div(cols, 8)});
+                mats[u].s[m] = scale_ptr(sc, "scales", rows, ceil_div(cols, group), mats[u].s_f32[m]);
+            } else {
+                arr w = e[m].cast<arr>();
+                if (F < 0) F = w.shape(0);
+                const int rows = m < 2 ? F : D, cols = m < 2 ? D : F;
+                mats[u].q[m] = cptr<uint16_t>(w, "w", {rows, cols});
+                mats[u].s[m] = nullptr;
+                mats[u].s_f32[m] = false;
+            }
+        }
+    }
+    if (U == 0 || T == 0) {
+        for (int i = 0; i < T * D; i++) op[i] = 0.f;
+        return;
+    }
+    py::gil_scoped_release nogil;
+    moe(op, xp, ip, wp, mats.data(), U, int4, group, T, D, F, K);
+}
+
+static void b_mla_decode(arr out, arr q_latent, arr q_pe, arr pool, arr page_table, arr lengths, float scale) {
+    const float* ql = cptr<float>(q_latent, "q_latent", {-1, -1, -1});
+    const int B = q_latent.shape(0), H = q_latent.shape(1), C = q_latent.shape(2);
+    const float* qr = cptr<float>(q_pe, "q_pe", {B, H, -1});
+    const int R = q_pe.shape(2);
+    const float* pp = cptr<float>(pool, "pool", {-1, -1, C + R});
+    const int P = pool.shape(0), page = pool.shape(1);
+    const int32_t* pt = cptr<int32_t>(page_table, "page_table", {B, -1});
+    const int maxp = page_table.shape(1);
+    const int32_t* ln = cptr<int32_t>(lengths, "lengths", {B});
+    float* op = wptr<float>(out, "out", {B, H, C});
+    need(page > 0, "pool: page size must be positive");
+    for (int b = 0; b < B; b++) {
+        need(ln[b] >= 0 && (int64_t)ln[b] <= (int64_t)maxp * page, "lengths: out of range");
+        for (int j = 0; j < ceil_div(ln[b], page); j++)
+            need(pt[(size_t)b * maxp + j] >= 0 && pt[(size_t)b * maxp + j] < P, "page_table: page id out of range");
+    }
+    py::gil_scoped_release nogil;
+    mla_decode(op, ql, qr, pp, pt, ln, B, H, C, R, page, maxp, scale);
+}
+
+static void b_attention(arr out, arr q, arr k, arr v, float scale, int q_offset) {
+    const float* qp = cptr<float>(q, "q", {-1, -1, -1});
+    const int T = q.shape(0), H = q.shape(1), Dk = q.shape(2);
+    const float* kp = cptr<float>(k, "k", {-1, H, Dk});
+    const int S = k.shape(0);
+    const float* vp = cptr<float>(v, "v", {S, H, -1});
+    const int Dv = v.shape(2);
+    float* op = wptr<float>(out, "out", {T, H, Dv});
+    need(q_offset >= 0, "q_offset must be >= 0");
+    py::gil_scoped_release nogil;
+    attention(op, qp, kp, vp, T, S, H, Dk, Dv, scale, q_offset);
+}
+
+static void b_rmsnorm(arr out, arr x, arr w, float eps) {
+    const float* xp = cptr<float>(x, "x", {-1, -1});
+    const int T = x.shape(0), D = x.shape(1);
+    const float* wp = cptr<float>(w, "w", {D});
+    float* op = wptr<float>(out, "out", {T, D});
+    py::gil_scoped_release nogil;
+    rmsnorm(op, xp, wp, T, D, eps);
+}
+
+static void b_rope(arr out, arr x, arr positions, arr inv_freq) {
+    const float* xp = cptr<float>(x, "x", {-1, -1, -1});
+    const int T = x.shape(0), H = x.shape(1), R = x.shape(2);
+    need(R % 2 == 0, "x: rope dim must be even");
+    const int64_t* pp = cptr<int64_t>(positions, "positions", {T});
+    const float* fp = cptr<float>(inv_freq, "inv_freq", {R / 2});
+    float* op = wptr<float>(out, "out", {T, H, R});
+    py::gil_scoped_release nogil;
+    rope(op, xp, pp, fp, T, H, R);
+}
+
+static double b_stream_read(arr x) {
+    const float* p = cptr<float>(x, "x", {-1});
+    const int64_t n = x.shape(0);
+    py::gil_scoped_release nogil;
+    return stream_read(p, n);
+}
+
+static void b_set_threads(int n) {
+    need(n > 0, "threads must be positive");
+#ifdef _OPENMP
+    omp_set_num_threads(n);
+#endif
+}
+
+static int b_get_threads() {
+#ifdef _OPENMP
+    return omp_get_max_threads();
+#else
+    return 1;
+#endif
+}
 
 PYBIND11_MODULE(_cpu, m) {
     m.doc() = "k2lite CPU kernels (see k2lite/ref.py for the contract of each op)";
+    m.def("int4_matmul", &b_int4_matmul);
+    m.def("bf16_matmul", &b_bf16_matmul);
+    m.def("moe", &b_moe);
+    m.def("mla_decode", &b_mla_decode);
+    m.def("attention", &b_attention);
+    m.def("rmsnorm", &b_rmsnorm);
+    m.def("rope", &b_rope);
+    m.def("stream_read", &b_stream_read);
+    m.def("set_threads", &b_set_threads);
+    m.def("get_threads", &b_get_threads);
+#ifdef K2_AVX512
+    m.attr("simd") = "avx512";
+#else
+    m.attr("simd") = "scalar";
+#endif
 }

@@ -1,0 +1,224 @@
+"""CPU backend: ref.py's ops over the native kernels in k2lite._cpu (src/cpu/*.cpp).
+
+Each wrapper checks shapes, dtypes and index ranges and raises a one-line ValueError, so no
+bad input reaches native code. Activations are converted (contiguous float32) when needed;
+weights are never copied: they must already be C-contiguous with the right dtype, and may be
+read-only (mmap'd views). Ops not defined here fall back to ref (see ops.py).
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from . import _cpu, ref
+from .formats import Int4Tensor
+
+SIMD = _cpu.simd
+
+
+def set_threads(n: int) -> None:
+    """OpenMP threads used by every kernel (omp_set_num_threads)."""
+    _cpu.set_threads(int(n))
+
+
+def get_threads() -> int:
+    return _cpu.get_threads()
+
+
+# ---------------------------------------------------------------- checks
+def _act(a, name: str, ndim: int, dtype=np.float32) -> np.ndarray:
+    """An activation: converted to a C-contiguous array of dtype (cheap, small)."""
+    a = np.ascontiguousarray(a, dtype)
+    if a.ndim != ndim:
+        raise ValueError(f"{name}: expected {ndim} dims, got shape {a.shape}")
+    return a
+
+
+def _weight(a, name: str, dtype, shape: tuple) -> np.ndarray:
+    """A weight: used in place (no copy), so dtype, layout and shape must already be right."""
+    if not isinstance(a, np.ndarray):
+        raise ValueError(f"{name}: expected a numpy array, got {type(a).__name__}")
+    if a.dtype != dtype:
+        raise ValueError(f"{name}: expected dtype {np.dtype(dtype).name}, got {a.dtype}")
+    if a.shape != shape:
+        raise ValueError(f"{name}: expected shape {shape}, got {a.shape}")
+    if not a.flags.c_contiguous:
+        raise ValueError(f"{name}: must be C-contiguous (weights are not copied)")
+    return a
+
+
+def _scales(s, name: str, shape: tuple) -> np.ndarray:
+    if not isinstance(s, np.ndarray) or s.dtype not in (np.uint16, np.float32):
+        raise ValueError(f"{name}: expected uint16 (bf16 bits) or float32 scales")
+    return _weight(s, name, s.dtype, shape)
+
+
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+# ---------------------------------------------------------------- linear layers
+def bf16_matmul(x: np.ndarray, w: np.ndarray) -> np.ndarray:
+    """y[T,N] = x[T,I] · w[N,I]ᵀ with w as bf16 bits."""
+    x = _act(x, "x", 2)
+    if not isinstance(w, np.ndarray) or w.ndim != 2:
+        raise ValueError("w: expected a 2-D uint16 array")
+    _weight(w, "w", np.uint16, (w.shape[0], x.shape[1]))
+    out = np.empty((x.shape[0], w.shape[0]), np.float32)
+    _cpu.bf16_matmul(out, x, w)
+    return out
+
+
+def int4_matmul(x: np.ndarray, packed: np.ndarray, scales: np.ndarray, group_size: int) -> np.ndarray:
+    """y[T,N] = x[T,I] · W[N,I]ᵀ, W = (codes - 8) * scale[n, i // group_size]."""
+    x = _act(x, "x", 2)
+    group_size = int(group_size)
+    if group_size <= 0:
+        raise ValueError(f"group_size must be positive, got {group_size}")
+    if not isinstance(packed, np.ndarray) or packed.ndim != 2:
+        raise ValueError("packed: expected a 2-D int32 array")
+    n, i = packed.shape[0], x.shape[1]
+    _weight(packed, "packed", np.int32, (n, _cdiv(i, 8)))
+    _scales(scales, "scales", (n, _cdiv(i, group_size)))
+    out = np.empty((x.shape[0], n), np.float32)
+    _cpu.int4_matmul(out, x, packed, scales, group_size)
+    return out
+
+
+def linear(x: np.ndarray, w) -> np.ndarray:
+    """The one choke point where the weight format picks the kernel (DeepSeek's linear())."""
+    if isinstance(w, Int4Tensor):
+        return int4_matmul(x, w.packed, w.scales, w.group_size)
+    if w.dtype == np.uint16:
+        return bf16_matmul(x, w)
+    return ref.f32_matmul(x, w)
+
+
+def swiglu_expert(x: np.ndarray, gate, up, down) -> np.ndarray:
+    """down( silu(gate·x) ⊙ (up·x) ) for x[T,D]."""
+    return linear(ref.silu(linear(x, gate)) * linear(x, up), down)
+
+
+# ---------------------------------------------------------------- elementwise
+def rmsnorm(x: np.ndarray, w: np.ndarray, eps: float) -> np.ndarray:
+    """x / sqrt(mean(x²) + eps) * w over the last axis (any leading shape)."""
+    x = np.ascontiguousarray(x, np.float32)
+    if x.ndim < 1:
+        raise ValueError("x: expected at least 1 dim")
+    d = x.shape[-1]
+    w = _act(w, "w", 1)
+    if w.shape != (d,):
+        raise ValueError(f"w: expected shape ({d},), got {w.shape}")
+    x2 = x.reshape(-1, d)
+    out = np.empty_like(x2)
+    _cpu.rmsnorm(out, x2, w, float(eps))
+    return out.reshape(x.shape)
+
+
+def rope(x: np.ndarray, positions: np.ndarray, inv_freq: np.ndarray) -> np.ndarray:
+    """Rotate interleaved pairs (2i, 2i+1) of x[T,H,R] by positions[t]·inv_freq[i]."""
+    x = _act(x, "x", 3)
+    t, _, r = x.shape
+    positions = _act(positions, "positions", 1, np.int64)
+    inv_freq = _act(inv_freq, "inv_freq", 1)
+    if r % 2 or positions.shape != (t,) or inv_freq.shape != (r // 2,):
+        raise ValueError(f"rope: x {x.shape} needs positions ({t},) and inv_freq ({r // 2},), "
+                         f"got {positions.shape} and {inv_freq.shape}")
+    out = np.empty_like(x)
+    _cpu.rope(out, x, positions, inv_freq)
+    return out
+
+
+# ---------------------------------------------------------------- mixture of experts
+def _expert_mats(e, d: int, int4: bool, group: int | None):
+    """(gate, up, down) -> what _cpu.moe takes: bf16 arrays or (packed, scales) pairs."""
+    if not isinstance(e, (tuple, list)) or len(e) != 3:
+        raise ValueError("each expert must be (gate_proj, up_proj, down_proj)")
+    f = e[0].shape[0]
+    shapes = ((f, d), (f, d), (d, f))
+    mats = []
+    for w, shape, name in zip(e, shapes, ("gate_proj", "up_proj", "down_proj")):
+        if int4:
+            if not isinstance(w, Int4Tensor) or w.group_size != group:
+                raise ValueError(f"{name}: all experts must share one format (Int4Tensor, group {group})")
+            if tuple(w.shape) != shape:
+                raise ValueError(f"{name}: expected shape {shape}, got {tuple(w.shape)}")
+            _weight(w.packed, name + ".packed", np.int32, (shape[0], _cdiv(shape[1], 8)))
+            _scales(w.scales, name + ".scales", (shape[0], _cdiv(shape[1], group)))
+            mats.append((w.packed, w.scales))
+        else:
+            if isinstance(w, Int4Tensor):
+                raise ValueError(f"{name}: all experts must share one format")
+            mats.append(_weight(w, name, np.uint16, shape))
+    return tuple(mats)
+
+
+def moe(x: np.ndarray, experts: list, idx: np.ndarray, weights: np.ndarray) -> np.ndarray:
+    """Routed-expert sum Σ_k weights[t,k] · Expert_{idx[t,k]}(x[t]) for x[T,D]; only the
+    chosen experts are touched, each read once for the whole batch."""
+    x = _act(x, "x", 2)
+    t, d = x.shape
+    idx = np.asarray(idx)
+    if idx.ndim != 2 or idx.shape[0] != t or not np.issubdtype(idx.dtype, np.integer):
+        raise ValueError(f"idx: expected integer [{t}, K], got {idx.dtype} {idx.shape}")
+    weights = _act(weights, "weights", 2)
+    if weights.shape != idx.shape:
+        raise ValueError(f"weights: expected shape {idx.shape}, got {weights.shape}")
+    if idx.size and (idx.min() < 0 or idx.max() >= len(experts)):
+        raise ValueError(f"idx: expert ids must lie in [0, {len(experts)}), got "
+                         f"[{idx.min()}, {idx.max()}]")
+    used, local = np.unique(idx, return_inverse=True)
+    local = np.ascontiguousarray(local.reshape(idx.shape), np.int32)
+    if used.size == 0:
+        return np.zeros_like(x)
+    first = experts[int(used[0])][0]
+    int4 = isinstance(first, Int4Tensor)
+    group = first.group_size if int4 else 0
+    mats = [_expert_mats(experts[int(e)], d, int4, group) for e in used]
+    f = mats[0][0][0].shape[0] if int4 else mats[0][0].shape[0]
+    for m in mats:
+        if (m[0][0] if int4 else m[0]).shape[0] != f:
+            raise ValueError("experts: all experts must share one intermediate size")
+    out = np.empty_like(x)
+    _cpu.moe(out, x, mats, local, weights, int4, int(group))
+    return out
+
+
+# ---------------------------------------------------------------- attention
+def attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, scale: float, q_offset: int) -> np.ndarray:
+    """Causal attention q[T,H,Dk], k[S,H,Dk], v[S,H,Dv] -> [T,H,Dv]; query t at q_offset+t."""
+    q, k, v = _act(q, "q", 3), _act(k, "k", 3), _act(v, "v", 3)
+    if k.shape[1:] != q.shape[1:] or v.shape[:2] != k.shape[:2]:
+        raise ValueError(f"attention: shapes q {q.shape}, k {k.shape}, v {v.shape} do not agree")
+    if int(q_offset) < 0:
+        raise ValueError(f"q_offset must be >= 0, got {q_offset}")
+    out = np.empty((q.shape[0], q.shape[1], v.shape[2]), np.float32)
+    _cpu.attention(out, q, k, v, float(scale), int(q_offset))
+    return out
+
+
+def mla_decode(q_latent: np.ndarray, q_pe: np.ndarray, pool: np.ndarray, page_table: np.ndarray,
+               lengths: np.ndarray, scale: float) -> np.ndarray:
+    """Absorbed MLA decode over the paged latent cache; see ref.mla_decode."""
+    q_latent, q_pe = _act(q_latent, "q_latent", 3), _act(q_pe, "q_pe", 3)
+    b, h, c = q_latent.shape
+    if q_pe.shape[:2] != (b, h):
+        raise ValueError(f"q_pe: expected shape ({b}, {h}, R), got {q_pe.shape}")
+    r = q_pe.shape[2]
+    pool = _act(pool, "pool", 3)   # the cache is float32 already; no copy then
+    if pool.shape[2] != c + r:
+        raise ValueError(f"pool: expected last dim C+R = {c + r}, got {pool.shape}")
+    page_table = _act(page_table, "page_table", 2, np.int32)
+    lengths = _act(lengths, "lengths", 1, np.int32)
+    if page_table.shape[0] != b or lengths.shape != (b,):
+        raise ValueError(f"page_table/lengths: expected [{b}, maxpages]/[{b}], got "
+                         f"{page_table.shape}/{lengths.shape}")
+    page, npool = pool.shape[1], pool.shape[0]
+    if lengths.size and (lengths.min() < 0 or lengths.max() > page_table.shape[1] * page):
+        raise ValueError(f"lengths: must lie in [0, {page_table.shape[1] * page}], got {lengths}")
+    for i in range(b):
+        used = page_table[i, :_cdiv(int(lengths[i]), page)]
+        if used.size and (used.min() < 0 or used.max() >= npool):
+            raise ValueError(f"page_table: sequence {i} uses page ids outside [0, {npool})")
+    out = np.empty((b, h, c), np.float32)
+    _cpu.mla_decode(out, q_latent, q_pe, pool, page_table, lengths, float(scale))
+    return out

@@ -1,0 +1,78 @@
+// Shared helpers and the row kernels that several ops reuse (moe calls the matmul rows).
+// Conventions (llama2.c): output first, sizes explicit, no globals. Shapes use ref.py letters:
+// T tokens, I inputs, N outputs, D hidden, F expert hidden, H heads, C latent, R rope dims.
+#pragma once
+#include <cstdint>
+#include <cstring>
+#include <cmath>
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+#if defined(__AVX512F__) && defined(__AVX512BW__)
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"   // gcc 12 false positive in intrinsics
+#include <immintrin.h>
+#pragma GCC diagnostic pop
+#define K2_AVX512 1
+#endif
+
+// bf16 bits are the top half of a float32: widening is exact.
+static inline float bf16_to_f32(uint16_t b) {
+    uint32_t u = (uint32_t)b << 16;
+    float f;
+    std::memcpy(&f, &u, 4);
+    return f;
+}
+
+// Round a float to the nearest bf16 (ties to even), kept as a float: formats.f32_to_bf16.
+static inline float round_bf16(float f) {
+    uint32_t u;
+    std::memcpy(&u, &f, 4);
+    u = (u + 0x7FFF + ((u >> 16) & 1)) & 0xFFFF0000u;
+    std::memcpy(&f, &u, 4);
+    return f;
+}
+
+static inline int ceil_div(int a, int b) { return (a + b - 1) / b; }
+
+// ---------------------------------------------------------------- INT4 rows (int4_matmul.cpp)
+// W[n, i] = (((packed[n, i/8] >> 4*(i%8)) & 15) - 8) * scale[n, i/group]; scales are bf16 bits
+// (scales_f32 = false: then each W is rounded to bf16, as compressed-tensors dequantizes) or
+// float32 (W unrounded). Rows are ceil(I/8) words and ceil(I/group) scales long.
+
+// True when the SIMD path applies (I and group multiples of 32); it wants x "prepared".
+bool int4_fast(int I, int group);
+// xp[T, I] = x prepared for int4_rows: per token, even columns then odd columns on the fast
+// path (the low / high nibbles of each byte), a plain copy otherwise.
+void int4_prep_x(float* xp, const float* x, int T, int I, int group);
+// y[t*ldy + n] = Σ_i x[t,i] W[n,i] for t < T, n0 <= n < n1; xp from int4_prep_x.
+void int4_rows(float* y, int ldy, const float* xp, int T, int I, const int32_t* packed,
+               const void* scales, bool scales_f32, int group, int n0, int n1);
+
+// ---------------------------------------------------------------- BF16 rows (bf16_matmul.cpp)
+// y[t*ldy + n] = Σ_i x[t,i] w[n,i] for t < T, n0 <= n < n1; w is bf16 bits [N, I].
+void bf16_rows(float* y, int ldy, const float* x, int T, int I, const uint16_t* w, int n0, int n1);
+
+// ---------------------------------------------------------------- ops (one file each)
+void int4_matmul(float* out, const float* x, const int32_t* packed, const void* scales,
+                 bool scales_f32, int T, int I, int N, int group);
+void bf16_matmul(float* out, const float* x, const uint16_t* w, int T, int I, int N);
+
+// One expert's three matrices: for INT4 q = packed int32 and s = scales; for BF16 q = bits, s = null.
+struct ExpertMats {
+    const void* q[3];   // gate, up, down
+    const void* s[3];
+    bool s_f32[3];
+};
+void moe(float* out, const float* x, const int32_t* lidx, const float* weights,
+         const ExpertMats* experts, int n_used, bool int4, int group, int T, int D, int F, int K);
+
+void mla_decode(float* out, const float* q_latent, const float* q_pe, const float* pool,
+                const int32_t* page_table, const int32_t* lengths, int B, int H, int C, int R,
+                int page, int max_pages, float scale);
+void attention(float* out, const float* q, const float* k, const float* v, int T, int S, int H,
+               int Dk, int Dv, float scale, int q_offset);
+void rmsnorm(float* out, const float* x, const float* w, int T, int D, float eps);
+void rope(float* out, const float* x, const int64_t* positions, const float* inv_freq,
+          int T, int H, int R);
+double stream_read(const float* x, int64_t n);   // benchmark helper: parallel sum

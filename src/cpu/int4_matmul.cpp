@@ -1,0 +1,161 @@
+// INT4 (compressed-tensors pack-quantized) matmul: y[T,N] = x[T,I] · W[N,I]ᵀ, reading the
+// checkpoint layout directly. Activations stay fp32 (exact products, fp32 sums).
+// Each group of 32 inputs is 4 int32 words = 16 bytes; byte k holds column 2k in its low
+// nibble and 2k+1 in its high nibble, so on the SIMD path x is de-interleaved once per call
+// (evens, then odds) and each 16-byte load feeds two 16-lane FMAs without any shuffle.
+#include "common.h"
+#include <vector>
+
+bool int4_fast(int I, int group) {
+#ifdef K2_AVX512
+    return I % 32 == 0 && group % 32 == 0;
+#else
+    (void)I; (void)group;
+    return false;
+#endif
+}
+
+void int4_prep_x(float* xp, const float* x, int T, int I, int group) {
+    if (!int4_fast(I, group)) {
+        std::memcpy(xp, x, sizeof(float) * (size_t)T * I);
+        return;
+    }
+    for (int t = 0; t < T; t++) {
+        const float* xt = x + (size_t)t * I;
+        float* ev = xp + (size_t)t * I;       // [I/2] even columns
+        float* od = ev + I / 2;               // [I/2] odd columns
+        for (int i = 0; i < I / 2; i++) { ev[i] = xt[2 * i]; od[i] = xt[2 * i + 1]; }
+    }
+}
+
+// ---------------------------------------------------------------- scalar (any I, any group)
+static void int4_rows_scalar(float* y, int ldy, const float* x, int T, int I, const int32_t* packed,
+                             const void* scales, bool sf32, int group, int n0, int n1) {
+    const int lp = ceil_div(I, 8), ls = ceil_div(I, group);
+    for (int n = n0; n < n1; n++) {
+        const uint32_t* p = (const uint32_t*)packed + (size_t)n * lp;
+        for (int t = 0; t < T; t++) {
+            const float* xt = x + (size_t)t * I;
+            float sum = 0.f;
+            for (int i = 0; i < I; i++) {
+                int code = (int)((p[i >> 3] >> (4 * (i & 7))) & 15) - 8;
+                size_t si = (size_t)n * ls + i / group;
+                float s = sf32 ? ((const float*)scales)[si] : bf16_to_f32(((const uint16_t*)scales)[si]);
+                float w = code * s;
+                sum += xt[i] * (sf32 ? w : round_bf16(w));
+            }
+            y[(size_t)t * ldy + n] = sum;
+        }
+    }
+}
+
+// ---------------------------------------------------------------- AVX-512 (I, group % 32 == 0)
+#ifdef K2_AVX512
+// Row scales -> one float per 32-column group (sf[g] = scale of columns 32g..32g+31).
+static inline void row_scales(float* sf, const void* scales, bool sf32, int n, int I, int group) {
+    const int ng = I / 32, ls = ceil_div(I, group);
+    if (!sf32 && group == 32) {
+        const uint16_t* s = (const uint16_t*)scales + (size_t)n * ls;
+        int g = 0;
+        for (; g + 16 <= ng; g += 16) {
+            __m512i v = _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i*)(s + g)));
+            _mm512_storeu_ps(sf + g, _mm512_castsi512_ps(_mm512_slli_epi32(v, 16)));
+        }
+        for (; g < ng; g++) sf[g] = bf16_to_f32(s[g]);
+        return;
+    }
+    const int per = group / 32;
+    for (int g = 0; g < ng; g++) {
+        size_t si = (size_t)n * ls + g / per;
+        sf[g] = sf32 ? ((const float*)scales)[si] : bf16_to_f32(((const uint16_t*)scales)[si]);
+    }
+}
+
+// Per group, a 16-entry table holds the group's weights (code - 8) * scale for codes 0..15,
+// rounded to bf16 when the scales are bf16 (RNE, as round_bf16); two vpermps look the
+// low and high nibbles up in it, and each looked-up vector feeds TT FMAs.
+static inline __m512 round_bf16_x16(__m512 v) {
+    __m512i u = _mm512_castps_si512(v);
+    __m512i odd = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
+    u = _mm512_add_epi32(_mm512_add_epi32(u, _mm512_set1_epi32(0x7FFF)), odd);
+    return _mm512_castsi512_ps(_mm512_and_si512(u, _mm512_set1_epi32((int)0xFFFF0000u)));
+}
+
+template <int TT, bool ROUND>
+static void int4_row_tile(float* y, int ldy, const float* xp, int I, const uint8_t* wb,
+                          const float* sf) {
+    const __m512 lut = _mm512_setr_ps(-8, -7, -6, -5, -4, -3, -2, -1, 0, 1, 2, 3, 4, 5, 6, 7);
+    const int ng = I / 32, half = I / 2;
+    __m512 acc[TT][2];
+    for (int t = 0; t < TT; t++) acc[t][0] = acc[t][1] = _mm512_setzero_ps();
+    for (int g = 0; g < ng; g++) {
+        __m512i d = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i*)(wb + 16 * g)));
+        __m512 tab = _mm512_mul_ps(lut, _mm512_set1_ps(sf[g]));
+        if (ROUND) tab = round_bf16_x16(tab);
+        __m512 wlo = _mm512_permutexvar_ps(d, tab);                              // even columns
+        __m512 whi = _mm512_permutexvar_ps(_mm512_srli_epi32(d, 4), tab);       // odd columns
+        for (int t = 0; t < TT; t++) {
+            const float* xt = xp + (size_t)t * I + 16 * g;
+            acc[t][0] = _mm512_fmadd_ps(wlo, _mm512_loadu_ps(xt), acc[t][0]);
+            acc[t][1] = _mm512_fmadd_ps(whi, _mm512_loadu_ps(xt + half), acc[t][1]);
+        }
+    }
+    for (int t = 0; t < TT; t++) y[(size_t)t * ldy] = _mm512_reduce_add_ps(_mm512_add_ps(acc[t][0], acc[t][1]));
+}
+
+template <int TT>
+static inline void tile(float* y, int ldy, const float* xp, int I, const uint8_t* wb, const float* sf,
+                        bool sf32) {
+    if (sf32) int4_row_tile<TT, false>(y, ldy, xp, I, wb, sf);
+    else int4_row_tile<TT, true>(y, ldy, xp, I, wb, sf);
+}
+
+static void int4_rows_avx512(float* y, int ldy, const float* xp, int T, int I, const int32_t* packed,
+                             const void* scales, bool sf32, int group, int n0, int n1) {
+    const int ng = I / 32;
+    std::vector<float> sf(ng);
+    for (int n = n0; n < n1; n++) {
+        const uint8_t* wb = (const uint8_t*)(packed + (size_t)n * (I / 8));
+        row_scales(sf.data(), scales, sf32, n, I, group);
+        // token tiles of <= 8: the row (I/2 bytes) stays in L1 between tiles
+        for (int t0 = 0; t0 < T; t0 += 8) {
+            const float* xt = xp + (size_t)t0 * I;
+            float* yt = y + (size_t)t0 * ldy + n;
+            switch (T - t0 < 8 ? T - t0 : 8) {
+                case 1: tile<1>(yt, ldy, xt, I, wb, sf.data(), sf32); break;
+                case 2: tile<2>(yt, ldy, xt, I, wb, sf.data(), sf32); break;
+                case 3: tile<3>(yt, ldy, xt, I, wb, sf.data(), sf32); break;
+                case 4: tile<4>(yt, ldy, xt, I, wb, sf.data(), sf32); break;
+                case 5: tile<5>(yt, ldy, xt, I, wb, sf.data(), sf32); break;
+                case 6: tile<6>(yt, ldy, xt, I, wb, sf.data(), sf32); break;
+                case 7: tile<7>(yt, ldy, xt, I, wb, sf.data(), sf32); break;
+                default: tile<8>(yt, ldy, xt, I, wb, sf.data(), sf32); break;
+            }
+        }
+    }
+}
+#endif
+
+void int4_rows(float* y, int ldy, const float* xp, int T, int I, const int32_t* packed,
+               const void* scales, bool sf32, int group, int n0, int n1) {
+#ifdef K2_AVX512
+    if (int4_fast(I, group)) {
+        int4_rows_avx512(y, ldy, xp, T, I, packed, scales, sf32, group, n0, n1);
+        return;
+    }
+#endif
+    int4_rows_scalar(y, ldy, xp, T, I, packed, scales, sf32, group, n0, n1);
+}
+
+// ---------------------------------------------------------------- op: rows split over threads
+void int4_matmul(float* out, const float* x, const int32_t* packed, const void* scales,
+                 bool scales_f32, int T, int I, int N, int group) {
+    std::vector<float> xp((size_t)T * I);
+    int4_prep_x(xp.data(), x, T, I, group);
+    const int block = 16;   // rows per work item
+    #pragma omp parallel for schedule(static)
+    for (int n0 = 0; n0 < N; n0 += block) {
+        int n1 = n0 + block < N ? n0 + block : N;
+        int4_rows(out, N, xp.data(), T, I, packed, scales, scales_f32, group, n0, n1);
+    }
+}
