@@ -8,6 +8,7 @@ config.json so a mismatch is a ModelFormatError naming the tensor, not a numpy e
 from __future__ import annotations
 
 import json
+import math
 import os
 
 import numpy as np
@@ -65,6 +66,12 @@ class Checkpoint:
         f = self.files[self.where[name]]
         return f.dtype(name), f.shape(name)
 
+    def read(self, name: str) -> np.ndarray:
+        """A small tensor, copied (not mapped)."""
+        if name not in self.where:
+            raise ModelFormatError(f"{self.path}: missing tensor '{name}'")
+        return self.files[self.where[name]].read(name)
+
     def get(self, name: str, shape=None, dtypes=None) -> np.ndarray:
         if name not in self.where:
             raise ModelFormatError(f"{self.path}: missing tensor '{name}'")
@@ -78,7 +85,7 @@ class Checkpoint:
         return a.astype(np.float32) if dt == "F16" else a    # F16 has no fast kernel: widen once
 
     def total_bytes(self) -> int:
-        return sum(int(np.prod(self.info(n)[1], dtype=np.int64)) * _itemsize(self.info(n)[0]) for n in self.where)
+        return sum(math.prod(self.info(n)[1]) * _itemsize(self.info(n)[0]) for n in self.where)
 
 
 def _itemsize(dt):
@@ -105,7 +112,10 @@ def _matrix(ck: Checkpoint, prefix: str, shape, cfg: Config):
         packed = ck.get(prefix + ".weight_packed", (out, -(-n_in // 8)), ("I32",))
         scales = ck.get(prefix + ".weight_scale", (out, n_in // g), ("BF16", "F32"))
         if prefix + ".weight_shape" in ck:
-            ws = ck.get(prefix + ".weight_shape", None, ("I32", "I64"))
+            if ck.info(prefix + ".weight_shape")[0] not in ("I32", "I64"):
+                raise ModelFormatError(f"{ck.file_of(prefix + '.weight_shape')}: tensor '{prefix}.weight_shape' "
+                                       "must be I32 or I64")
+            ws = ck.read(prefix + ".weight_shape")
             if ws.size != 2 or tuple(int(v) for v in ws) != (out, n_in):
                 raise ModelFormatError(f"{ck.file_of(prefix + '.weight_shape')}: tensor '{prefix}.weight_shape' "
                                        f"is {ws.tolist()}, config says {[out, n_in]}")

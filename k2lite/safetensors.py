@@ -9,6 +9,7 @@ no numpy dtype: they come back as uint16 / uint8 holding the raw bits.
 from __future__ import annotations
 
 import json
+import math
 import mmap
 import os
 import struct
@@ -59,6 +60,11 @@ class SafetensorsFile:
             for name, e in header.items():
                 self.entries[name] = self._check_entry(name, e, data_len)
             self._mm = mmap.mmap(fd.fileno(), 0, access=mmap.ACCESS_READ) if size else None
+        self._fd = os.open(path, os.O_RDONLY)
+
+    def __del__(self):
+        if getattr(self, "_fd", None) is not None:
+            os.close(self._fd)
 
     def _check_entry(self, name, e, data_len):
         where = f"{self.path}: tensor '{name}'"
@@ -74,7 +80,7 @@ class SafetensorsFile:
                 or not all(isinstance(o, int) and not isinstance(o, bool) for o in offs)):
             raise ModelFormatError(f"{where}: bad data_offsets {offs!r}")
         b, end = offs
-        nbytes = int(np.prod(shape, dtype=np.int64)) * DTYPES[dt].itemsize
+        nbytes = math.prod(shape) * DTYPES[dt].itemsize
         if not (0 <= b <= end <= data_len):
             raise ModelFormatError(f"{where}: data_offsets {offs} outside the file's {data_len} data bytes (truncated?)")
         if end - b != nbytes:
@@ -93,13 +99,25 @@ class SafetensorsFile:
     def shape(self, name) -> tuple:
         return self.entries[name][1]
 
+    def read(self, name) -> np.ndarray:
+        """A copy of a small tensor read with pread: it is not mapped, so it adds nothing
+        to resident memory (the 70k `weight_shape` vectors of K2 Thinking)."""
+        if name not in self.entries:
+            raise ModelFormatError(f"{self.path}: no tensor named '{name}'")
+        dt, shape, b = self.entries[name]
+        n = math.prod(shape) * DTYPES[dt].itemsize
+        raw = os.pread(self._fd, n, self.data_start + b)
+        if len(raw) != n:
+            raise ModelFormatError(f"{self.path}: tensor '{name}' is cut short")
+        return np.frombuffer(raw, DTYPES[dt]).reshape(shape)
+
     def get(self, name) -> np.ndarray:
         """Zero-copy, read-only view of a tensor (raw bits for BF16/F8)."""
         if name not in self.entries:
             raise ModelFormatError(f"{self.path}: no tensor named '{name}'")
         dt, shape, b = self.entries[name]
         npdt = DTYPES[dt]
-        count = int(np.prod(shape, dtype=np.int64))
+        count = math.prod(shape)
         if count == 0:
             return np.zeros(shape, npdt)
         off = self.data_start + b

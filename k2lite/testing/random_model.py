@@ -140,3 +140,49 @@ def main(argv=None):
 
 if __name__ == "__main__":
     main()
+
+
+def write_sparse_layout(out_dir: str, cfg: dict, n_shards: int = 8) -> int:
+    """Write a checkpoint with the full tensor layout of `cfg` (INT4 experts, real names,
+    shapes, dtypes, index) whose data regions are holes in sparse files: the real K2
+    Thinking's 594 GB layout costs a few MB of disk. For testing open time and memory."""
+    import struct
+    from ..writer import quantization_config
+    entries = []
+    for name, shape in tensor_shapes(cfg):
+        if ".mlp.experts." in name:
+            base, (o, i) = name[:-len(".weight")], shape
+            entries += [(base + ".weight_packed", "I32", [o, i // 8], 4, None),
+                        (base + ".weight_scale", "BF16", [o, i // 32], 2, None),
+                        (base + ".weight_shape", "I32", [2], 4, np.array([o, i], "<i4").tobytes())]
+        elif name.endswith("e_score_correction_bias"):
+            entries.append((name, "F32", list(shape), 4, None))
+        else:
+            entries.append((name, "BF16", list(shape), 2, None))
+    os.makedirs(out_dir, exist_ok=True)
+    per = -(-len(entries) // n_shards)
+    weight_map, total = {}, 0
+    for s in range(n_shards):
+        fname = f"model-{s + 1:05d}-of-{n_shards:05d}.safetensors"
+        header, off, data = {}, 0, []
+        for name, dt, shape, size, content in entries[s * per:(s + 1) * per]:
+            n = int(np.prod(shape)) * size
+            header[name] = {"dtype": dt, "shape": shape, "data_offsets": [off, off + n]}
+            weight_map[name] = fname
+            if content is not None:
+                data.append((off, content))
+            off += n
+        raw = json.dumps(header).encode()
+        raw += b" " * (-len(raw) % 8)
+        with open(os.path.join(out_dir, fname), "wb") as f:
+            f.write(struct.pack("<Q", len(raw)) + raw)
+            f.truncate(8 + len(raw) + off)          # a hole: no data blocks are written
+            for at, content in data:                # except the few small tensors with meaning
+                f.seek(8 + len(raw) + at)
+                f.write(content)
+        total += off
+    with open(os.path.join(out_dir, "model.safetensors.index.json"), "w") as f:
+        json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f)
+    with open(os.path.join(out_dir, "config.json"), "w") as f:
+        json.dump({**cfg, "quantization_config": quantization_config(32)}, f)
+    return total
