@@ -9,10 +9,10 @@
 #include <omp.h>
 #endif
 #if defined(__AVX512F__) && defined(__AVX512BW__)
-#pragma GCC diagnostic push
-#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"   // gcc 12 false positive in intrinsics
+// gcc 12 warns falsely inside the intrinsics' _mm512_undefined_*() at each inlined use
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#pragma GCC diagnostic ignored "-Wuninitialized"
 #include <immintrin.h>
-#pragma GCC diagnostic pop
 #define K2_AVX512 1
 #endif
 

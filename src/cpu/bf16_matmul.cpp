@@ -24,44 +24,47 @@ static inline __m512 load_bf16x16(const uint16_t* p) {
     return _mm512_castsi512_ps(_mm512_slli_epi32(v, 16));
 }
 
-// TT tokens share each widened weight vector; two chains per token hide FMA latency.
-template <int TT>
-static void bf16_row_tile(float* y, int ldy, const float* x, int I, const uint16_t* wr) {
-    __m512 acc[TT][2];
-    for (int t = 0; t < TT; t++) acc[t][0] = acc[t][1] = _mm512_setzero_ps();
-    const int I32 = I / 32 * 32;
-    for (int i = 0; i < I32; i += 32) {
-        __m512 w0 = load_bf16x16(wr + i), w1 = load_bf16x16(wr + i + 16);
-        for (int t = 0; t < TT; t++) {
-            const float* xt = x + (size_t)t * I + i;
-            acc[t][0] = _mm512_fmadd_ps(w0, _mm512_loadu_ps(xt), acc[t][0]);
-            acc[t][1] = _mm512_fmadd_ps(w1, _mm512_loadu_ps(xt + 16), acc[t][1]);
+// Register tile of RB rows x TT tokens over 16 columns a step: x vectors are loaded once and
+// reused by RB rows, each widened weight vector by TT tokens (RB·TT independent FMA chains).
+template <int RB, int TT>
+static void bf16_tile(float* y, int ldy, const float* x, int I, const uint16_t* w, size_t ldw) {
+    __m512 acc[RB][TT];
+    for (int r = 0; r < RB; r++)
+        for (int t = 0; t < TT; t++) acc[r][t] = _mm512_setzero_ps();
+    const int I16 = I / 16 * 16;
+    for (int i = 0; i < I16; i += 16) {
+        __m512 xv[TT];
+        for (int t = 0; t < TT; t++) xv[t] = _mm512_loadu_ps(x + (size_t)t * I + i);
+        for (int r = 0; r < RB; r++) {
+            __m512 wv = load_bf16x16(w + r * ldw + i);
+            for (int t = 0; t < TT; t++) acc[r][t] = _mm512_fmadd_ps(wv, xv[t], acc[r][t]);
         }
     }
-    for (int t = 0; t < TT; t++) y[(size_t)t * ldy] = _mm512_reduce_add_ps(_mm512_add_ps(acc[t][0], acc[t][1]));
+    for (int r = 0; r < RB; r++)
+        for (int t = 0; t < TT; t++) y[(size_t)t * ldy + r] = _mm512_reduce_add_ps(acc[r][t]);
+}
+
+template <int RB>
+static void bf16_tiles(float* y, int ldy, const float* x, int T, int I, const uint16_t* w) {
+    for (int t0 = 0; t0 < T; t0 += 4) {      // token tiles of <= 4; the RB rows stay in L1
+        const float* xt = x + (size_t)t0 * I;
+        float* yt = y + (size_t)t0 * ldy;
+        switch (T - t0 < 4 ? T - t0 : 4) {
+            case 1: bf16_tile<RB, 1>(yt, ldy, xt, I, w, I); break;
+            case 2: bf16_tile<RB, 2>(yt, ldy, xt, I, w, I); break;
+            case 3: bf16_tile<RB, 3>(yt, ldy, xt, I, w, I); break;
+            default: bf16_tile<RB, 4>(yt, ldy, xt, I, w, I); break;
+        }
+    }
 }
 #endif
 
 void bf16_rows(float* y, int ldy, const float* x, int T, int I, const uint16_t* w, int n0, int n1) {
 #ifdef K2_AVX512
-    for (int n = n0; n < n1; n++) {
-        const uint16_t* wr = w + (size_t)n * I;
-        for (int t0 = 0; t0 < T; t0 += 8) {
-            const float* xt = x + (size_t)t0 * I;
-            float* yt = y + (size_t)t0 * ldy + n;
-            switch (T - t0 < 8 ? T - t0 : 8) {
-                case 1: bf16_row_tile<1>(yt, ldy, xt, I, wr); break;
-                case 2: bf16_row_tile<2>(yt, ldy, xt, I, wr); break;
-                case 3: bf16_row_tile<3>(yt, ldy, xt, I, wr); break;
-                case 4: bf16_row_tile<4>(yt, ldy, xt, I, wr); break;
-                case 5: bf16_row_tile<5>(yt, ldy, xt, I, wr); break;
-                case 6: bf16_row_tile<6>(yt, ldy, xt, I, wr); break;
-                case 7: bf16_row_tile<7>(yt, ldy, xt, I, wr); break;
-                default: bf16_row_tile<8>(yt, ldy, xt, I, wr); break;
-            }
-        }
-    }
-    if (I % 32) bf16_rows_scalar(y, ldy, x, T, I, w, n0, n1, I / 32 * 32);
+    int n = n0;
+    for (; n + 4 <= n1; n += 4) bf16_tiles<4>(y + n, ldy, x, T, I, w + (size_t)n * I);
+    for (; n < n1; n++) bf16_tiles<1>(y + n, ldy, x, T, I, w + (size_t)n * I);
+    if (I % 16) bf16_rows_scalar(y, ldy, x, T, I, w, n0, n1, I / 16 * 16);
 #else
     for (int n = n0; n < n1; n++)
         for (int t = 0; t < T; t++) y[(size_t)t * ldy + n] = 0.f;
@@ -71,8 +74,8 @@ void bf16_rows(float* y, int ldy, const float* x, int T, int I, const uint16_t* 
 
 // ---------------------------------------------------------------- op: rows split over threads
 void bf16_matmul(float* out, const float* x, const uint16_t* w, int T, int I, int N) {
-    const int block = 16;
-    #pragma omp parallel for schedule(static)
+    const int block = 16;   // rows per work item; dynamic chunks ride out a busy core
+    #pragma omp parallel for schedule(dynamic, 4)
     for (int n0 = 0; n0 < N; n0 += block) {
         int n1 = n0 + block < N ? n0 + block : N;
         bf16_rows(out, N, x, T, I, w, n0, n1);

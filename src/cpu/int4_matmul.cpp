@@ -71,9 +71,7 @@ static inline void row_scales(float* sf, const void* scales, bool sf32, int n, i
     }
 }
 
-// Per group, a 16-entry table holds the group's weights (code - 8) * scale for codes 0..15,
-// rounded to bf16 when the scales are bf16 (RNE, as round_bf16); two vpermps look the
-// low and high nibbles up in it, and each looked-up vector feeds TT FMAs.
+// round_bf16 on 16 lanes (ties to even)
 static inline __m512 round_bf16_x16(__m512 v) {
     __m512i u = _mm512_castps_si512(v);
     __m512i odd = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
@@ -81,57 +79,71 @@ static inline __m512 round_bf16_x16(__m512 v) {
     return _mm512_castsi512_ps(_mm512_and_si512(u, _mm512_set1_epi32((int)0xFFFF0000u)));
 }
 
-template <int TT, bool ROUND>
-static void int4_row_tile(float* y, int ldy, const float* xp, int I, const uint8_t* wb,
-                          const float* sf) {
+// Register tile of RB rows x TT tokens: the TT tokens' x vectors are loaded once per group and
+// reused by RB rows; each row's group is unpacked once and used by 2·TT FMAs. A 16-entry table
+// holds the group's weights (code - 8) * scale for codes 0..15, rounded to bf16 when the scales
+// are bf16 (RNE, as round_bf16); two vpermps look the low and high nibbles up in it.
+template <int RB, int TT, bool ROUND>
+static void int4_tile(float* y, int ldy, const float* xp, int I, const uint8_t* wb, size_t ldw,
+                      const float* sf) {
     const __m512 lut = _mm512_setr_ps(-8, -7, -6, -5, -4, -3, -2, -1, 0, 1, 2, 3, 4, 5, 6, 7);
     const int ng = I / 32, half = I / 2;
-    __m512 acc[TT][2];
-    for (int t = 0; t < TT; t++) acc[t][0] = acc[t][1] = _mm512_setzero_ps();
+    __m512 acc[RB][TT];
+    for (int r = 0; r < RB; r++)
+        for (int t = 0; t < TT; t++) acc[r][t] = _mm512_setzero_ps();
     for (int g = 0; g < ng; g++) {
-        __m512i d = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i*)(wb + 16 * g)));
-        __m512 tab = _mm512_mul_ps(lut, _mm512_set1_ps(sf[g]));
-        if (ROUND) tab = round_bf16_x16(tab);
-        __m512 wlo = _mm512_permutexvar_ps(d, tab);                              // even columns
-        __m512 whi = _mm512_permutexvar_ps(_mm512_srli_epi32(d, 4), tab);       // odd columns
+        __m512 xl[TT], xh[TT];
         for (int t = 0; t < TT; t++) {
-            const float* xt = xp + (size_t)t * I + 16 * g;
-            acc[t][0] = _mm512_fmadd_ps(wlo, _mm512_loadu_ps(xt), acc[t][0]);
-            acc[t][1] = _mm512_fmadd_ps(whi, _mm512_loadu_ps(xt + half), acc[t][1]);
+            xl[t] = _mm512_loadu_ps(xp + (size_t)t * I + 16 * g);          // even columns
+            xh[t] = _mm512_loadu_ps(xp + (size_t)t * I + half + 16 * g);   // odd columns
+        }
+        for (int r = 0; r < RB; r++) {
+            __m512i d = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i*)(wb + r * ldw + 16 * g)));
+            __m512 tab = _mm512_mul_ps(lut, _mm512_set1_ps(sf[r * ng + g]));
+            if (ROUND) tab = round_bf16_x16(tab);
+            __m512 wlo = _mm512_permutexvar_ps(d, tab);
+            __m512 whi = _mm512_permutexvar_ps(_mm512_srli_epi32(d, 4), tab);
+            for (int t = 0; t < TT; t++) {
+                acc[r][t] = _mm512_fmadd_ps(wlo, xl[t], acc[r][t]);
+                acc[r][t] = _mm512_fmadd_ps(whi, xh[t], acc[r][t]);
+            }
         }
     }
-    for (int t = 0; t < TT; t++) y[(size_t)t * ldy] = _mm512_reduce_add_ps(_mm512_add_ps(acc[t][0], acc[t][1]));
+    for (int r = 0; r < RB; r++)
+        for (int t = 0; t < TT; t++) y[(size_t)t * ldy + r] = _mm512_reduce_add_ps(acc[r][t]);
 }
 
-template <int TT>
-static inline void tile(float* y, int ldy, const float* xp, int I, const uint8_t* wb, const float* sf,
-                        bool sf32) {
-    if (sf32) int4_row_tile<TT, false>(y, ldy, xp, I, wb, sf);
-    else int4_row_tile<TT, true>(y, ldy, xp, I, wb, sf);
+template <int RB>
+static void int4_tiles(float* y, int ldy, const float* xp, int T, int I, const uint8_t* wb,
+                       size_t ldw, const float* sf, bool round) {
+    // token tiles of <= 4; the RB rows (RB·I/2 bytes) stay in L1 between tiles
+    for (int t0 = 0; t0 < T; t0 += 4) {
+        const float* xt = xp + (size_t)t0 * I;
+        float* yt = y + (size_t)t0 * ldy;
+        const int tt = T - t0 < 4 ? T - t0 : 4;
+#define K2_TILE(TT) (round ? int4_tile<RB, TT, true>(yt, ldy, xt, I, wb, ldw, sf) \
+                           : int4_tile<RB, TT, false>(yt, ldy, xt, I, wb, ldw, sf))
+        if (tt == 1) K2_TILE(1);
+        else if (tt == 2) K2_TILE(2);
+        else if (tt == 3) K2_TILE(3);
+        else K2_TILE(4);
+#undef K2_TILE
+    }
 }
 
 static void int4_rows_avx512(float* y, int ldy, const float* xp, int T, int I, const int32_t* packed,
                              const void* scales, bool sf32, int group, int n0, int n1) {
     const int ng = I / 32;
-    std::vector<float> sf(ng);
-    for (int n = n0; n < n1; n++) {
-        const uint8_t* wb = (const uint8_t*)(packed + (size_t)n * (I / 8));
+    const size_t ldw = (size_t)I / 2;                     // bytes per packed row
+    std::vector<float> sf(4 * (size_t)ng);               // [4 rows, ng] float scales
+    int n = n0;
+    for (; n + 4 <= n1; n += 4) {
+        for (int r = 0; r < 4; r++) row_scales(&sf[(size_t)r * ng], scales, sf32, n + r, I, group);
+        int4_tiles<4>(y + n, ldy, xp, T, I, (const uint8_t*)packed + n * ldw, ldw, sf.data(), !sf32);
+    }
+    for (; n < n1; n++) {
         row_scales(sf.data(), scales, sf32, n, I, group);
-        // token tiles of <= 8: the row (I/2 bytes) stays in L1 between tiles
-        for (int t0 = 0; t0 < T; t0 += 8) {
-            const float* xt = xp + (size_t)t0 * I;
-            float* yt = y + (size_t)t0 * ldy + n;
-            switch (T - t0 < 8 ? T - t0 : 8) {
-                case 1: tile<1>(yt, ldy, xt, I, wb, sf.data(), sf32); break;
-                case 2: tile<2>(yt, ldy, xt, I, wb, sf.data(), sf32); break;
-                case 3: tile<3>(yt, ldy, xt, I, wb, sf.data(), sf32); break;
-                case 4: tile<4>(yt, ldy, xt, I, wb, sf.data(), sf32); break;
-                case 5: tile<5>(yt, ldy, xt, I, wb, sf.data(), sf32); break;
-                case 6: tile<6>(yt, ldy, xt, I, wb, sf.data(), sf32); break;
-                case 7: tile<7>(yt, ldy, xt, I, wb, sf.data(), sf32); break;
-                default: tile<8>(yt, ldy, xt, I, wb, sf.data(), sf32); break;
-            }
-        }
+        int4_tiles<1>(y + n, ldy, xp, T, I, (const uint8_t*)packed + n * ldw, ldw, sf.data(), !sf32);
     }
 }
 #endif
@@ -152,8 +164,8 @@ void int4_matmul(float* out, const float* x, const int32_t* packed, const void* 
                  bool scales_f32, int T, int I, int N, int group) {
     std::vector<float> xp((size_t)T * I);
     int4_prep_x(xp.data(), x, T, I, group);
-    const int block = 16;   // rows per work item
-    #pragma omp parallel for schedule(static)
+    const int block = 16;   // rows per work item; dynamic chunks ride out a busy core
+    #pragma omp parallel for schedule(dynamic, 4)
     for (int n0 = 0; n0 < N; n0 += block) {
         int n1 = n0 + block < N ? n0 + block : N;
         int4_rows(out, N, xp.data(), T, I, packed, scales, scales_f32, group, n0, n1);
