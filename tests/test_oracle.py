@@ -20,7 +20,7 @@ YARN32 = {"type": "yarn", "factor": 40.0, "original_max_position_embeddings": 64
 CONFIGS = {
     # K2's own layout: no groups, several dense lead layers, YaRN (beta_fast 1), q_lora
     "k2_layout": dict(num_hidden_layers=4, first_k_dense_replace=2, n_routed_experts=16,
-                      num_experts_per_tok=4),
+                      num_experts_per_tok=8),
     # DeepSeek-V3-style grouped routing, YaRN with K2.5's beta_fast 32
     "grouped": dict(n_routed_experts=16, num_experts_per_tok=3, n_group=4, topk_group=2,
                     rope_scaling=YARN32),
