@@ -86,6 +86,7 @@ static void b_moe(arr out, arr x, py::list experts, arr lidx, arr weights, bool 
                 const int rows = m < 2 ? F : D, cols = m < 2 ? D : F;
                 mats[u].q[m] = cptr<int32_t>(pk, "packed", {rows, ceil_div(cols, 8)});
                 mats[u].s[m] = scale_ptr(sc, "scales", rows, ceil_div(cols, group), mats[u].s_f32[m]);
+                need(mats[u].s_f32[m] == mats[0].s_f32[0], "experts: all scales must share one dtype");
             } else {
                 arr w = e[m].cast<arr>();
                 if (F < 0) F = w.shape(0);

@@ -42,9 +42,10 @@ static inline int ceil_div(int a, int b) { return (a + b - 1) / b; }
 
 // True when the SIMD path applies (I and group multiples of 32); it wants x "prepared".
 bool int4_fast(int I, int group);
-// xp[T, I] = x prepared for int4_rows: per token, even columns then odd columns on the fast
-// path (the low / high nibbles of each byte), a plain copy otherwise.
-void int4_prep_x(float* xp, const float* x, int T, int I, int group);
+// xp[T, I] = x prepared for int4_rows: per token, bf16 hi[I] + lo[I] parts on the AVX512-BF16
+// path (bf16 scales), even then odd columns on the fp32 SIMD path (the low / high nibbles of
+// each byte), a plain copy otherwise.
+void int4_prep_x(float* xp, const float* x, int T, int I, int group, bool scales_f32);
 // y[t*ldy + n] = Σ_i x[t,i] W[n,i] for t < T, n0 <= n < n1; xp from int4_prep_x.
 void int4_rows(float* y, int ldy, const float* xp, int T, int I, const int32_t* packed,
                const void* scales, bool scales_f32, int group, int n0, int n1);

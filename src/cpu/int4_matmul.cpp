@@ -15,9 +15,39 @@ bool int4_fast(int I, int group) {
 #endif
 }
 
-void int4_prep_x(float* xp, const float* x, int T, int I, int group) {
+// The BF16 dot-product path: bf16 scales (so every weight is a bf16 value, exactly as ref)
+// and a CPU with AVX512-BF16; x is then split into bf16 hi + lo parts (x ≈ hi + lo to 2^-17).
+static bool int4_dpbf16(int I, int group, bool sf32) {
+#if defined(K2_AVX512) && defined(__AVX512BF16__)
+    return int4_fast(I, group) && !sf32;
+#else
+    (void)I; (void)group; (void)sf32;
+    return false;
+#endif
+}
+
+static inline uint16_t f32_to_bf16_bits(float f) {
+    float r = round_bf16(f);
+    uint32_t u;
+    std::memcpy(&u, &r, 4);
+    return (uint16_t)(u >> 16);
+}
+
+void int4_prep_x(float* xp, const float* x, int T, int I, int group, bool sf32) {
     if (!int4_fast(I, group)) {
         std::memcpy(xp, x, sizeof(float) * (size_t)T * I);
+        return;
+    }
+    if (int4_dpbf16(I, group, sf32)) {       // per token: hi[I] then lo[I], bf16 bits
+        for (int t = 0; t < T; t++) {
+            const float* xt = x + (size_t)t * I;
+            uint16_t* hi = (uint16_t*)(xp + (size_t)t * I);
+            uint16_t* lo = hi + I;
+            for (int i = 0; i < I; i++) {
+                hi[i] = f32_to_bf16_bits(xt[i]);
+                lo[i] = f32_to_bf16_bits(xt[i] - bf16_to_f32(hi[i]));
+            }
+        }
         return;
     }
     for (int t = 0; t < T; t++) {
@@ -131,6 +161,59 @@ static void int4_tiles(float* y, int ldy, const float* xp, int T, int I, const u
     }
 }
 
+// ---------------------------------------------------------------- AVX512-BF16 (bf16 scales)
+#ifdef __AVX512BF16__
+// Same tiles, but each group's 32 weights become bf16 words in column order (a vpermw lookup
+// in the group's rounded 16-entry table) and vdpbf16ps does 32 exact products per instruction,
+// once with x's hi part and once with its lo part: about half the vector work of the fp32 path.
+template <int RB, int TT>
+static void int4_tile_bf16(float* y, int ldy, const uint16_t* xb, int I, const uint8_t* wb,
+                           size_t ldw, const float* sf) {
+    const __m512 lut = _mm512_setr_ps(-8, -7, -6, -5, -4, -3, -2, -1, 0, 1, 2, 3, 4, 5, 6, 7);
+    const __m512i nib = _mm512_set1_epi32(0x000F000F);
+    const int ng = I / 32;
+    __m512 acc[RB][TT];
+    for (int r = 0; r < RB; r++)
+        for (int t = 0; t < TT; t++) acc[r][t] = _mm512_setzero_ps();
+    for (int g = 0; g < ng; g++) {
+        __m512bh xh[TT], xl[TT];
+        for (int t = 0; t < TT; t++) {
+            const uint16_t* xt = xb + (size_t)t * 2 * I + 32 * g;
+            xh[t] = (__m512bh)_mm512_loadu_si512(xt);
+            xl[t] = (__m512bh)_mm512_loadu_si512(xt + I);
+        }
+        for (int r = 0; r < RB; r++) {
+            // byte k -> dword k = (low nibble | high nibble << 16): word 2k, 2k+1 = columns 2k, 2k+1
+            __m512i d = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i*)(wb + r * ldw + 16 * g)));
+            __m512i idx = _mm512_ternarylogic_epi32(d, _mm512_slli_epi32(d, 12), nib, 0xA8);  // (a|b)&c
+            __m256bh tab = _mm512_cvtneps_pbh(_mm512_mul_ps(lut, _mm512_set1_ps(sf[r * ng + g])));
+            __m512bh w = (__m512bh)_mm512_permutexvar_epi16(idx, _mm512_castsi256_si512((__m256i)tab));
+            for (int t = 0; t < TT; t++) {
+                acc[r][t] = _mm512_dpbf16_ps(acc[r][t], w, xh[t]);
+                acc[r][t] = _mm512_dpbf16_ps(acc[r][t], w, xl[t]);
+            }
+        }
+    }
+    for (int r = 0; r < RB; r++)
+        for (int t = 0; t < TT; t++) y[(size_t)t * ldy + r] = _mm512_reduce_add_ps(acc[r][t]);
+}
+
+template <int RB>
+static void int4_tiles_bf16(float* y, int ldy, const float* xp, int T, int I, const uint8_t* wb,
+                            size_t ldw, const float* sf) {
+    for (int t0 = 0; t0 < T; t0 += 4) {
+        const uint16_t* xt = (const uint16_t*)(xp + (size_t)t0 * I);
+        float* yt = y + (size_t)t0 * ldy;
+        switch (T - t0 < 4 ? T - t0 : 4) {
+            case 1: int4_tile_bf16<RB, 1>(yt, ldy, xt, I, wb, ldw, sf); break;
+            case 2: int4_tile_bf16<RB, 2>(yt, ldy, xt, I, wb, ldw, sf); break;
+            case 3: int4_tile_bf16<RB, 3>(yt, ldy, xt, I, wb, ldw, sf); break;
+            default: int4_tile_bf16<RB, 4>(yt, ldy, xt, I, wb, ldw, sf); break;
+        }
+    }
+}
+#endif
+
 static void int4_rows_avx512(float* y, int ldy, const float* xp, int T, int I, const int32_t* packed,
                              const void* scales, bool sf32, int group, int n0, int n1) {
     const int ng = I / 32;
@@ -139,11 +222,19 @@ static void int4_rows_avx512(float* y, int ldy, const float* xp, int T, int I, c
     int n = n0;
     for (; n + 4 <= n1; n += 4) {
         for (int r = 0; r < 4; r++) row_scales(&sf[(size_t)r * ng], scales, sf32, n + r, I, group);
-        int4_tiles<4>(y + n, ldy, xp, T, I, (const uint8_t*)packed + n * ldw, ldw, sf.data(), !sf32);
+        const uint8_t* wb = (const uint8_t*)packed + n * ldw;
+#ifdef __AVX512BF16__
+        if (!sf32) { int4_tiles_bf16<4>(y + n, ldy, xp, T, I, wb, ldw, sf.data()); continue; }
+#endif
+        int4_tiles<4>(y + n, ldy, xp, T, I, wb, ldw, sf.data(), !sf32);
     }
     for (; n < n1; n++) {
         row_scales(sf.data(), scales, sf32, n, I, group);
-        int4_tiles<1>(y + n, ldy, xp, T, I, (const uint8_t*)packed + n * ldw, ldw, sf.data(), !sf32);
+        const uint8_t* wb = (const uint8_t*)packed + n * ldw;
+#ifdef __AVX512BF16__
+        if (!sf32) { int4_tiles_bf16<1>(y + n, ldy, xp, T, I, wb, ldw, sf.data()); continue; }
+#endif
+        int4_tiles<1>(y + n, ldy, xp, T, I, wb, ldw, sf.data(), !sf32);
     }
 }
 #endif
@@ -163,7 +254,7 @@ void int4_rows(float* y, int ldy, const float* xp, int T, int I, const int32_t* 
 void int4_matmul(float* out, const float* x, const int32_t* packed, const void* scales,
                  bool scales_f32, int T, int I, int N, int group) {
     std::vector<float> xp((size_t)T * I);
-    int4_prep_x(xp.data(), x, T, I, group);
+    int4_prep_x(xp.data(), x, T, I, group, scales_f32);
     const int block = 16;   // rows per work item; dynamic chunks ride out a busy core
     #pragma omp parallel for schedule(dynamic, 4)
     for (int n0 = 0; n0 < N; n0 += block) {
