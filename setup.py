@@ -52,13 +52,27 @@ class BuildExt(build_ext):
         super().build_extension(ext)
 
 
+def cuda_home():
+    """The toolkit folder: $CUDA_HOME, else where the real nvcc lives (/usr/local/bin/nvcc may
+    be a wrapper script), else /usr/local/cuda."""
+    if os.environ.get("CUDA_HOME"):
+        return os.environ["CUDA_HOME"]
+    for cand in sorted(glob("/usr/local/cuda*"), reverse=True) + [os.path.dirname(os.path.dirname(
+            os.path.realpath(shutil.which("nvcc"))))]:
+        if os.path.exists(os.path.join(cand, "include", "cuda_runtime.h")):
+            return cand
+    return "/usr/local/cuda"
+
+
 ext_modules = [cpu_extension()]
 if want_cuda():
-    cuda_home = os.path.dirname(os.path.dirname(shutil.which("nvcc")))
+    home = cuda_home()
     ext_modules.append(Pybind11Extension(
         "k2lite._cuda", sorted(glob("src/cuda/*.cu")) + ["src/bindings_cuda.cpp"],
-        include_dirs=["src", os.path.join(cuda_home, "include")],
-        library_dirs=[os.path.join(cuda_home, "lib64")], libraries=["cudart"],
+        include_dirs=["src", os.path.join(home, "include")],
+        # static cudart: the module imports on machines without the toolkit's shared libs
+        library_dirs=[os.path.join(home, d) for d in ("lib64", "lib", "targets/x86_64-linux/lib")],
+        libraries=["cudart_static", "rt", "dl", "pthread"],
         extra_compile_args=["-O3", "-std=c++17"]))
 
 setup(

@@ -45,7 +45,12 @@ class Sequence:
         if self.state.length + len(ids) > self.llm.context:
             raise ValueError(f"sequence would be {self.state.length + len(ids)} tokens, "
                              f"over the context limit of {self.llm.context}")
-        logits = self.llm.model.forward(ids, self.llm.cache, [self.state], decode=len(ids) == 1)
+        model, cache, step = self.llm.model, self.llm.cache, self.llm.prefill_chunk
+        if len(ids) == 1:
+            logits = model.forward(ids, cache, [self.state], decode=True)
+        else:   # chunked prefill bounds the [heads, chunk, context] score matrix
+            logits = np.concatenate([model.forward(ids[i:i + step], cache, [self.state], decode=False)
+                                     for i in range(0, len(ids), step)])
         self.tokens.extend(int(t) for t in ids)
         return logits
 
@@ -70,7 +75,8 @@ class LLM(GenerationMixin):
     """A loaded model: config, weights (mmap'd), op backend, paged latent cache, tokenizer."""
 
     def __init__(self, path: str, device: str = "cpu", threads: int | None = None,
-                 context: int | None = None, page_size: int = 64, max_cache_tokens: int | None = None):
+                 context: int | None = None, page_size: int = 64, max_cache_tokens: int | None = None,
+                 prefill_chunk: int = 256):
         self.path = path
         self.config = Config.from_json(os.path.join(path, "config.json")) if os.path.isdir(path) else \
             Config.from_json(path)
@@ -82,6 +88,7 @@ class LLM(GenerationMixin):
         if device == "cuda" and not ops.available("cuda"):
             raise RuntimeError("device='cuda' needs k2lite._cuda (built when nvcc is found) and a GPU")
         self.device, self.backend = device, backend
+        self.prefill_chunk = max(1, int(prefill_chunk))
         self.ops = ops.get(backend)
         if threads and hasattr(self.ops, "set_threads"):
             self.ops.set_threads(int(threads))
