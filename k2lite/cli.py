@@ -1,0 +1,241 @@
+"""`k2lite` command line: generate, chat, info, bench, perplexity. A click wrapper over the library
+API (generate.py, info.py); errors print one `error: ...` line and exit 1."""
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import sys
+
+import click
+
+DEFAULT_PROMPT = "It is a truth universally acknowledged"
+
+
+class Group(click.Group):
+    """Turns every expected failure (bad args, bad model folder) into `error: ...`, exit 1."""
+
+    def main(self, args=None, prog_name=None, **kw):
+        kw.pop("standalone_mode", None)
+        try:
+            rc = super().main(args, prog_name or "k2lite", standalone_mode=False, **kw)
+        except click.exceptions.Abort:
+            click.echo("", err=True)
+            sys.exit(130)
+        except click.ClickException as e:
+            click.echo(f"error: {e.format_message()}", err=True)
+            sys.exit(1)
+        except (ValueError, OSError, RuntimeError, KeyError) as e:   # ModelFormatError is a ValueError
+            click.echo(f"error: {e}", err=True)
+            sys.exit(1)
+        sys.exit(rc if isinstance(rc, int) else 0)
+
+
+@click.group(cls=Group, context_settings={"help_option_names": ["-h", "--help"]})
+def main():
+    """k2lite: a small, readable inference engine for Kimi K2 (DeepSeek-V3 architecture)."""
+
+
+def model_options(f):
+    f = click.option("--threads", "-t", type=click.IntRange(1), help="CPU threads for the kernels.")(f)
+    f = click.option("--device", type=click.Choice(["cpu", "cuda", "ref"]), default="cpu", show_default=True)(f)
+    return click.option("--model", "-m", "model", help="Checkpoint folder (default: the bundled k2-nano).")(f)
+
+
+def sampling_options(f):
+    for opt in reversed([
+            click.option("--max-tokens", "-n", type=click.IntRange(0), help="Tokens to generate at most."),
+            click.option("--temperature", type=click.FloatRange(0), help="0 = greedy."),
+            click.option("--top-p", type=click.FloatRange(0, 1, min_open=True)),
+            click.option("--top-k", type=click.IntRange(0), help="0 = off."),
+            click.option("--min-p", type=click.FloatRange(0, 1)),
+            click.option("--seed", type=int, help="Fixes every sampled token."),
+            click.option("--system", help="System prompt (chat mode)."),
+            click.option("--stop", multiple=True, help="Stop string (repeatable).")]):
+        f = opt(f)
+    return f
+
+
+def load_model(model, device="cpu", threads=None):
+    from .llm import default_model_dir, load
+    return load(model or default_model_dir(), device=device, threads=threads)
+
+
+def sampling(kw) -> dict:
+    keys = ("max_tokens", "temperature", "top_p", "top_k", "min_p", "seed")
+    out = {k: kw[k] for k in keys if kw.get(k) is not None}
+    if kw.get("stop"):
+        out["stop"] = list(kw["stop"])
+    return out
+
+
+def print_stats(usage):
+    """mlx-lm's verbose footer, on stderr."""
+    err = lambda s: click.echo(s, err=True)   # noqa: E731
+    err(f"Prompt: {usage.prompt_tokens} tokens, {usage.prompt_tps:.3f} tokens-per-sec")
+    err(f"Generation: {usage.completion_tokens} tokens, {usage.generation_tps:.3f} tokens-per-sec")
+    err(f"Peak memory: {usage.peak_memory / 1e9:.3f} GB")
+
+
+def show_chat(stream, tty: bool, reasoning: bool):
+    """Print chat deltas: the reasoning (dimmed on a terminal), the answer, tool calls as lines."""
+    in_reasoning = False
+    for d in stream:
+        if "reasoning_content" in d:
+            if reasoning:
+                click.echo(click.style(d["reasoning_content"], dim=True) if tty else d["reasoning_content"], nl=False)
+            in_reasoning = reasoning
+        elif "content" in d:
+            if in_reasoning:
+                click.echo("\n")
+                in_reasoning = False
+            click.echo(d["content"], nl=False)
+        elif "tool_call" in d:
+            fn = d["tool_call"]["function"]
+            click.echo(f"\n[tool call] {fn['name']}({fn['arguments']})")
+    click.echo()
+    return stream.result
+
+
+@main.command()
+@click.argument("prompt", required=False)
+@model_options
+@sampling_options
+@click.option("--chat/--raw", "chat", default=None, help="Apply the chat template (default: chat "
+              "for released Kimi checkpoints, raw for base models such as k2-nano).")
+@click.option("--json", "as_json", is_flag=True, help="Print one OpenAI-shaped JSON object.")
+def generate(prompt, model, device, threads, chat, as_json, **kw):
+    """Complete PROMPT (or stdin), streaming the text as it is produced."""
+    if prompt is None and not sys.stdin.isatty():
+        prompt = sys.stdin.read()
+    prompt = prompt or DEFAULT_PROMPT
+    llm = load_model(model, device, threads)
+    chat = llm.is_chat_model if chat is None else chat
+    if kw["system"] and not chat:
+        raise click.UsageError("--system needs --chat")
+    if chat:
+        messages = ([{"role": "system", "content": kw["system"]}] if kw["system"] else []) + \
+                   [{"role": "user", "content": prompt}]
+        stream = llm.stream_chat(messages, **sampling(kw))
+        if as_json:
+            for _ in stream:
+                pass
+            result = stream.result
+        else:
+            result = show_chat(stream, sys.stdout.isatty(), reasoning=sys.stdout.isatty())
+    else:
+        stream = llm.stream(prompt, **sampling(kw))
+        for delta in stream:
+            if not as_json:
+                click.echo(delta, nl=False)
+        result = stream.completion
+        if not as_json:
+            click.echo()
+    if as_json:
+        click.echo(json.dumps(result.to_openai(), ensure_ascii=False))
+    print_stats(result.usage)
+
+
+@main.command()
+@model_options
+@sampling_options
+def chat(model, device, threads, **kw):
+    """Interactive multi-turn chat. /reset clears the history, /exit quits, Ctrl-C stops an answer."""
+    llm = load_model(model, device, threads)
+    start = [{"role": "system", "content": kw["system"]}] if kw["system"] else []
+    messages = list(start)
+    tty = sys.stdout.isatty()
+    click.echo(f"k2lite chat with {os.path.basename(os.path.normpath(llm.path))}: /reset, /exit, "
+               "Ctrl-C stops an answer", err=True)
+    while True:
+        try:
+            line = input(">> ")
+        except (EOFError, KeyboardInterrupt):
+            click.echo()
+            return
+        cmd = line.strip()
+        if cmd in ("/exit", "/quit"):
+            return
+        if cmd == "/reset":
+            messages = list(start)
+            click.echo("[history cleared]", err=True)
+            continue
+        if not cmd:
+            continue
+        messages.append({"role": "user", "content": line})
+        stream = llm.stream_chat(messages, **sampling(kw))
+        try:
+            show_chat(stream, tty, reasoning=True)
+        except KeyboardInterrupt:
+            stream.close()
+            click.echo("\n[stopped]", err=True)
+        if stream.result is not None:         # keep what was said, even when cut short
+            messages.append(stream.result.message())
+
+
+@main.command()
+@click.argument("path")
+@click.option("--context", "-c", type=click.IntRange(1), default=4096, show_default=True,
+              help="Tokens of context to size the KV cache for.")
+def info(path, context):
+    """Architecture, parameters, bytes and KV-cache memory of a checkpoint (or a config.json)."""
+    from .info import model_info, summary
+    click.echo(summary(model_info(path), context))
+
+
+@main.command()
+@click.argument("path")
+@click.option("-p", "n_prompt", type=click.IntRange(0), default=512, show_default=True, help="Prompt tokens.")
+@click.option("-n", "n_gen", type=click.IntRange(0), default=128, show_default=True, help="Generated tokens.")
+@click.option("-r", "repeats", type=click.IntRange(1), default=3, show_default=True, help="Repetitions.")
+@click.option("--bw-bytes", type=click.IntRange(1 << 20), default=1 << 30, show_default=True,
+              help="Size of the bandwidth probe array.")
+@click.option("--device", type=click.Choice(["cpu", "cuda", "ref"]), default="cpu", show_default=True)
+@click.option("--threads", "-t", type=click.IntRange(1))
+def bench(path, n_prompt, n_gen, repeats, bw_bytes, device, threads):
+    """Prompt-processing and generation tokens/s (llama-bench), with memory-bandwidth use."""
+    from .info import bench as run_bench, human, measure_bandwidth, model_info
+    mi = model_info(path)
+    llm = load_model(path, device, threads)
+    results = run_bench(llm, n_prompt, n_gen, repeats)
+    name = os.path.basename(os.path.normpath(path))
+    click.echo("| model | size | params | backend | threads | test | t/s |")
+    click.echo("| --- | ---: | ---: | --- | ---: | ---: | ---: |")
+    for test, runs in results.items():
+        sd = statistics.stdev(runs) if len(runs) > 1 else 0.0
+        click.echo(f"| {name} | {human(mi.total_bytes)} | {human(mi.total_params, '')} | {llm.backend} | "
+                   f"{threads or os.cpu_count()} | {test} | {statistics.mean(runs):.2f} ± {sd:.2f} |")
+    bw = measure_bandwidth(bw_bytes)
+    click.echo(f"memory bandwidth: {human(bw)}/s (numpy sum over {human(bw_bytes)}, best of 3)")
+    click.echo(f"decode reads {human(mi.decode_bytes_per_token)} of weights per token")
+    tg = [k for k in results if k.startswith("tg")]
+    if tg:
+        used = statistics.mean(results[tg[0]]) * mi.decode_bytes_per_token
+        click.echo(f"{tg[0]}: {human(used)}/s of weights read = {100 * used / bw:.2f}% of measured bandwidth")
+
+
+@main.command()
+@click.argument("path")
+@click.option("--file", "-f", "file", required=True, type=click.Path(exists=True, dir_okay=False))
+@click.option("--ctx", "-c", type=click.IntRange(2), default=512, show_default=True, help="Window size.")
+@click.option("--max-tokens", type=click.IntRange(2), help="Score only the first N tokens of the file.")
+@click.option("--device", type=click.Choice(["cpu", "cuda", "ref"]), default="cpu", show_default=True)
+@click.option("--threads", "-t", type=click.IntRange(1))
+def perplexity(path, file, ctx, max_tokens, device, threads):
+    """Mean negative log-likelihood and perplexity of a text file, in windows of --ctx tokens."""
+    import math
+
+    from .generate import perplexity as ppl
+    llm = load_model(path, device, threads)
+    if llm.tokenizer is None:
+        raise click.UsageError(f"{path} has no tokenizer (tiktoken.model)")
+    with open(file, encoding="utf-8") as f:
+        ids = llm.tokenizer.encode_ordinary(f.read())
+    ids = ids[:max_tokens] if max_tokens else ids
+    n, nll = ppl(llm, ids, ctx)
+    click.echo(f"tokens {len(ids)}  scored {n}  windows {-(-(len(ids) - 1) // ctx)} of {ctx}  "
+               f"mean NLL {nll:.4f}  perplexity {math.exp(nll):.3f}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,366 @@
+"""Generation on top of `Sequence.append`: token ids, then text, then chat messages.
+
+Three layers, each built on the one below (mlx-lm's generate_step / stream_generate split):
+
+  generate_step(llm, ids, sampler)  prefill the prompt, then decode one token at a time; yields
+                                    token ids forever (the caller stops it). The engine only ever
+                                    sees ids.
+  TextStream                        ids -> text deltas: stops at the eos ids (never shown) and at
+                                    stop strings (cut off, held back until they cannot match).
+  LLM.stream_chat                   text deltas -> reasoning / content / tool-call deltas through
+                                    chat.StreamParser.
+
+Defaults come from the checkpoint's generation_config.json (temperature, top_p, top_k, min_p,
+max_new_tokens, do_sample=false -> greedy), else K2 Thinking's advice: temperature 1.0, top_p 1.0.
+"""
+from __future__ import annotations
+
+import json
+import os
+import resource
+import time
+import uuid
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+
+from .sampler import Sampler
+
+K2_DEFAULTS = {"temperature": 1.0, "top_p": 1.0, "top_k": 0, "min_p": 0.0, "max_tokens": 256}
+KIMI_VOCAB = 163840      # a full Kimi vocabulary: a released (chat) checkpoint
+
+
+def peak_memory_bytes() -> int:
+    """Peak resident memory of this process (ru_maxrss is KiB on Linux)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def generation_defaults(path: str) -> dict:
+    """Sampling defaults: generation_config.json where it says, K2 Thinking's advice elsewhere."""
+    d = dict(K2_DEFAULTS)
+    gc_path = os.path.join(path, "generation_config.json") if os.path.isdir(path) else ""
+    if gc_path and os.path.exists(gc_path):
+        with open(gc_path, encoding="utf-8") as f:
+            gc = json.load(f)
+        for k in ("temperature", "top_p", "top_k", "min_p"):
+            if isinstance(gc.get(k), (int, float)) and not isinstance(gc.get(k), bool):
+                d[k] = gc[k]
+        if isinstance(gc.get("max_new_tokens"), int):
+            d["max_tokens"] = gc["max_new_tokens"]
+        if gc.get("do_sample") is False:
+            d["temperature"] = 0.0
+        eos = gc.get("eos_token_id")
+        d["eos_ids"] = tuple(eos) if isinstance(eos, list) else ((eos,) if isinstance(eos, int) else ())
+    return d
+
+
+def generate_step(llm, prompt_ids, sampler, seq=None):
+    """Prefill `prompt_ids`, then yield sampled ids one at a time, each fed back before the next.
+
+    Yields (token_id, logits) forever; the caller decides when to stop. `seq` (a Sequence) is
+    used and left open when given, else a fresh one is closed when the generator ends.
+    """
+    own = seq is None
+    seq = llm.sequence() if own else seq
+    try:
+        logits = seq.append(np.asarray(prompt_ids, np.int64))[-1]
+        while True:
+            t = sampler(logits)
+            yield t, logits
+            logits = seq.append([t])[-1]
+    finally:
+        if own:
+            seq.close()
+
+
+@dataclass
+class Usage:
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    prompt_seconds: float = 0.0      # prefill, up to the first sampled token
+    generation_seconds: float = 0.0  # every decode step after it
+    peak_memory: int = 0             # bytes, ru_maxrss
+
+    @property
+    def total_tokens(self) -> int:
+        return self.prompt_tokens + self.completion_tokens
+
+    @property
+    def prompt_tps(self) -> float:
+        return self.prompt_tokens / self.prompt_seconds if self.prompt_seconds > 0 else 0.0
+
+    @property
+    def generation_tps(self) -> float:
+        """Decode steps per second (the first token comes from the prefill)."""
+        steps = max(self.completion_tokens - 1, 0)
+        return steps / self.generation_seconds if self.generation_seconds > 0 else 0.0
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d.update(total_tokens=self.total_tokens, prompt_tps=round(self.prompt_tps, 3),
+                 generation_tps=round(self.generation_tps, 3))
+        return d
+
+
+@dataclass
+class Completion:
+    text: str
+    token_ids: list                  # generated ids, without the eos that ended them
+    finish_reason: str               # "stop" (eos or stop string) or "length"
+    usage: Usage = field(default_factory=Usage)
+    model: str = ""
+
+    def to_openai(self) -> dict:
+        return {"id": "cmpl-" + uuid.uuid4().hex[:24], "object": "text_completion",
+                "created": int(time.time()), "model": self.model,
+                "choices": [{"index": 0, "text": self.text, "logprobs": None,
+                             "finish_reason": self.finish_reason}],
+                "usage": self.usage.to_dict()}
+
+
+@dataclass
+class ChatResult:
+    content: str
+    reasoning_content: str
+    tool_calls: list                 # OpenAI-shaped calls (see chat.py)
+    finish_reason: str               # "stop", "length" or "tool_calls"
+    usage: Usage = field(default_factory=Usage)
+    text: str = ""                   # the raw assistant text the parser saw
+    token_ids: list = field(default_factory=list)
+    model: str = ""
+
+    def message(self) -> dict:
+        """The assistant message, ready to append to the history."""
+        m = {"role": "assistant", "content": self.content}
+        if self.reasoning_content:
+            m["reasoning_content"] = self.reasoning_content
+        if self.tool_calls:
+            m["tool_calls"] = [{k: v for k, v in c.items() if k != "error"} for c in self.tool_calls]
+        return m
+
+    def to_openai(self) -> dict:
+        return {"id": "chatcmpl-" + uuid.uuid4().hex[:24], "object": "chat.completion",
+                "created": int(time.time()), "model": self.model,
+                "choices": [{"index": 0, "message": self.message(), "logprobs": None,
+                             "finish_reason": self.finish_reason}],
+                "usage": self.usage.to_dict()}
+
+
+def _stop_hold(text: str, stops) -> int:
+    """Length of the longest tail of `text` that is a proper prefix of some stop string."""
+    best = 0
+    for s in stops:
+        for n in range(min(len(s) - 1, len(text)), best, -1):
+            if text.endswith(s[:n]):
+                best = n
+                break
+    return best
+
+
+def _nothing():
+    yield from ()
+
+
+class TextStream:
+    """Iterate for text deltas; afterwards `.completion` holds the whole Completion.
+
+    Stops at an eos id (not shown), at the first stop string (cut off) or after max_tokens.
+    Closing it early (break, Ctrl-C) frees the sequence and still fills `.completion`.
+    """
+
+    def __init__(self, llm, prompt_ids, sampler, max_tokens, stop=(), eos_ids=(), seq=None):
+        self.llm, self.prompt_ids, self.sampler = llm, list(prompt_ids), sampler
+        self.max_tokens, self.stop, self.eos_ids = int(max_tokens), [s for s in stop if s], set(eos_ids)
+        self.seq = seq
+        self.completion: Completion | None = None
+        self._it = self._run()
+
+    def __iter__(self):
+        return self._it
+
+    def __next__(self):
+        return next(self._it)
+
+    def close(self):
+        self._it.close()
+
+    def _run(self):
+        tok, llm = self.llm.tokenizer, self.llm
+        if (self.stop) and tok is None:
+            raise ValueError("stop strings need a tokenizer (the model folder has no tiktoken.model)")
+        dec = tok.stream_decoder() if tok is not None else None
+        usage = Usage(prompt_tokens=len(self.prompt_ids))
+        ids, text, sent, reason = [], "", 0, "length"    # `sent`: chars of text already yielded
+        room = llm.context - (len(self.seq) if self.seq is not None else 0) - len(self.prompt_ids)
+        limit = min(self.max_tokens, max(room, 0))
+        t0 = time.perf_counter()
+        t1 = None
+        steps = generate_step(llm, self.prompt_ids, self.sampler, self.seq) if limit > 0 else _nothing()
+        try:
+            for t, _ in steps:
+                if t1 is None:
+                    t1 = time.perf_counter()
+                    usage.prompt_seconds = t1 - t0
+                if t in self.eos_ids:
+                    reason = "stop"
+                    break
+                ids.append(t)
+                if dec is not None:
+                    text += dec.feed(t)
+                    cut = min((i for i in (text.find(s, max(sent - len(s), 0)) for s in self.stop) if i >= 0),
+                              default=-1)
+                    if cut >= 0:
+                        text, reason = text[:cut], "stop"
+                        break
+                    end = len(text) - _stop_hold(text, self.stop)
+                    if end > sent:
+                        yield text[sent:end]
+                        sent = end
+                if len(ids) >= limit:
+                    break
+        finally:
+            steps.close()
+            if dec is not None and reason != "stop":
+                text += dec.flush()
+            now = time.perf_counter()
+            usage.generation_seconds = now - t1 if t1 is not None else 0.0
+            usage.completion_tokens = len(ids)
+            usage.peak_memory = peak_memory_bytes()
+            self.completion = Completion(text, ids, reason, usage, os.path.basename(os.path.normpath(llm.path)))
+        if len(text) > sent:
+            yield text[sent:]
+
+
+class ChatStream:
+    """Iterate for parser deltas ({"reasoning_content"}, {"content"}, {"tool_call", "index"});
+    afterwards `.result` holds the ChatResult."""
+
+    def __init__(self, text_stream: TextStream, parser):
+        self.text_stream, self.parser = text_stream, parser
+        self.result: ChatResult | None = None
+        self._it = self._run()
+
+    def __iter__(self):
+        return self._it
+
+    def __next__(self):
+        return next(self._it)
+
+    def close(self):
+        self._it.close()
+
+    def _run(self):
+        try:
+            for delta in self.text_stream:
+                yield from self.parser.feed_text(delta)
+        finally:
+            self.text_stream.close()
+            tail = self.parser.finish()
+            c = self.text_stream.completion
+            r = self.parser.result()
+            reason = "tool_calls" if r["tool_calls"] and c.finish_reason == "stop" else c.finish_reason
+            self.result = ChatResult(r["content"], r["reasoning_content"], r["tool_calls"], reason,
+                                     c.usage, c.text, c.token_ids, c.model)
+        yield from tail
+
+
+class GenerationMixin:
+    """generate / stream / chat / stream_chat for LLM (needs self.sequence, .tokenizer, .path)."""
+
+    @property
+    def generation_defaults(self) -> dict:
+        if not hasattr(self, "_gen_defaults"):
+            self._gen_defaults = generation_defaults(self.path)
+        return self._gen_defaults
+
+    @property
+    def eos_ids(self) -> tuple:
+        """Ids that end a generation: the tokenizer's, config.json's, generation_config's."""
+        ids = list(getattr(self.tokenizer, "eos_ids", None) or [])
+        ids += list(self.config.eos_ids) + list(self.generation_defaults.get("eos_ids", ()))
+        return tuple(dict.fromkeys(int(i) for i in ids))
+
+    @property
+    def is_chat_model(self) -> bool:
+        """Whether the chat template is the natural default: a released Kimi vocabulary or a
+        template file next to the weights. Small base models (k2-nano) answer raw."""
+        if self.tokenizer is None:
+            return False
+        shipped = os.path.exists(os.path.join(self.path, "chat_template.jinja"))
+        return shipped or self.config.vocab_size >= KIMI_VOCAB
+
+    def make_sampler(self, temperature=None, top_p=None, top_k=None, min_p=None, seed=None) -> Sampler:
+        d = self.generation_defaults
+        pick = lambda v, k: d[k] if v is None else v    # noqa: E731
+        return Sampler(float(pick(temperature, "temperature")), int(pick(top_k, "top_k")),
+                       float(pick(top_p, "top_p")), float(pick(min_p, "min_p")), seed)
+
+    def encode_prompt(self, prompt) -> list:
+        """A str through the tokenizer (special-token names recognised, no BOS), or ids as is."""
+        if isinstance(prompt, str):
+            if self.tokenizer is None:
+                raise ValueError(f"{self.path} has no tokenizer (tiktoken.model): pass token ids")
+            return self.tokenizer.encode(prompt)
+        return [int(t) for t in self._check_ids(prompt)]
+
+    def stream(self, prompt, max_tokens=None, temperature=None, top_p=None, top_k=None, min_p=None,
+               seed=None, stop=None, sequence=None) -> TextStream:
+        """Text deltas as they are produced; `.completion` is set once the stream ends."""
+        ids = self.encode_prompt(prompt)
+        if not ids:
+            raise ValueError("the prompt is empty")
+        stop = [stop] if isinstance(stop, str) else list(stop or [])
+        n = self.generation_defaults["max_tokens"] if max_tokens is None else int(max_tokens)
+        return TextStream(self, ids, self.make_sampler(temperature, top_p, top_k, min_p, seed), n,
+                          stop, self.eos_ids, sequence)
+
+    def generate(self, prompt, max_tokens=None, temperature=None, top_p=None, top_k=None, min_p=None,
+                 seed=None, stop=None) -> Completion:
+        """Complete `prompt` (text or token ids): Completion(text, token_ids, finish_reason, usage)."""
+        s = self.stream(prompt, max_tokens, temperature, top_p, top_k, min_p, seed, stop)
+        for _ in s:
+            pass
+        return s.completion
+
+    def chat_ids(self, messages, tools=None) -> list:
+        if self.tokenizer is None:
+            raise ValueError(f"{self.path} has no tokenizer (tiktoken.model): chat needs one")
+        return self.tokenizer.encode_chat(messages, tools=tools, add_generation_prompt=True)
+
+    def stream_chat(self, messages, tools=None, thinking=True, **sampling) -> ChatStream:
+        """Deltas of the assistant's answer; `.result` (a ChatResult) is set once it ends."""
+        from .chat import StreamParser
+        ts = self.stream(self.chat_ids(messages, tools), **sampling)
+        return ChatStream(ts, StreamParser(thinking=thinking))
+
+    def chat(self, messages, tools=None, thinking=True, **sampling) -> ChatResult:
+        """One assistant turn: ChatResult(content, reasoning_content, tool_calls, finish_reason, usage)."""
+        s = self.stream_chat(messages, tools, thinking, **sampling)
+        for _ in s:
+            pass
+        return s.result
+
+
+# ---------------------------------------------------------------- evaluation
+def perplexity(llm, ids, ctx: int = 512) -> tuple:
+    """(tokens scored, mean NLL in nats) over `ids` cut into independent windows of `ctx` tokens.
+
+    Each window is a fresh sequence; every token but a window's first is scored given the ones
+    before it in the window (llama.cpp's `perplexity` scores only the second half of each window;
+    scoring all of it is the simpler, slightly pessimistic variant).
+    """
+    ids = np.asarray(ids, np.int64)
+    ctx = max(2, min(int(ctx), llm.context))
+    total, n = 0.0, 0
+    for start in range(0, len(ids) - 1, ctx):
+        w = ids[start:start + ctx]
+        if len(w) < 2:
+            break
+        z = llm.logits(w[:-1]).astype(np.float64)                 # [T-1, V]
+        zmax = z.max(-1, keepdims=True)
+        logz = zmax[:, 0] + np.log(np.exp(z - zmax).sum(-1))
+        total += float((logz - z[np.arange(len(w) - 1), w[1:]]).sum())
+        n += len(w) - 1
+    if n == 0:
+        raise ValueError("perplexity needs at least 2 tokens")
+    return n, total / n

@@ -1,0 +1,107 @@
+"""Token sampling: temperature -> top-k -> top-p -> min-p, vectorised numpy.
+
+The chain follows llama.cpp's samplers, applied in the order k2lite decided on:
+
+    logits f32 [B, V] --/T--> top-k --> top-p --> min-p --> renormalise --> draw with rng
+
+  temperature  0 means greedy (argmax, ties to the lowest id); otherwise logits / T.
+  top_k        keep the k most likely tokens (k <= 0 or k >= V: off). Exactly k survive; ties at
+               the boundary go to the lower id, as a stable sort would order them.
+  top_p        keep the smallest most-likely prefix whose probability reaches p (p >= 1: off);
+               at least one token always survives.
+  min_p        keep tokens with prob >= min_p * (largest prob) (min_p <= 0: off). The ratio does
+               not change under renormalisation, so where it sits after top-p does not matter.
+
+Each filter sees the distribution left by the one before (renormalised), as in llama.cpp.
+Draws use one `np.random.Generator` per Sampler, so a seed fixes every token.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+
+def _as_2d(logits) -> tuple:
+    x = np.asarray(logits, np.float32)
+    if x.ndim not in (1, 2) or x.shape[-1] == 0:
+        raise ValueError(f"logits must be [V] or [B, V] with V > 0, got shape {x.shape}")
+    return (x[None] if x.ndim == 1 else x), x.ndim == 1
+
+
+def filter_probs(logits, temperature=1.0, top_k=0, top_p=1.0, min_p=0.0):
+    """The final sampling distribution, f64 [B, V] (or [V]); zeros where a filter cut a token."""
+    x, squeeze = _as_2d(logits)
+    B, V = x.shape
+    if temperature <= 0:                              # greedy: all mass on the argmax
+        p = np.zeros((B, V))
+        p[np.arange(B), np.argmax(x, axis=-1)] = 1.0
+        return p[0] if squeeze else p
+    z = x.astype(np.float64) / float(temperature)
+    # Candidates sorted by descending logit, stable so equal logits keep id order. With top-k
+    # on, only the k best are sorted (argpartition first): O(V) instead of O(V log V).
+    k = int(top_k) if 0 < int(top_k) < V else V
+    if k < V:
+        cand = np.argpartition(-z, k - 1, axis=-1)[:, :k]               # [B, k] unsorted
+        cz = np.take_along_axis(z, cand, -1)
+        o = np.lexsort((cand, -cz), axis=-1)                            # by -logit, then id
+        order = np.take_along_axis(cand, o, -1)
+    else:
+        order = np.argsort(-z, axis=-1, kind="stable")                  # [B, V]
+    zs = np.take_along_axis(z, order, -1)                               # [B, k] descending
+    ps = np.exp(zs - zs[:, :1])
+    ps /= ps.sum(-1, keepdims=True)
+    keep = np.ones_like(ps, bool)
+    if top_p < 1.0:
+        before = np.cumsum(ps, -1) - ps          # mass strictly before each token
+        keep &= before < top_p                   # includes the token that crosses p
+        keep[:, 0] = True
+        ps = np.where(keep, ps, 0.0)
+        ps /= ps.sum(-1, keepdims=True)
+    if min_p > 0.0:
+        keep &= ps >= min_p * ps[:, :1]
+        ps = np.where(keep, ps, 0.0)
+        ps /= ps.sum(-1, keepdims=True)
+    p = np.zeros((B, V))
+    np.put_along_axis(p, order, ps, -1)
+    return p[0] if squeeze else p
+
+
+def sample(logits, temperature=1.0, top_k=0, top_p=1.0, min_p=0.0, rng=None):
+    """Draw one token id per row: int for [V] logits, int64 [B] for [B, V]."""
+    x, squeeze = _as_2d(logits)
+    if temperature <= 0:
+        ids = np.argmax(x, axis=-1)
+    else:
+        rng = rng if rng is not None else np.random.default_rng()
+        p = filter_probs(x, temperature, top_k, top_p, min_p)
+        cdf = np.cumsum(p, -1)
+        u = rng.random(len(x)) * cdf[:, -1]
+        # First index whose cdf exceeds u; zero-probability ids can never be chosen.
+        ids = np.minimum((cdf <= u[:, None]).sum(-1), x.shape[1] - 1)
+    return int(ids[0]) if squeeze else ids.astype(np.int64)
+
+
+@dataclass
+class Sampler:
+    """Sampling settings plus the seeded generator: `sampler(logits) -> id`."""
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+    min_p: float = 0.0
+    seed: int | None = None
+    rng: np.random.Generator = field(init=False, repr=False)
+
+    def __post_init__(self):
+        if self.temperature < 0:
+            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
+        if not 0.0 < self.top_p <= 1.0:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        if not 0.0 <= self.min_p <= 1.0:
+            raise ValueError(f"min_p must be in [0, 1], got {self.min_p}")
+        if self.top_k < 0:
+            raise ValueError(f"top_k must be >= 0 (0 = off), got {self.top_k}")
+        self.rng = np.random.default_rng(self.seed)
+
+    def __call__(self, logits):
+        return sample(logits, self.temperature, self.top_k, self.top_p, self.min_p, self.rng)

@@ -1,0 +1,184 @@
+"""generate / stream / chat / stream_chat on tiny random models and on a scripted fake model."""
+import json
+import os
+import shutil
+import types
+
+import numpy as np
+import pytest
+
+import k2lite
+from conftest_generate import text_llm, text_model  # noqa: F401  (fixtures)
+from k2lite.generate import ChatResult, Completion, GenerationMixin, generation_defaults
+from k2lite.tokenizer import Tokenizer
+
+
+def test_ids_in_ids_out_and_seed_determinism(tiny_model):
+    llm = k2lite.load(tiny_model, threads=1)
+    a = llm.generate([5, 6, 7], max_tokens=8, seed=3)
+    b = llm.generate([5, 6, 7], max_tokens=8, seed=3)
+    c = llm.generate([5, 6, 7], max_tokens=8, seed=4)
+    assert isinstance(a, Completion) and a.token_ids == b.token_ids and a.token_ids != c.token_ids
+    assert a.text == "" and llm.tokenizer is None
+    assert a.usage.prompt_tokens == 3 and a.usage.completion_tokens == len(a.token_ids)
+
+
+def test_greedy_equals_recomputing_the_whole_prefix(text_llm):
+    ids = text_llm.tokenizer.encode("The cat")
+    out = text_llm.generate(ids, max_tokens=5, temperature=0).token_ids
+    ref = list(ids)
+    for _ in range(len(out)):
+        ref.append(int(np.argmax(text_llm.logits(ref)[-1])))
+    assert out == ref[len(ids):]
+
+
+def test_stream_deltas_add_up_and_usage(text_llm):
+    s = text_llm.stream("Hello", max_tokens=12, seed=0)
+    parts = list(s)
+    c = s.completion
+    assert "".join(parts) == c.text == text_llm.generate("Hello", max_tokens=12, seed=0).text
+    assert c.finish_reason in ("stop", "length")
+    assert c.usage.prompt_tokens == len(text_llm.tokenizer.encode("Hello"))
+    assert c.usage.completion_tokens == len(c.token_ids) <= 12
+    assert c.usage.peak_memory > 0 and c.usage.prompt_tps > 0
+    u = c.usage.to_dict()
+    assert u["total_tokens"] == u["prompt_tokens"] + u["completion_tokens"]
+
+
+def test_stop_string_cuts_the_text(text_llm):
+    full = text_llm.generate("Once", max_tokens=16, temperature=0)
+    assert len(full.text) > 6, full.text
+    stop = full.text[3:6]
+    first = full.text.find(stop)
+    s = text_llm.stream("Once", max_tokens=16, temperature=0, stop=["\x00never", stop])
+    parts = list(s)
+    assert s.completion.text == "".join(parts) == full.text[:first]
+    assert s.completion.finish_reason == "stop"
+
+
+@pytest.fixture(scope="module")
+def eos_model(text_llm, text_model, tmp_path_factory):  # noqa: F811
+    """A copy of the text model whose generation_config makes the 3rd greedy token an eos."""
+    greedy = text_llm.generate("Once", max_tokens=6, temperature=0).token_ids
+    path = str(tmp_path_factory.mktemp("eos") / "m")
+    shutil.copytree(text_model, path)
+    with open(os.path.join(path, "generation_config.json"), "w") as f:
+        json.dump({"do_sample": False, "eos_token_id": [greedy[2]], "max_new_tokens": 5}, f)
+    return path, greedy
+
+
+def test_eos_from_generation_config_stops_and_is_not_shown(eos_model):
+    path, greedy = eos_model
+    llm = k2lite.load(path, threads=1)
+    assert llm.generation_defaults["temperature"] == 0.0 and llm.generation_defaults["max_tokens"] == 5
+    c = llm.generate("Once")                      # greedy and 5 tokens, from generation_config
+    assert c.token_ids == greedy[:2] and c.finish_reason == "stop"
+    assert c.text == llm.tokenizer.decode(greedy[:2])
+    assert greedy[2] in llm.eos_ids and llm.tokenizer.special_id("<|im_end|>") in llm.eos_ids
+
+
+def test_length_finish(text_llm):
+    c = text_llm.generate("Once", max_tokens=3, temperature=0)
+    assert c.finish_reason == "length" and len(c.token_ids) == 3
+    assert text_llm.generate("Once", max_tokens=0).token_ids == []
+
+
+def test_defaults_without_generation_config(text_model):  # noqa: F811
+    d = generation_defaults(text_model)
+    assert d["temperature"] == 1.0 and d["top_p"] == 1.0 and d["top_k"] == 0 and d["min_p"] == 0.0
+
+
+def test_closing_a_stream_early_frees_the_cache(text_llm):
+    free = text_llm.cache.pages_free
+    s = text_llm.stream("Hello there", max_tokens=50, seed=0)
+    next(iter(s))
+    s.close()
+    assert text_llm.cache.pages_free == free
+    assert s.completion is not None and len(s.completion.token_ids) >= 1
+
+
+def test_chat_runs_the_template_and_returns_a_chat_result(text_llm):
+    msgs = [{"role": "user", "content": "Hi"}]
+    r = text_llm.chat(msgs, max_tokens=6, seed=0)
+    assert isinstance(r, ChatResult) and r.finish_reason in ("stop", "length", "tool_calls")
+    assert r.usage.prompt_tokens == len(text_llm.tokenizer.encode_chat(msgs))
+    assert "<|im_end|>" not in r.content + r.reasoning_content
+    s = text_llm.stream_chat(msgs, max_tokens=6, seed=0)
+    deltas = list(s)
+    assert "".join(d.get("reasoning_content", "") for d in deltas) == r.reasoning_content == s.result.reasoning_content
+    assert "".join(d.get("content", "") for d in deltas) == r.content
+
+
+def test_bad_inputs(text_llm, tiny_model):
+    with pytest.raises(ValueError):
+        text_llm.generate("", max_tokens=2)
+    with pytest.raises(ValueError):
+        text_llm.generate([10**6], max_tokens=2)
+    with pytest.raises(ValueError):
+        text_llm.generate("x", top_p=0)
+    with pytest.raises(ValueError, match="tokenizer"):
+        k2lite.load(tiny_model).generate("text")
+
+
+# --- a scripted model: the chat layer end to end without random weights ------------------
+class Scripted(GenerationMixin):
+    """Greedy decoding of this fake always yields `script`, then repeats its last id."""
+
+    def __init__(self, path, script):
+        self.path, self.tokenizer, self.script = path, Tokenizer.from_dir(path), list(script)
+        self.config = types.SimpleNamespace(eos_ids=(), vocab_size=self.tokenizer.vocab_size)
+        self.context, self.appends = 10**6, 0
+
+    def _check_ids(self, ids):
+        return np.asarray(ids, np.int64)
+
+    def sequence(self):
+        llm = self
+
+        class Seq:
+            tokens = []
+
+            def __len__(self):
+                return 0
+
+            def append(self, ids):
+                i = min(llm.appends, len(llm.script) - 1)
+                llm.appends += 1
+                z = np.zeros((len(ids), llm.tokenizer.vocab_size), np.float32)
+                z[-1, llm.script[i]] = 10.0
+                return z
+
+            def close(self):
+                pass
+        return Seq()
+
+
+TOOL_ANSWER = ("<think>Need the tool.</think>Let me check.<|tool_calls_section_begin|><|tool_call_begin|>"
+               'functions.get_weather:0<|tool_call_argument_begin|>{"city":"Paris"}<|tool_call_end|>'
+               "<|tool_calls_section_end|><|im_end|>trailing junk")
+
+
+def test_stream_chat_reasoning_content_and_tool_calls(text_model):  # noqa: F811
+    tok = Tokenizer.from_dir(text_model)
+    llm = Scripted(text_model, tok.encode(TOOL_ANSWER))
+    s = llm.stream_chat([{"role": "user", "content": "Weather in Paris?"}], temperature=0, max_tokens=200)
+    deltas = list(s)
+    r = s.result
+    assert r.reasoning_content == "Need the tool." and r.content == "Let me check."
+    assert r.finish_reason == "tool_calls"
+    assert r.tool_calls[0]["function"] == {"name": "get_weather", "arguments": '{"city":"Paris"}'}
+    assert [d["index"] for d in deltas if "tool_call" in d] == [0]
+    assert "junk" not in r.text and "<|im_end|>" not in r.text       # stopped at the eos id
+    m = r.message()
+    assert m["role"] == "assistant" and m["tool_calls"][0]["id"] == "functions.get_weather:0"
+    o = r.to_openai()
+    assert o["object"] == "chat.completion" and o["choices"][0]["finish_reason"] == "tool_calls"
+
+
+def test_stop_string_held_back_across_tokens(text_model):  # noqa: F811
+    tok = Tokenizer.from_dir(text_model)
+    llm = Scripted(text_model, tok.encode("abc STOP def"))
+    s = llm.stream("x", temperature=0, max_tokens=50, stop="STOP")
+    parts = list(s)
+    assert "".join(parts) == "abc " and all("S" not in p for p in parts)
+    assert s.completion.finish_reason == "stop"
