@@ -171,6 +171,9 @@ def chat(model, device, threads, **kw):
             click.echo("\n[stopped]", err=True)
         if stream.result is not None:         # keep what was said, even when cut short
             messages.append(stream.result.message())
+            u = stream.result.usage
+            click.echo(click.style(f"[{u.completion_tokens} tokens, {u.generation_tps:.1f} tokens/s, "
+                                   f"{u.prompt_tokens} in context]", dim=True), err=True)
 
 
 @main.command()

@@ -287,6 +287,10 @@ class GenerationMixin:
         if self.tokenizer is None:
             return False
         shipped = os.path.exists(os.path.join(self.path, "chat_template.jinja"))
+        tc = os.path.join(self.path, "tokenizer_config.json")
+        if not shipped and os.path.exists(tc):
+            with open(tc, encoding="utf-8") as f:
+                shipped = bool(json.load(f).get("chat_template"))
         return shipped or self.config.vocab_size >= KIMI_VOCAB
 
     def make_sampler(self, temperature=None, top_p=None, top_k=None, min_p=None, seed=None) -> Sampler:
@@ -327,13 +331,17 @@ class GenerationMixin:
             raise ValueError(f"{self.path} has no tokenizer (tiktoken.model): chat needs one")
         return self.tokenizer.encode_chat(messages, tools=tools, add_generation_prompt=True)
 
-    def stream_chat(self, messages, tools=None, thinking=True, **sampling) -> ChatStream:
-        """Deltas of the assistant's answer; `.result` (a ChatResult) is set once it ends."""
+    def stream_chat(self, messages, tools=None, thinking=None, **sampling) -> ChatStream:
+        """Deltas of the assistant's answer; `.result` (a ChatResult) is set once it ends.
+
+        thinking: whether the answer starts in reasoning even without `<think>` (K2 Thinking).
+        None: yes for released Kimi checkpoints, no for base models (their text is content).
+        """
         from .chat import StreamParser
         ts = self.stream(self.chat_ids(messages, tools), **sampling)
-        return ChatStream(ts, StreamParser(thinking=thinking))
+        return ChatStream(ts, StreamParser(thinking=self.is_chat_model if thinking is None else thinking))
 
-    def chat(self, messages, tools=None, thinking=True, **sampling) -> ChatResult:
+    def chat(self, messages, tools=None, thinking=None, **sampling) -> ChatResult:
         """One assistant turn: ChatResult(content, reasoning_content, tool_calls, finish_reason, usage)."""
         s = self.stream_chat(messages, tools, thinking, **sampling)
         for _ in s:

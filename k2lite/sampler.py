@@ -5,8 +5,8 @@ The chain follows llama.cpp's samplers, applied in the order k2lite decided on:
     logits f32 [B, V] --/T--> top-k --> top-p --> min-p --> renormalise --> draw with rng
 
   temperature  0 means greedy (argmax, ties to the lowest id); otherwise logits / T.
-  top_k        keep the k most likely tokens (k <= 0 or k >= V: off). Exactly k survive; ties at
-               the boundary go to the lower id, as a stable sort would order them.
+  top_k        keep the k most likely tokens (k <= 0 or k >= V: off). Exactly k survive (which of
+               several tokens tied at the boundary is not specified, as in llama.cpp).
   top_p        keep the smallest most-likely prefix whose probability reaches p (p >= 1: off);
                at least one token always survives.
   min_p        keep tokens with prob >= min_p * (largest prob) (min_p <= 0: off). The ratio does
@@ -29,6 +29,20 @@ def _as_2d(logits) -> tuple:
     return (x[None] if x.ndim == 1 else x), x.ndim == 1
 
 
+NUCLEUS_TRY = 1024
+
+
+def _best(z, k):
+    """(ids, logits) of the k largest logits per row, in descending order: [B, k] each."""
+    if k < z.shape[1]:
+        cand = np.argpartition(-z, k - 1, axis=-1)[:, :k]               # [B, k] unsorted
+        o = np.argsort(-np.take_along_axis(z, cand, -1), axis=-1, kind="stable")
+        order = np.take_along_axis(cand, o, -1)
+    else:
+        order = np.argsort(-z, axis=-1, kind="stable")
+    return order, np.take_along_axis(z, order, -1)
+
+
 def filter_probs(logits, temperature=1.0, top_k=0, top_p=1.0, min_p=0.0):
     """The final sampling distribution, f64 [B, V] (or [V]); zeros where a filter cut a token."""
     x, squeeze = _as_2d(logits)
@@ -38,19 +52,29 @@ def filter_probs(logits, temperature=1.0, top_k=0, top_p=1.0, min_p=0.0):
         p[np.arange(B), np.argmax(x, axis=-1)] = 1.0
         return p[0] if squeeze else p
     z = x.astype(np.float64) / float(temperature)
-    # Candidates sorted by descending logit, stable so equal logits keep id order. With top-k
-    # on, only the k best are sorted (argpartition first): O(V) instead of O(V log V).
+    if int(top_k) <= 0 and top_p >= 1.0:      # no ordering needed (K2's defaults): skip the sort
+        p = np.exp(z - z.max(-1, keepdims=True))
+        p /= p.sum(-1, keepdims=True)
+        if min_p > 0.0:
+            p = np.where(p >= min_p * p.max(-1, keepdims=True), p, 0.0)
+            p /= p.sum(-1, keepdims=True)
+        return p[0] if squeeze else p
+    # Candidates sorted by descending logit. With top-k on, only the k best are sorted
+    # (argpartition first): O(V) instead of O(V log V). Top-p alone tries the best NUCLEUS_TRY
+    # first: when they hold mass >= p every cut token lies outside them, so that is exact.
     k = int(top_k) if 0 < int(top_k) < V else V
-    if k < V:
-        cand = np.argpartition(-z, k - 1, axis=-1)[:, :k]               # [B, k] unsorted
-        cz = np.take_along_axis(z, cand, -1)
-        o = np.lexsort((cand, -cz), axis=-1)                            # by -logit, then id
-        order = np.take_along_axis(cand, o, -1)
+    if k == V and top_p < 1.0 and V > 4 * NUCLEUS_TRY:
+        order, zs = _best(z, NUCLEUS_TRY)
+        zmax = zs[:, :1]
+        ps = np.exp(zs - zmax) / np.exp(z - zmax).sum(-1, keepdims=True)   # true probabilities
+        if (ps.sum(-1) < top_p).any():
+            order, zs = _best(z, V)
+            ps = np.exp(zs - zs[:, :1])
+            ps /= ps.sum(-1, keepdims=True)
     else:
-        order = np.argsort(-z, axis=-1, kind="stable")                  # [B, V]
-    zs = np.take_along_axis(z, order, -1)                               # [B, k] descending
-    ps = np.exp(zs - zs[:, :1])
-    ps /= ps.sum(-1, keepdims=True)
+        order, zs = _best(z, k)
+        ps = np.exp(zs - zs[:, :1])
+        ps /= ps.sum(-1, keepdims=True)
     keep = np.ones_like(ps, bool)
     if top_p < 1.0:
         before = np.cumsum(ps, -1) - ps          # mass strictly before each token

@@ -5,6 +5,8 @@ tiny model whose vocabulary is the first `n_ranks` BPE ranks of the shipped Kimi
 (ranks 0..255 are the single bytes, so every text encodes) plus the 256 special ids renumbered
 to n_ranks + i, exactly as models/train_nano.py builds k2-nano's tokenizer.
 """
+from __future__ import annotations
+
 import json
 import os
 

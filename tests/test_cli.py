@@ -111,3 +111,27 @@ def test_subprocess_python_m(text_model, text_llm):  # noqa: F811
     assert p.returncode == 0, p.stderr
     assert p.stdout == text_llm.generate("Hello", max_tokens=5, seed=2).text + "\n"
     assert "Prompt: " in p.stderr
+
+
+def test_ctrl_c_stops_the_answer_and_keeps_the_session(text_model, monkeypatch):  # noqa: F811
+    import k2lite.cli as cli
+    real, calls = cli.show_chat, []
+
+    def interrupted_once(stream, tty, reasoning):
+        calls.append(1)
+        if len(calls) == 1:
+            next(iter(stream))
+            raise KeyboardInterrupt
+        return real(stream, tty, reasoning)
+    monkeypatch.setattr(cli, "show_chat", interrupted_once)
+    r = run("chat", "-m", text_model, "-n", 3, "--seed", 0, "-t", 1, input="Hi\nAgain\n")
+    assert r.exit_code == 0, r.output
+    assert "[stopped]" in r.stderr and len(calls) == 2 and r.stderr.count(" in context]") == 2
+
+
+def test_device_cuda_without_a_gpu_is_a_one_line_error(text_model):  # noqa: F811
+    from k2lite import ops
+    if ops.available("cuda"):
+        pytest.skip("a CUDA build is present")
+    r = run("generate", "Hi", "-m", text_model, "--device", "cuda", "-n", 1)
+    assert r.exit_code == 1 and r.stderr.startswith("error: ") and r.stderr.count("\n") == 1

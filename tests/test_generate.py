@@ -182,3 +182,15 @@ def test_stop_string_held_back_across_tokens(text_model):  # noqa: F811
     parts = list(s)
     assert "".join(parts) == "abc " and all("S" not in p for p in parts)
     assert s.completion.finish_reason == "stop"
+
+
+def test_thinking_default_follows_the_model_kind(text_model):  # noqa: F811
+    tok = Tokenizer.from_dir(text_model)
+    msgs = [{"role": "user", "content": "Hi"}]
+    base = Scripted(text_model, tok.encode("plain answer<|im_end|>"))
+    assert not base.is_chat_model                                   # small vocabulary: a base model
+    r = base.chat(msgs, temperature=0, max_tokens=20)
+    assert (r.content, r.reasoning_content, r.finish_reason) == ("plain answer", "", "stop")
+    thinker = Scripted(text_model, tok.encode("plain answer<|im_end|>"))
+    r = thinker.chat(msgs, thinking=True, temperature=0, max_tokens=20)
+    assert (r.content, r.reasoning_content) == ("", "plain answer")
