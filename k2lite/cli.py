@@ -145,6 +145,8 @@ def chat(model, device, threads, **kw):
     start = [{"role": "system", "content": kw["system"]}] if kw["system"] else []
     messages = list(start)
     tty = sys.stdout.isatty()
+    if sys.stdin.isatty():
+        import readline  # noqa: F401  (line editing and history for input())
     click.echo(f"k2lite chat with {os.path.basename(os.path.normpath(llm.path))}: /reset, /exit, "
                "Ctrl-C stops an answer", err=True)
     while True:

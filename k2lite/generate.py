@@ -79,6 +79,7 @@ class Usage:
     completion_tokens: int = 0
     prompt_seconds: float = 0.0      # prefill, up to the first sampled token
     generation_seconds: float = 0.0  # every decode step after it
+    decode_steps: int = 0            # forward passes of one token (an eos costs one too)
     peak_memory: int = 0             # bytes, ru_maxrss
 
     @property
@@ -92,8 +93,7 @@ class Usage:
     @property
     def generation_tps(self) -> float:
         """Decode steps per second (the first token comes from the prefill)."""
-        steps = max(self.completion_tokens - 1, 0)
-        return steps / self.generation_seconds if self.generation_seconds > 0 else 0.0
+        return self.decode_steps / self.generation_seconds if self.generation_seconds > 0 else 0.0
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -198,6 +198,7 @@ class TextStream:
         steps = generate_step(llm, self.prompt_ids, self.sampler, self.seq) if limit > 0 else _nothing()
         try:
             for t, _ in steps:
+                usage.decode_steps += t1 is not None
                 if t1 is None:
                     t1 = time.perf_counter()
                     usage.prompt_seconds = t1 - t0
