@@ -1,0 +1,335 @@
+"""`k2lite serve` through the official openai client, on a loopback port, with a tiny random model.
+
+Random weights emit random tokens, so tests that need reasoning or tool calls install the
+scheduler's test-only hook `force(req) -> ids` and let the server "generate" a scripted answer;
+the model still runs every step, so batching and the cache are exercised for real.
+"""
+import contextlib
+import http.client
+import json
+import logging
+import os
+import threading
+import time
+
+import openai
+import pytest
+
+import k2lite
+from k2lite.server import Scheduler, completion_request, serve
+from k2lite.testing.random_model import preset, write_random_model
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+KIMI = os.path.join(REPO, "models", "kimi-k2-thinking")
+N_RANKS = 512
+TIMEOUT = 30
+
+
+def make_chat_model(out_dir, n_ranks=N_RANKS):
+    """Tiny random model + the first n_ranks Kimi BPE ranks, specials renumbered to n_ranks + i."""
+    write_random_model(out_dir, preset("tiny", vocab_size=n_ranks + 256, bos_token_id=n_ranks,
+                                       eos_token_id=n_ranks + 2, pad_token_id=n_ranks + 255), seed=0)
+    with open(os.path.join(KIMI, "tiktoken.model"), "rb") as f, \
+            open(os.path.join(out_dir, "tiktoken.model"), "wb") as g:
+        g.writelines(line for line in f if line.strip() and int(line.split()[1]) < n_ranks)
+    with open(os.path.join(KIMI, "tokenizer_config.json"), encoding="utf-8") as f:
+        cfg = json.load(f)
+    cfg["added_tokens_decoder"] = {str(int(k) - 163584 + n_ranks): v for k, v in cfg["added_tokens_decoder"].items()}
+    cfg.pop("auto_map", None)
+    with open(os.path.join(out_dir, "tokenizer_config.json"), "w", encoding="utf-8") as f:
+        json.dump(cfg, f)
+    return out_dir
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    return make_chat_model(str(tmp_path_factory.mktemp("serve")))
+
+
+@pytest.fixture(scope="module")
+def server(model_dir):
+    llm = k2lite.load(model_dir, threads=1, context=1024)
+    srv = serve(llm, port=0, max_batch=4, block=False)
+    yield srv
+    srv.stop()
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    return openai.OpenAI(base_url=server.url + "/v1", api_key="none", max_retries=0, timeout=TIMEOUT)
+
+
+@contextlib.contextmanager
+def scripted(srv, answers):
+    """Requests whose last message (or prompt) is a key of `answers` get that text as their output."""
+    tok = srv.llm.tokenizer
+
+    def force(req):
+        b = req.body
+        key = b["messages"][-1]["content"] if "messages" in b else b.get("prompt")
+        return tok.encode(answers[key]) if key in answers else None
+    srv.scheduler.force = force
+    try:
+        yield
+    finally:
+        srv.scheduler.force = None
+
+
+def wait_idle(srv, timeout=10.0):
+    """Wait until no request is live or waiting; return the scheduler stats."""
+    t0 = time.time()
+    while time.time() - t0 < timeout:
+        s = srv.scheduler.stats()
+        if s["live"] == 0 and s["waiting"] == 0:
+            return s
+        time.sleep(0.02)
+    raise AssertionError(f"scheduler still busy: {srv.scheduler.stats()}")
+
+
+def post_raw(srv, path, data: bytes, headers=None):
+    host, port = srv.server_address[:2]
+    conn = http.client.HTTPConnection(host, port, timeout=TIMEOUT)
+    try:
+        conn.request("POST", path, body=data, headers={"Content-Type": "application/json", **(headers or {})})
+        r = conn.getresponse()
+        return r.status, r.read().decode()
+    finally:
+        conn.close()
+
+
+USER = [{"role": "user", "content": "Hi"}]
+TOOL_ANSWER = ('<think>Need the tool.</think>Checking.<|tool_calls_section_begin|><|tool_call_begin|>'
+               'functions.get_weather:0<|tool_call_argument_begin|>{"city": "Paris"}<|tool_call_end|>'
+               '<|tool_calls_section_end|><|im_end|>')
+TOOLS = [{"type": "function", "function": {"name": "get_weather", "description": "Get weather",
+                                           "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}}}]
+
+
+# ---------------------------------------------------------------- basics
+def test_models_and_health(server, client):
+    assert [m.id for m in client.models.list().data] == [os.path.basename(server.llm.path)]
+    host, port = server.server_address[:2]
+    conn = http.client.HTTPConnection(host, port, timeout=TIMEOUT)
+    conn.request("GET", "/health")
+    r = conn.getresponse()
+    assert r.status == 200 and json.loads(r.read())["status"] == "ok"
+    conn.close()
+    assert server.server_address[0] == "127.0.0.1"
+
+
+def test_chat_non_stream(server, client):
+    r = client.chat.completions.create(model="m", messages=USER, max_tokens=8, temperature=1.0, seed=7)
+    c = r.choices[0]
+    assert c.message.role == "assistant" and c.finish_reason in ("stop", "length")
+    n_prompt = len(server.llm.tokenizer.encode_chat(USER))
+    assert r.usage.prompt_tokens == n_prompt and 0 <= r.usage.completion_tokens <= 8
+    assert r.usage.total_tokens == n_prompt + r.usage.completion_tokens
+    again = client.chat.completions.create(model="m", messages=USER, max_tokens=8, temperature=1.0, seed=7)
+    assert again.choices[0].message.content == c.message.content        # the seed fixes the tokens
+    assert wait_idle(server)["pages_free"] == server.llm.cache.max_pages
+
+
+def test_chat_stream_with_usage(server, client):
+    s = client.chat.completions.create(model="m", messages=USER, max_tokens=6, stream=True,
+                                       stream_options={"include_usage": True}, temperature=0)
+    chunks = list(s)
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert chunks[-2].choices[0].finish_reason in ("stop", "length")
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens <= 6
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    whole = client.chat.completions.create(model="m", messages=USER, max_tokens=6, temperature=0)
+    assert text == (whole.choices[0].message.content or "")               # greedy: stream == batch
+    assert chunks[-1].usage.completion_tokens == whole.usage.completion_tokens
+
+
+def test_reasoning_and_tool_call(server, client):
+    msgs = [{"role": "user", "content": "Weather in Paris?"}]
+    with scripted(server, {"Weather in Paris?": TOOL_ANSWER}):
+        r = client.chat.completions.create(model="m", messages=msgs, tools=TOOLS, max_tokens=100)
+        s = list(client.chat.completions.create(model="m", messages=msgs, tools=TOOLS, max_tokens=100, stream=True))
+    m = r.choices[0].message
+    assert r.choices[0].finish_reason == "tool_calls"
+    assert m.reasoning_content == "Need the tool." and m.content == "Checking."
+    assert [(t.id, t.function.name, json.loads(t.function.arguments)) for t in m.tool_calls] == \
+        [("functions.get_weather:0", "get_weather", {"city": "Paris"})]
+    deltas = [c.choices[0].delta for c in s]
+    assert "".join(d.reasoning_content or "" for d in deltas if hasattr(d, "reasoning_content")) == "Need the tool."
+    assert "".join(d.content or "" for d in deltas) == "Checking."
+    calls = [t for d in deltas for t in (d.tool_calls or [])]
+    assert len(calls) == 1 and calls[0].function.name == "get_weather" and calls[0].index == 0
+    assert json.loads(calls[0].function.arguments) == {"city": "Paris"}
+    assert s[-1].choices[0].finish_reason == "tool_calls"
+
+
+def test_tool_choice_none_and_stop(server, client):
+    msgs = [{"role": "user", "content": "no tools"}]
+    with scripted(server, {"no tools": TOOL_ANSWER, "stop": "Hello world STOP more"}):
+        r = client.chat.completions.create(model="m", messages=msgs, tools=TOOLS, tool_choice="none", max_tokens=100)
+        assert r.choices[0].message.tool_calls is None and r.choices[0].finish_reason == "stop"
+        r = client.chat.completions.create(model="m", messages=[{"role": "user", "content": "stop"}],
+                                           stop=["STOP"], max_tokens=100)
+        assert r.choices[0].message.content == "Hello world " and r.choices[0].finish_reason == "stop"
+        r = client.completions.create(model="m", prompt="stop", max_tokens=3)
+        assert r.choices[0].finish_reason == "length" and r.usage.completion_tokens == 3
+        assert r.choices[0].text == server.llm.tokenizer.decode(server.llm.tokenizer.encode("Hello world STOP more")[:3])
+
+
+def test_completions_stream(server, client):
+    s = list(client.completions.create(model="m", prompt="Once upon", max_tokens=5, stream=True, temperature=0))
+    whole = client.completions.create(model="m", prompt="Once upon", max_tokens=5, temperature=0)
+    assert "".join(c.choices[0].text for c in s) == whole.choices[0].text
+    assert s[-1].choices[0].finish_reason == whole.choices[0].finish_reason
+
+
+# ---------------------------------------------------------------- batching, disconnects, cache full
+def test_concurrent_streams_are_batched(server, client):
+    n = 4
+    answers = {f"user {i}": "a" * (40 + 10 * i) + TOOL_ANSWER for i in range(n)}
+    results, errors = [None] * n, []
+    barrier = threading.Barrier(n)
+
+    def run(i):
+        try:
+            barrier.wait(TIMEOUT)
+            s = client.chat.completions.create(model="m", messages=[{"role": "user", "content": f"user {i}"}],
+                                               tools=TOOLS, max_tokens=200, stream=True)
+            results[i] = [c.choices[0] for c in s]
+        except Exception as e:      # surfaced below
+            errors.append(e)
+
+    steps0 = server.scheduler.steps
+    with scripted(server, answers):
+        threads = [threading.Thread(target=run, args=(i,)) for i in range(n)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(TIMEOUT)
+    assert not errors, errors
+    for choices in results:
+        calls = [t for c in choices for t in (c.delta.tool_calls or [])]
+        # one complete, non-empty delta per call, never a fragment
+        assert len(calls) == 1 and calls[0].id == "functions.get_weather:0"
+        assert calls[0].function.name == "get_weather"
+        assert json.loads(calls[0].function.arguments) == {"city": "Paris"}
+        assert choices[-1].finish_reason == "tool_calls"
+    assert server.scheduler.max_batch_seen > 1
+    assert server.scheduler.steps - steps0 < sum(len(server.llm.tokenizer.encode(a)) for a in answers.values())
+    assert wait_idle(server)["pages_free"] == server.llm.cache.max_pages
+
+
+def test_scheduler_batches_without_http(model_dir):
+    llm = k2lite.load(model_dir, threads=1, context=256)
+    sched = Scheduler(llm, max_batch=8)
+    limits = (llm.context, llm.cache.capacity_tokens, llm.cache.page_size, 16)
+    reqs = [completion_request(llm, {"prompt": [1, 2, 3 + i], "max_tokens": 10, "temperature": 0}, limits)
+            for i in range(3)]
+    for r in reqs:
+        sched.submit(r)
+    sched.start()
+    try:
+        for r in reqs:
+            while r.events.get(timeout=TIMEOUT)[0] != "end":
+                pass
+    finally:
+        sched.stop()
+    assert sched.max_batch_seen == 3
+    assert [r.finish_reason for r in reqs] == ["length"] * 3 and all(len(r.out) == 10 for r in reqs)
+    assert llm.cache.pages_free == llm.cache.max_pages
+    alone = llm.generate([1, 2, 3], max_tokens=10, temperature=0)     # batched decode == one at a time
+    assert reqs[0].out == alone.token_ids
+
+
+def test_disconnect_frees_pages(server, client):
+    cancelled0 = server.scheduler.cancelled
+    with scripted(server, {"long": "word " * 400}):
+        s = client.chat.completions.create(model="m", messages=[{"role": "user", "content": "long"}],
+                                           max_tokens=190, stream=True)
+        it = iter(s)
+        for _ in range(3):
+            next(it)
+        assert server.scheduler.stats()["live"] == 1
+        s.close()                                   # hang up mid-answer
+        stats = wait_idle(server)
+    assert server.scheduler.cancelled == cancelled0 + 1
+    assert stats["pages_free"] == server.llm.cache.max_pages
+
+
+def test_cache_full_waits_then_429(model_dir):
+    # 128 tokens of cache: one request (prompt ~55 + 60 new) takes all of it; one may wait.
+    llm = k2lite.load(model_dir, threads=1, context=128, max_cache_tokens=128)
+    srv = serve(llm, port=0, max_batch=4, max_queue=1, block=False)
+    try:
+        client = openai.OpenAI(base_url=srv.url + "/v1", api_key="none", max_retries=0, timeout=TIMEOUT)
+        with scripted(srv, {"A": "x " * 200, "B": "done"}):
+            a = client.chat.completions.create(model="m", messages=[{"role": "user", "content": "A"}],
+                                               max_tokens=60, stream=True)
+            next(iter(a))
+            b = client.chat.completions.create(model="m", messages=[{"role": "user", "content": "B"}],
+                                               max_tokens=60, stream=True)
+            assert srv.scheduler.stats()["waiting"] == 1
+            with pytest.raises(openai.RateLimitError) as e:
+                client.chat.completions.create(model="m", messages=[{"role": "user", "content": "C"}], max_tokens=60)
+            assert e.value.status_code == 429 and "busy" in e.value.message
+            a.close()                                # A hangs up: B gets the cache
+            chunks = list(b)
+        assert "".join(c.choices[0].delta.content or "" for c in chunks) == "done"
+        assert chunks[-1].choices[0].finish_reason == "stop"
+        assert wait_idle(srv)["pages_free"] == llm.cache.max_pages
+    finally:
+        srv.stop()
+
+
+# ---------------------------------------------------------------- bad input
+CHAT = "/v1/chat/completions"
+BAD = [
+    (CHAT, b"{not json", "malformed JSON"),
+    (CHAT, b"\xff\xfe", "not UTF-8"),
+    (CHAT, b"[1, 2]", "body not an object"),
+    (CHAT, b"{}", "no messages"),
+    (CHAT, json.dumps({"messages": []}).encode(), "empty messages"),
+    (CHAT, json.dumps({"messages": "hi"}).encode(), "messages a string"),
+    (CHAT, json.dumps({"messages": ["hi"]}).encode(), "message not an object"),
+    (CHAT, json.dumps({"messages": [{"role": "wizard", "content": "x"}]}).encode(), "unknown role"),
+    (CHAT, json.dumps({"messages": [{"role": "user"}]}).encode(), "no content"),
+    (CHAT, json.dumps({"messages": [{"role": "user", "content": 5}]}).encode(), "content a number"),
+    (CHAT, json.dumps({"messages": [{"role": "user", "content": [{"type": "text"}]}]}).encode(), "bad part"),
+    (CHAT, json.dumps({"messages": USER, "temperature": "hot"}).encode(), "temperature a string"),
+    (CHAT, json.dumps({"messages": USER, "temperature": 9}).encode(), "temperature too high"),
+    (CHAT, json.dumps({"messages": USER, "top_p": 0}).encode(), "top_p zero"),
+    (CHAT, json.dumps({"messages": USER, "max_tokens": -1}).encode(), "max_tokens negative"),
+    (CHAT, json.dumps({"messages": USER, "max_tokens": "10"}).encode(), "max_tokens a string"),
+    (CHAT, json.dumps({"messages": USER, "max_tokens": True}).encode(), "max_tokens a bool"),
+    (CHAT, json.dumps({"messages": USER, "seed": 1.5}).encode(), "seed a float"),
+    (CHAT, json.dumps({"messages": USER, "stream": "yes"}).encode(), "stream a string"),
+    (CHAT, json.dumps({"messages": USER, "stop": 5}).encode(), "stop a number"),
+    (CHAT, json.dumps({"messages": USER, "n": 2}).encode(), "n=2"),
+    (CHAT, json.dumps({"messages": USER, "tools": "x"}).encode(), "tools a string"),
+    (CHAT, json.dumps({"messages": USER, "tool_choice": "required"}).encode(), "tool_choice required"),
+    (CHAT, json.dumps({"messages": [{"role": "user", "content": "word " * 400}]}).encode(), "over the context"),
+    ("/v1/completions", json.dumps({"prompt": {"a": 1}}).encode(), "prompt an object"),
+    ("/v1/completions", json.dumps({"prompt": [1, 10 ** 9]}).encode(), "token id out of range"),
+    ("/v1/completions", json.dumps({"prompt": ""}).encode(), "empty prompt"),
+]
+
+
+@pytest.mark.parametrize("path,data,why", BAD, ids=[b[2] for b in BAD])
+def test_bad_input_is_400(server, path, data, why, caplog):
+    with caplog.at_level(logging.INFO, logger="k2lite.server"):
+        status, text = post_raw(server, path, data)
+    assert status == 400, (why, text)
+    err = json.loads(text)["error"]
+    assert err["message"] and err["type"] == "invalid_request_error"
+    assert "Traceback" not in text
+    assert not any(r.exc_info or "Traceback" in r.getMessage() for r in caplog.records)
+
+
+def test_bad_input_through_client_and_server_stays_up(server, client):
+    with pytest.raises(openai.BadRequestError) as e:
+        client.chat.completions.create(model="m", messages=[{"role": "user", "content": "word " * 400}])
+    assert e.value.body["code"] == "context_length_exceeded"
+    with pytest.raises(openai.NotFoundError):
+        client.embeddings.create(model="m", input="x")
+    status, _ = post_raw(server, CHAT, b"{", {"Content-Length": "1"})
+    assert status == 400
+    r = client.chat.completions.create(model="m", messages=USER, max_tokens=2)
+    assert r.choices[0].finish_reason in ("stop", "length")
