@@ -1,9 +1,10 @@
 """k2lite: a small, fast, readable inference engine for Kimi K2 (DeepSeek-V3 architecture)."""
 from .config import Config
 from .errors import ModelFormatError
+from .generate import ChatResult, Completion
 from .llm import LLM, Sequence, load
 
-__all__ = ["Config", "LLM", "ModelFormatError", "Sequence", "load"]
+__all__ = ["ChatResult", "Completion", "Config", "LLM", "ModelFormatError", "Sequence", "load"]
 
 try:
     from .tokenizer import Tokenizer

@@ -8,6 +8,10 @@ K2 Thinking ships its routed experts in (K2_SPEC §4):
                                     code u = q + 8 (offset binary, not two's complement)
   weight_scale  bf16  [out, in/g]   one scale per group of g input columns (g = 32)
   W[r, c] = (u(r, c) - 8) * scale[r, c // g]        symmetric: no zero point
+
+An FP8 matrix is an `Fp8Tensor`: DeepSeek-V3 / K2 Base / K2 Instruct block quantization,
+e4m3fn codes with one float32 `weight_scale_inv` per 128×128 block (a multiplier despite
+its name): W[r, c] = e4m3(code[r, c]) * scale_inv[r // 128, c // 128].
 """
 from __future__ import annotations
 
@@ -102,3 +106,69 @@ def quantize_int4(w: np.ndarray, group_size: int = 32, qat_grid: bool = False) -
     lo = -7 if qat_grid else -8
     q = np.clip(np.round(g / safe[:, :, None]), lo, 7).astype(np.int8).reshape(out, n)
     return Int4Tensor(pack_int4(q), scale_bits, (out, n), group_size)
+
+
+# ---------------------------------------------------------------- FP8 e4m3fn, 128×128 blocks
+def _e4m3_table() -> np.ndarray:
+    """float32 value of each of the 256 e4m3fn codes: 1 sign, 4 exponent (bias 7), 3 mantissa
+    bits; exponent 0 is subnormal (m/8 · 2^-6); no infinities; S.1111.111 is NaN."""
+    codes = np.arange(256)
+    sign = np.where(codes & 0x80, -1.0, 1.0)
+    exp, man = (codes >> 3) & 0xF, codes & 0x7
+    mag = np.where(exp == 0, man / 8.0 * 2.0 ** -6, (1 + man / 8.0) * 2.0 ** (exp - 7.0))
+    mag = np.where((codes & 0x7F) == 0x7F, np.nan, mag)
+    return (sign * mag).astype(np.float32)
+
+
+E4M3 = _e4m3_table()
+E4M3_MAX = 448.0
+
+
+@dataclass
+class Fp8Tensor:
+    """A [out, in] matrix stored as e4m3fn codes with block scales (DeepSeek-V3 fp8)."""
+    weight: np.ndarray      # uint8 [out, in] e4m3fn codes
+    scale_inv: np.ndarray   # float32 [ceil(out/bo), ceil(in/bi)] dequantization multipliers
+    shape: tuple            # (out, in)
+    block: tuple = (128, 128)
+
+    @property
+    def nbytes(self) -> int:
+        return self.weight.nbytes + self.scale_inv.nbytes
+
+
+def dequantize_fp8(t: Fp8Tensor, rows: slice = slice(None)) -> np.ndarray:
+    """Fp8Tensor (optionally a row range) -> float32: table lookup times the block scale."""
+    w = t.weight[rows]
+    r0 = rows.start or 0
+    bo, bi = t.block
+    r = (np.arange(w.shape[0]) + r0) // bo
+    s = np.repeat(t.scale_inv[r], bi, axis=1)[:, :w.shape[1]]
+    return E4M3[w] * s
+
+
+def f32_to_e4m3(x: np.ndarray) -> np.ndarray:
+    """float32 -> e4m3fn codes, round to nearest (ties to even code), saturating at ±448."""
+    x = np.asarray(x, np.float32)
+    pos = E4M3[:0x7F]                                    # codes 0..126: 0 .. 448, increasing
+    a = np.minimum(np.abs(x), np.float32(E4M3_MAX))
+    hi = np.clip(np.searchsorted(pos, a), 1, 126)
+    lo = hi - 1
+    d_lo, d_hi = a - pos[lo], pos[hi] - a
+    code = np.where((d_hi < d_lo) | ((d_hi == d_lo) & (hi % 2 == 0)), hi, lo).astype(np.uint8)
+    code = np.where(a == 0, 0, code).astype(np.uint8)
+    return np.where(np.signbit(x), code | 0x80, code).astype(np.uint8)
+
+
+def quantize_fp8(w: np.ndarray, block: tuple = (128, 128)) -> Fp8Tensor:
+    """float [out, in] -> Fp8Tensor as DeepSeek's weight_quant: scale = amax / 448 per block."""
+    w = np.asarray(w, np.float32)
+    out, n = w.shape
+    bo, bi = block
+    nbo, nbi = -(-out // bo), -(-n // bi)
+    pad = np.zeros((nbo * bo, nbi * bi), np.float32)
+    pad[:out, :n] = w
+    amax = np.abs(pad.reshape(nbo, bo, nbi, bi)).max(axis=(1, 3))
+    scale = np.where(amax == 0, 1.0, amax / E4M3_MAX).astype(np.float32)
+    full = np.repeat(np.repeat(scale, bo, 0), bi, 1)[:out, :n]
+    return Fp8Tensor(f32_to_e4m3(w / full), scale, (out, n), tuple(block))

@@ -17,11 +17,7 @@ from .kvcache import PagedKVCache, SeqState
 from .loader import Checkpoint, load_weights
 from .model import Model
 
-try:    # generation helpers are optional until generate.py lands
-    from .generate import GenerationMixin
-except ImportError:
-    class GenerationMixin:
-        pass
+from .generate import GenerationMixin
 
 
 class Sequence:

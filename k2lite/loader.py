@@ -15,7 +15,7 @@ import numpy as np
 
 from .config import Config
 from .errors import ModelFormatError
-from .formats import Int4Tensor, bf16_to_f32
+from .formats import Fp8Tensor, Int4Tensor, bf16_to_f32
 from .model import MLP, Attention, Layer, MoE, Weights
 from .safetensors import SafetensorsFile
 
@@ -120,6 +120,16 @@ def _matrix(ck: Checkpoint, prefix: str, shape, cfg: Config):
                 raise ModelFormatError(f"{ck.file_of(prefix + '.weight_shape')}: tensor '{prefix}.weight_shape' "
                                        f"is {ws.tolist()}, config says {[out, n_in]}")
         return Int4Tensor(packed, scales, (out, n_in), g)
+    if prefix + ".weight_scale_inv" in ck:
+        q = cfg.quantization
+        if q is None or q.method != "fp8":
+            raise ModelFormatError(f"{ck.file_of(prefix + '.weight_scale_inv')}: tensor '{prefix}.weight_scale_inv' "
+                                   "found but config.json has no fp8 quantization_config")
+        bo, bi = q.weight_block_size
+        w = ck.get(prefix + ".weight", shape, ("F8_E4M3",))
+        s = ck.get(prefix + ".weight_scale_inv", (-(-shape[0] // bo), -(-shape[1] // bi)), ("F32", "BF16"))
+        s = bf16_to_f32(s) if s.dtype == np.uint16 else s
+        return Fp8Tensor(w, s, tuple(shape), (bo, bi))
     return ck.get(prefix + ".weight", shape, MATRIX_DTYPES)
 
 

@@ -13,10 +13,15 @@ import importlib
 import os
 import types
 
-from . import ref
+import numpy as np
 
-OPS = ("bf16_matmul", "int4_matmul", "f32_matmul", "linear", "dense", "rmsnorm", "silu",
-       "rope", "swiglu_expert", "moe", "softmax", "attention", "mla_decode")
+from . import ref
+from .formats import Fp8Tensor, Int4Tensor
+
+# kernels a backend may provide; the composite ops below are built here from them, so the
+# choice of kernel by weight format happens in exactly one place (DeepSeek's linear())
+KERNELS = ("bf16_matmul", "int4_matmul", "fp8_matmul", "f32_matmul", "rmsnorm", "silu", "rope",
+           "moe", "softmax", "attention", "mla_decode")
 _cache: dict = {}
 
 
@@ -42,12 +47,34 @@ def get(name: str | None = None) -> types.SimpleNamespace:
     if name not in _cache:
         mod = _module(name)
         ns = types.SimpleNamespace(name=name)
-        for op in OPS:
+        for op in KERNELS:
             setattr(ns, op, getattr(mod, op, None) or getattr(ref, op))
         if hasattr(mod, "set_threads"):
             ns.set_threads = mod.set_threads
+        _compose(ns, getattr(mod, "moe", None))
         _cache[name] = ns
     return _cache[name]
+
+
+def _compose(ns, native_moe):
+    """linear / dense / swiglu_expert / moe over the backend's kernels."""
+    def linear(x, w):
+        if isinstance(w, Int4Tensor):
+            return ns.int4_matmul(x, w.packed, w.scales, w.group_size)
+        if isinstance(w, Fp8Tensor):
+            return ns.fp8_matmul(x, w.weight, w.scale_inv, w.block)
+        return ns.bf16_matmul(x, w) if w.dtype == np.uint16 else ns.f32_matmul(x, w)
+
+    def swiglu_expert(x, gate, up, down):
+        return linear(ns.silu(linear(x, gate)) * linear(x, up), down)
+
+    def moe(x, experts, idx, weights):
+        first = experts[0][0]
+        if native_moe is not None and (isinstance(first, Int4Tensor) or getattr(first, "dtype", None) == np.uint16):
+            return native_moe(x, experts, idx, weights)
+        return ref.moe(x, experts, idx, weights, expert_fn=swiglu_expert)   # other formats
+
+    ns.linear, ns.swiglu_expert, ns.moe, ns.dense = linear, swiglu_expert, moe, ref.dense
 
 
 def _default() -> str:

@@ -12,7 +12,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from .formats import Int4Tensor, bf16_to_f32, dequantize_int4, dequantize_int4_arrays
+from .formats import (Fp8Tensor, Int4Tensor, bf16_to_f32, dequantize_fp8, dequantize_int4,
+                      dequantize_int4_arrays)
 
 
 # ---------------------------------------------------------------- linear layers
@@ -27,6 +28,12 @@ def int4_matmul(x: np.ndarray, packed: np.ndarray, scales: np.ndarray, group_siz
     return x @ dequantize_int4_arrays(packed, scales, x.shape[1], group_size).T
 
 
+def fp8_matmul(x: np.ndarray, weight: np.ndarray, scale_inv: np.ndarray, block: tuple) -> np.ndarray:
+    """y[T,N] = x[T,I] · W[N,I]ᵀ, W = e4m3(weight) * scale_inv[n // bo, i // bi]."""
+    t = Fp8Tensor(weight, scale_inv, weight.shape, tuple(block))
+    return x @ dequantize_fp8(t).T
+
+
 def f32_matmul(x: np.ndarray, w: np.ndarray) -> np.ndarray:
     return x @ np.asarray(w, np.float32).T
 
@@ -35,6 +42,8 @@ def linear(x: np.ndarray, w) -> np.ndarray:
     """The one choke point where the weight format picks the kernel (DeepSeek's linear())."""
     if isinstance(w, Int4Tensor):
         return int4_matmul(x, w.packed, w.scales, w.group_size)
+    if isinstance(w, Fp8Tensor):
+        return fp8_matmul(x, w.weight, w.scale_inv, w.block)
     if w.dtype == np.uint16:
         return bf16_matmul(x, w)
     return f32_matmul(x, w)
@@ -44,6 +53,8 @@ def dense(w) -> np.ndarray:
     """Any weight format -> float32 [N, I] (for the expanded prefill form and for tests)."""
     if isinstance(w, Int4Tensor):
         return dequantize_int4(w)
+    if isinstance(w, Fp8Tensor):
+        return dequantize_fp8(w)
     return bf16_to_f32(w) if w.dtype == np.uint16 else np.asarray(w, np.float32)
 
 
@@ -76,7 +87,8 @@ def swiglu_expert(x: np.ndarray, gate, up, down) -> np.ndarray:
     return linear(silu(linear(x, gate)) * linear(x, up), down)
 
 
-def moe(x: np.ndarray, experts: list, idx: np.ndarray, weights: np.ndarray) -> np.ndarray:
+def moe(x: np.ndarray, experts: list, idx: np.ndarray, weights: np.ndarray,
+        expert_fn=swiglu_expert) -> np.ndarray:
     """Routed-expert sum Σ_k weights[t,k] · Expert_{idx[t,k]}(x[t]) for x[T,D].
     experts[e] = (gate_proj, up_proj, down_proj). Tokens are grouped per expert so each
     chosen expert's weights are read once for the whole batch."""
@@ -91,7 +103,7 @@ def moe(x: np.ndarray, experts: list, idx: np.ndarray, weights: np.ndarray) -> n
         sel = order[start:start + n]
         start += n
         tok, k = np.divmod(sel, idx.shape[1])
-        y = swiglu_expert(x[tok], *experts[e])
+        y = expert_fn(x[tok], *experts[e])
         np.add.at(out, tok, weights[tok, k][:, None] * y)
     return out
 

@@ -35,15 +35,23 @@ def hf_model(path: str):
     with open(os.path.join(path, "config.json")) as f:
         cfg = json.load(f)
     q = cfg.pop("quantization_config", None)
-    group = q["config_groups"]["group_0"]["weights"]["group_size"] if q else 32
+    group = q["config_groups"]["group_0"]["weights"]["group_size"] if q and "config_groups" in q else 32
     hcfg = DeepseekV3Config(**cfg)
     hcfg._attn_implementation = "eager"
     torch.manual_seed(0)
     model = DeepseekV3ForCausalLM(hcfg).float().eval()
     ck = Checkpoint(path)
     dense = {}
+    block = tuple((q or {}).get("weight_block_size") or (128, 128))
     for name in ck.where:
-        if name.endswith(".weight_packed"):
+        if ck.info(name)[0] == "F8_E4M3":      # fp8 blocks, decoded by torch's own float8 type
+            w = torch.from_numpy(np.array(ck.get(name))).view(torch.float8_e4m3fn).float()
+            s = raw_tensor(ck, name + "_scale_inv")
+            s = s.repeat_interleave(block[0], 0).repeat_interleave(block[1], 1)[:w.shape[0], :w.shape[1]]
+            dense[name] = w * s
+        elif name.endswith(".weight_scale_inv"):
+            continue
+        elif name.endswith(".weight_packed"):
             base = name[: -len(".weight_packed")]
             shape = tuple(int(v) for v in ck.get(base + ".weight_shape"))
             dense[base + ".weight"] = ct_dequantize(ck.get(name), ck.get(base + ".weight_scale"), shape, group)

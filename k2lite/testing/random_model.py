@@ -117,10 +117,12 @@ def random_tensors(cfg: dict, seed: int = 0, peak: float = 1.0):
 
 
 def write_random_model(out_dir: str, cfg: dict | str = "tiny", seed: int = 0, int4_experts: bool = True,
-                       peak: float = 1.0, max_shard_bytes: int = 2 << 30) -> str:
+                       peak: float = 1.0, max_shard_bytes: int = 2 << 30, fp8: bool = False) -> str:
+    """fp8=True writes K2 Base/Instruct's format instead: every projection FP8 (e4m3, 128×128
+    block scales), experts included; int4_experts=False with fp8=False writes plain BF16."""
     cfg = preset(cfg) if isinstance(cfg, str) else cfg
-    write_checkpoint(out_dir, cfg, random_tensors(cfg, seed, peak), int4_experts=int4_experts,
-                     group_size=32, max_shard_bytes=max_shard_bytes)
+    write_checkpoint(out_dir, cfg, random_tensors(cfg, seed, peak), int4_experts=int4_experts and not fp8,
+                     fp8=fp8, group_size=32, max_shard_bytes=max_shard_bytes)
     return out_dir
 
 
@@ -130,11 +132,12 @@ def main(argv=None):
     ap.add_argument("--preset", default="tiny", choices=["tiny", "k2-slice"])
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--bf16-experts", action="store_true", help="store routed experts as BF16, not INT4")
+    ap.add_argument("--fp8", action="store_true", help="K2 Base/Instruct format: FP8 block-quantized projections")
     ap.add_argument("--layers", type=int, help="override num_hidden_layers")
     ap.add_argument("--experts", type=int, help="override n_routed_experts")
     a = ap.parse_args(argv)
     over = {k: v for k, v in (("num_hidden_layers", a.layers), ("n_routed_experts", a.experts)) if v}
-    write_random_model(a.out, preset(a.preset, **over), a.seed, int4_experts=not a.bf16_experts)
+    write_random_model(a.out, preset(a.preset, **over), a.seed, int4_experts=not a.bf16_experts, fp8=a.fp8)
     print(f"wrote {a.preset} checkpoint to {a.out}")
 
 
