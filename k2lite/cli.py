@@ -1,4 +1,4 @@
-"""`k2lite` command line: generate, chat, info, bench, perplexity. A click wrapper over the library
+"""`k2lite` command line: generate, chat, info, bench, perplexity, convert, serve. A click wrapper over the library
 API (generate.py, info.py); errors print one `error: ...` line and exit 1."""
 from __future__ import annotations
 
@@ -240,6 +240,25 @@ def perplexity(path, file, ctx, max_tokens, device, threads):
     n, nll = ppl(llm, ids, ctx)
     click.echo(f"tokens {len(ids)}  scored {n}  windows {-(-(len(ids) - 1) // ctx)} of {ctx}  "
                f"mean NLL {nll:.4f}  perplexity {math.exp(nll):.3f}")
+
+
+@main.command()
+@click.argument("src")
+@click.argument("dst")
+@click.option("--experts", type=click.Choice(["int4", "bf16"]), default="int4", show_default=True,
+              help="Format of the routed experts; everything else is written BF16.")
+@click.option("--group", type=click.IntRange(8), default=32, show_default=True, help="INT4 group size.")
+@click.option("--qat-grid", is_flag=True, help="Use levels -7..7 (K2 Thinking's QAT grid) instead of -8..7.")
+@click.option("--shard-size", type=click.IntRange(1), default=4, show_default=True, help="GB per output shard.")
+@click.option("--no-resume", is_flag=True, help="Start over instead of resuming an interrupted run.")
+def convert(src, dst, experts, group, qat_grid, shard_size, no_resume):
+    """Convert a BF16 / FP8 / INT4 checkpoint to the INT4 release layout, streaming."""
+    from .convert import convert as run
+    st = run(src, dst, experts=experts, group_size=group, qat_grid=qat_grid,
+             max_shard_bytes=shard_size << 30, resume=not no_resume)
+    click.echo(f"{st['bytes_in'] / 1e9:.2f} GB -> {st['bytes_out'] / 1e9:.2f} GB in {st['seconds']:.1f} s "
+               f"({st['bytes_in'] / 1e9 / max(st['seconds'], 1e-9):.2f} GB/s read), "
+               f"peak RSS {st['peak_rss_mb']:.0f} MB", err=True)
 
 
 if __name__ == "__main__":
