@@ -30,9 +30,11 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import queue
 import select
 import socket
+import sys
 import threading
 import time
 import uuid
@@ -82,6 +84,7 @@ class Request:
     sent: int = 0                   # chars of `text` already emitted
     decoder: object = None          # tokenizer StreamDecoder
     forced: list | None = None      # test hook: scripted ids instead of sampling
+    tools: bool = True              # deliver tool calls (tool_choice "none": drop them)
     calls: int = 0                  # tool calls delivered
     finish_reason: str | None = None
     id: str = ""                    # "chatcmpl-..." / "cmpl-...", set by the HTTP side
@@ -235,8 +238,9 @@ class Scheduler:
         """Parser deltas to the client; a malformed or cut-off tool call is dropped, not half-sent."""
         for d in deltas:
             if "tool_call" in d:
-                if "error" in d["tool_call"]:
-                    log.warning("dropped a malformed tool call: %s", d["tool_call"]["error"])
+                if "error" in d["tool_call"] or not r.tools:
+                    if r.tools:
+                        log.warning("dropped a malformed tool call: %s", d["tool_call"]["error"])
                     continue
                 d = {"tool_call": d["tool_call"], "index": r.calls}
                 r.calls += 1
@@ -283,9 +287,8 @@ def _common(llm, body, prompt, parser, limits) -> Request:
     """Sampling, length and stop parameters shared by both endpoints -> a Request."""
     if _number(body, "n", 1, 1, integer=True) not in (None, 1):
         raise ApiError(400, "only n=1 is supported", param="n")
-    for key in ("stream",):
-        if not isinstance(body.get(key, False), bool):
-            raise ApiError(400, f"'{key}' must be a boolean", param=key)
+    if not isinstance(body.get("stream", False), bool):
+        raise ApiError(400, "'stream' must be a boolean", param="stream")
     so = body.get("stream_options")
     if so is not None and (not isinstance(so, dict) or not isinstance(so.get("include_usage", False), bool)):
         raise ApiError(400, "'stream_options' must be an object like {\"include_usage\": true}",
@@ -358,8 +361,9 @@ def chat_request(llm, body: dict, limits, thinking: bool) -> Request:
         prompt = llm.tokenizer.encode_chat(messages, tools=None if choice == "none" else tools or None)
     except (ValueError, TypeError, AttributeError) as e:
         raise ApiError(400, f"invalid messages: {e}", param="messages") from None
-    parser = StreamParser(thinking=thinking)
-    return _common(llm, body, prompt, _NoTools(parser) if choice == "none" else parser, limits)
+    req = _common(llm, body, prompt, StreamParser(thinking=thinking), limits)
+    req.tools = choice != "none"
+    return req
 
 
 def completion_request(llm, body: dict, limits) -> Request:
@@ -564,19 +568,6 @@ class Handler(BaseHTTPRequestHandler):
         self.wfile.flush()
 
 
-class _NoTools:
-    """tool_choice "none": the parser as usual, minus tool-call deltas."""
-
-    def __init__(self, parser):
-        self.parser = parser
-
-    def feed_text(self, s):
-        return [d for d in self.parser.feed_text(s) if "tool_call" not in d]
-
-    def finish(self):
-        return [d for d in self.parser.finish() if "tool_call" not in d]
-
-
 class Server(ThreadingHTTPServer):
     """The HTTP server plus its scheduler; `start()` runs both in background threads."""
     daemon_threads = True
@@ -585,7 +576,7 @@ class Server(ThreadingHTTPServer):
                  thinking=None, default_max_tokens=None):
         self.llm = llm
         self.scheduler = Scheduler(llm, max_batch, max_queue)
-        self.model_name = model_name or _basename(llm.path)
+        self.model_name = model_name or os.path.basename(os.path.normpath(str(llm.path))) or "k2lite"
         self.created = int(time.time())
         # K2 Thinking writes reasoning first; a base model (k2-nano) answers directly.
         self.thinking = getattr(llm, "is_chat_model", True) if thinking is None else bool(thinking)
@@ -600,7 +591,6 @@ class Server(ThreadingHTTPServer):
         return f"http://{host}:{port}"
 
     def handle_error(self, request, client_address):
-        import sys
         e = sys.exc_info()[1]
         log.warning("connection from %s failed: %s: %s", client_address[0], type(e).__name__, e)
 
@@ -615,11 +605,6 @@ class Server(ThreadingHTTPServer):
         self.scheduler.stop()
 
 
-def _basename(path):
-    import os
-    return os.path.basename(os.path.normpath(str(path))) or "k2lite"
-
-
 def serve(model, host: str = "127.0.0.1", port: int = 8000, max_batch: int = 8, context: int | None = None,
           *, device: str = "cpu", threads: int | None = None, cache_tokens: int | None = None,
           max_queue: int | None = None, model_name: str | None = None, thinking: bool | None = None,
@@ -627,11 +612,12 @@ def serve(model, host: str = "127.0.0.1", port: int = 8000, max_batch: int = 8, 
     """Serve `model` (a checkpoint folder or a loaded LLM). block=False returns the started Server
     (`.url`, `.scheduler`, `.stop()`); block=True serves until Ctrl-C."""
     if isinstance(model, str):
+        from .config import Config
         from .llm import load
-        # The cache holds max_batch full contexts at most; pages are allocated as they are used.
-        ctx = context
-        cap = cache_tokens or (max_batch * ctx if ctx else None)
-        llm = load(model, device=device, threads=threads, context=ctx, max_cache_tokens=cap)
+        ctx = int(context or min(Config.from_json(model).max_position_embeddings, 1 << 20))
+        # Room for max_batch whole contexts at most; the pool grows only as pages are used.
+        llm = load(model, device=device, threads=threads, context=ctx,
+                   max_cache_tokens=cache_tokens or max_batch * ctx)
     else:
         llm = model
         if context:

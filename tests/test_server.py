@@ -59,15 +59,31 @@ def client(server):
     return openai.OpenAI(base_url=server.url + "/v1", api_key="none", max_retries=0, timeout=TIMEOUT)
 
 
+class Held(list):
+    """Scripted ids handed out one per 50 ms until `release` is set: keeps a request live."""
+
+    def __init__(self, ids, release):
+        super().__init__(ids)
+        self.release = release
+
+    def __getitem__(self, i):
+        self.release.wait(0.05)
+        return super().__getitem__(i)
+
+
 @contextlib.contextmanager
-def scripted(srv, answers):
-    """Requests whose last message (or prompt) is a key of `answers` get that text as their output."""
+def scripted(srv, answers, release=None):
+    """Requests whose last message (or prompt) is a key of `answers` get that text as their output;
+    with `release` (an Event), slowly until it is set."""
     tok = srv.llm.tokenizer
 
     def force(req):
         b = req.body
         key = b["messages"][-1]["content"] if "messages" in b else b.get("prompt")
-        return tok.encode(answers[key]) if key in answers else None
+        if key not in answers:
+            return None
+        ids = tok.encode(answers[key])
+        return Held(ids, release) if release is not None else ids
     srv.scheduler.force = force
     try:
         yield
@@ -241,7 +257,7 @@ def test_scheduler_batches_without_http(model_dir):
 
 def test_disconnect_frees_pages(server, client):
     cancelled0 = server.scheduler.cancelled
-    with scripted(server, {"long": "word " * 400}):
+    with scripted(server, {"long": "word " * 400}, release=threading.Event()):
         s = client.chat.completions.create(model="m", messages=[{"role": "user", "content": "long"}],
                                            max_tokens=190, stream=True)
         it = iter(s)
@@ -255,21 +271,30 @@ def test_disconnect_frees_pages(server, client):
 
 
 def test_cache_full_waits_then_429(model_dir):
-    # 128 tokens of cache: one request (prompt ~55 + 60 new) takes all of it; one may wait.
-    llm = k2lite.load(model_dir, threads=1, context=128, max_cache_tokens=128)
+    # 256 tokens of cache: one request (prompt ~55 + 190 new) takes all of it; one may wait.
+    llm = k2lite.load(model_dir, threads=1, context=256, max_cache_tokens=256)
     srv = serve(llm, port=0, max_batch=4, max_queue=1, block=False)
     try:
         client = openai.OpenAI(base_url=srv.url + "/v1", api_key="none", max_retries=0, timeout=TIMEOUT)
-        with scripted(srv, {"A": "x " * 200, "B": "done"}):
+        release = threading.Event()
+        with scripted(srv, {"A": "x " * 200, "B": "done"}, release):
             a = client.chat.completions.create(model="m", messages=[{"role": "user", "content": "A"}],
-                                               max_tokens=60, stream=True)
+                                               max_tokens=190, stream=True)
             next(iter(a))
             b = client.chat.completions.create(model="m", messages=[{"role": "user", "content": "B"}],
-                                               max_tokens=60, stream=True)
+                                               max_tokens=190, stream=True)
             assert srv.scheduler.stats()["waiting"] == 1
             with pytest.raises(openai.RateLimitError) as e:
-                client.chat.completions.create(model="m", messages=[{"role": "user", "content": "C"}], max_tokens=60)
+                client.chat.completions.create(model="m", messages=[{"role": "user", "content": "C"}], max_tokens=190)
             assert e.value.status_code == 429 and "busy" in e.value.message
+            b.close()                                # a waiting client hangs up: it leaves the queue
+            t0 = time.time()
+            while srv.scheduler.stats()["waiting"] and time.time() - t0 < TIMEOUT:
+                time.sleep(0.02)
+            assert srv.scheduler.stats()["waiting"] == 0 and srv.scheduler.stats()["live"] == 1
+            b = client.chat.completions.create(model="m", messages=[{"role": "user", "content": "B"}],
+                                               max_tokens=190, stream=True)
+            release.set()
             a.close()                                # A hangs up: B gets the cache
             chunks = list(b)
         assert "".join(c.choices[0].delta.content or "" for c in chunks) == "done"
@@ -333,3 +358,55 @@ def test_bad_input_through_client_and_server_stays_up(server, client):
     assert status == 400
     r = client.chat.completions.create(model="m", messages=USER, max_tokens=2)
     assert r.choices[0].finish_reason in ("stop", "length")
+
+
+# ---------------------------------------------------------------- the Moonshot example, and main()
+def test_moonshot_style_tool_loop(server, client):
+    """The K2 Thinking example's shape: read reasoning_content, append the message object itself,
+    answer the tool call, ask again."""
+    messages = [{"role": "system", "content": "You are Kimi."}, {"role": "user", "content": "Weather in Paris?"}]
+    with scripted(server, {"Weather in Paris?": TOOL_ANSWER}):
+        r = client.chat.completions.create(model="kimi-k2-thinking", messages=messages, tools=TOOLS,
+                                           temperature=1.0, max_tokens=1024 * 32)
+    choice = r.choices[0]
+    assert choice.message.reasoning_content == "Need the tool." and choice.finish_reason == "tool_calls"
+    messages.append(choice.message)                  # a pydantic object, sent back as the client dumps it
+    for call in choice.message.tool_calls:
+        messages.append({"role": "tool", "tool_call_id": call.id, "name": call.function.name,
+                         "content": json.dumps({"weather": "Sunny"})})
+    with scripted(server, {json.dumps({"weather": "Sunny"}): "<think>Sunny.</think>It is sunny."}):
+        r = client.chat.completions.create(model="kimi-k2-thinking", messages=messages, tools=TOOLS, max_tokens=100)
+    assert r.choices[0].message.content == "It is sunny." and r.choices[0].finish_reason == "stop"
+    assert r.choices[0].message.reasoning_content == "Sunny."
+    stream = client.chat.completions.create(model="kimi-k2-thinking", messages=messages, tools=TOOLS,
+                                            max_tokens=5, stream=True)
+    for chunk in stream:                             # the streaming example reads deltas this way
+        if chunk.choices:
+            delta = chunk.choices[0].delta
+            if hasattr(delta, "reasoning_content"):
+                assert isinstance(delta.reasoning_content, str) and delta.reasoning_content
+
+
+def test_main_entry_point(model_dir):
+    import subprocess
+    import sys
+    p = subprocess.Popen([sys.executable, "-m", "k2lite.server", "--model", model_dir, "--port", "0",
+                          "--threads", "1", "--context", "512"], stderr=subprocess.PIPE, text=True, cwd=REPO)
+    try:
+        url = None
+        t0 = time.time()
+        while url is None and time.time() - t0 < TIMEOUT:
+            line = p.stderr.readline()
+            if not line:
+                break
+            if " on http://" in line:
+                url = line.split(" on ")[1].split()[0]
+        assert url and url.startswith("http://127.0.0.1:"), "server did not start"
+        client = openai.OpenAI(base_url=url + "/v1", api_key="none", max_retries=0, timeout=TIMEOUT)
+        with pytest.raises(openai.BadRequestError):
+            client.chat.completions.create(model="m", messages=[{"role": "nobody", "content": "x"}])
+        assert client.chat.completions.create(model="m", messages=USER, max_tokens=3).usage.completion_tokens <= 3
+    finally:
+        p.terminate()
+        _, err = p.communicate(timeout=TIMEOUT)
+    assert "Traceback" not in err
