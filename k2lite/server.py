@@ -625,6 +625,8 @@ def serve(model, host: str = "127.0.0.1", port: int = 8000, max_batch: int = 8, 
     srv = Server(llm, host, port, max_batch, max_queue, model_name, thinking, default_max_tokens)
     if not block:
         return srv.start()
+    if not logging.getLogger().handlers:     # called as a library (the click CLI): still log
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     srv.scheduler.start()
     log.info("k2lite serving %s on %s (max batch %d, context %d)", srv.model_name, srv.url, max_batch, llm.context)
     try:
@@ -646,15 +648,20 @@ def main(argv=None):
     p.add_argument("--context", type=int, help="max tokens per sequence (prompt + answer)")
     p.add_argument("--cache-tokens", type=int, help="KV cache capacity in tokens (default max-batch x context)")
     p.add_argument("--max-queue", type=int, help="requests waiting for cache space before 429 (default 4 x max-batch)")
+    p.add_argument("--default-max-tokens", type=int, help="max_tokens when a request sets none "
+                   "(default: generation_config.json, else 256)")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda", "ref"])
     p.add_argument("--threads", "-t", type=int)
     a = p.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    if a.model is None:
-        from .llm import default_model_dir
-        a.model = default_model_dir()
-    serve(a.model, a.host, a.port, a.max_batch, a.context, device=a.device, threads=a.threads,
-          cache_tokens=a.cache_tokens, max_queue=a.max_queue)
+    try:
+        if a.model is None:
+            from .llm import default_model_dir
+            a.model = default_model_dir()
+        serve(a.model, a.host, a.port, a.max_batch, a.context, device=a.device, threads=a.threads,
+              cache_tokens=a.cache_tokens, max_queue=a.max_queue, default_max_tokens=a.default_max_tokens)
+    except (ValueError, OSError, RuntimeError) as e:     # bad folder, port in use: one line, exit 1
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)
 
 
 if __name__ == "__main__":
