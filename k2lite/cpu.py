@@ -24,6 +24,20 @@ def get_threads() -> int:
     return _cpu.get_threads()
 
 
+# INT4 ops with bf16 scales run on int8-quantized activations where the CPU has AVX512-VNNI
+# (relative error ~1e-5 NMSE, llama.cpp's q4_0 x q8_0 scheme); exact mode keeps fp32
+# activations (slower, reproduces ref to fp32 rounding). Process-wide.
+INT4_VNNI = bool(getattr(_cpu, "int4_vnni", False))
+
+
+def set_int4_exact(on: bool) -> None:
+    _cpu.set_int4_exact(bool(on))
+
+
+def get_int4_exact() -> bool:
+    return bool(_cpu.get_int4_exact())
+
+
 # ---------------------------------------------------------------- checks
 def _act(a, name: str, ndim: int, dtype=np.float32) -> np.ndarray:
     """An activation: converted to a C-contiguous array of dtype (cheap, small)."""

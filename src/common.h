@@ -50,6 +50,22 @@ void int4_prep_x(float* xp, const float* x, int T, int I, int group, bool scales
 void int4_rows(float* y, int ldy, const float* xp, int T, int I, const int32_t* packed,
                const void* scales, bool scales_f32, int group, int n0, int n1);
 
+// ---------------------------------------------------------------- INT4 x int8 (int4_matmul_vnni.cpp)
+// The fast path (AVX512-VNNI, bf16 scales, I % 32 == 0, group 32/64/128 or a multiple of 128):
+// x is quantized per 32 inputs to int8 + an fp32 scale, into blocks of 128 columns
+// (Q8_BLOCK_BYTES each, 64-byte aligned); results then differ from ref by ~1e-5 NMSE.
+// g_int4_exact (process-wide, default false) turns it off: every INT4 op then takes the exact
+// path above (set by k2lite.cpu.set_int4_exact).
+extern bool g_int4_exact;
+#define Q8_BLOCK_BYTES 256
+bool int4_vnni(int I, int group, bool scales_f32);
+static inline size_t int4_q8_bytes(int ncols) { return (size_t)ceil_div(ncols, 128) * Q8_BLOCK_BYTES; }
+// Quantize ncols (a multiple of 32) columns of x into ceil(ncols/128) blocks at xq.
+void int4_quant_x(void* xq, const float* x, int ncols);
+// y[t*ldy + n] = Σ_i x[t,i] W[n,i] for t < T, n0 <= n < n1; xq[t] = token t's quantized row.
+void int4_rows_q8(float* y, int ldy, const void* const* xq, int T, int I, const int32_t* packed,
+                  const uint16_t* scales, int group, int n0, int n1);
+
 // ---------------------------------------------------------------- BF16 rows (bf16_matmul.cpp)
 // y[t*ldy + n] = Σ_i x[t,i] w[n,i] for t < T, n0 <= n < n1; w is bf16 bits [N, I].
 void bf16_rows(float* y, int ldy, const float* x, int T, int I, const uint16_t* w, int n0, int n1);

@@ -251,8 +251,28 @@ void int4_rows(float* y, int ldy, const float* xp, int T, int I, const int32_t* 
 }
 
 // ---------------------------------------------------------------- op: rows split over threads
+// Work items are chunks of rows handed out dynamically (no barrier inside the call): when one
+// thread is descheduled on a busy machine the other takes the remaining chunks.
 void int4_matmul(float* out, const float* x, const int32_t* packed, const void* scales,
                  bool scales_f32, int T, int I, int N, int group) {
+    if (int4_vnni(I, group, scales_f32)) {
+        const size_t qb = int4_q8_bytes(I);
+        std::vector<uint8_t> buf((size_t)T * qb + 64);
+        uint8_t* base = (uint8_t*)(((uintptr_t)buf.data() + 63) & ~(uintptr_t)63);
+        std::vector<const void*> xt(T);
+        for (int t = 0; t < T; t++) {
+            int4_quant_x(base + t * qb, x + (size_t)t * I, I);
+            xt[t] = base + t * qb;
+        }
+        const int chunk = 64;   // rows per item: 64 * I/2 bytes, L2-resident across token chunks
+        const int items = ceil_div(N, chunk);
+        #pragma omp parallel for schedule(dynamic, 1) if (items > 1)
+        for (int it = 0; it < items; it++) {
+            const int n0 = it * chunk, n1 = n0 + chunk < N ? n0 + chunk : N;
+            int4_rows_q8(out, N, xt.data(), T, I, packed, (const uint16_t*)scales, group, n0, n1);
+        }
+        return;
+    }
     std::vector<float> xp((size_t)T * I);
     int4_prep_x(xp.data(), x, T, I, group, scales_f32);
     const int block = 16;   // rows per work item; dynamic chunks ride out a busy core

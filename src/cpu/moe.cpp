@@ -14,6 +14,75 @@ static void mat_rows(float* y, int ldy, const float* xp, int T, int I, const Exp
         bf16_rows(y, ldy, xp, T, I, (const uint16_t*)e.q[m], n0, n1);
 }
 
+static inline float silu_mul(float g, float u) { return g / (1.f + std::exp(-g)) * u; }
+
+static uint8_t* align64(std::vector<uint8_t>& v, size_t bytes) {
+    v.resize(bytes + 64);
+    return (uint8_t*)(((uintptr_t)v.data() + 63) & ~(uintptr_t)63);
+}
+
+// The INT4 x int8 (VNNI) path: one parallel region with a single barrier. x is quantized once
+// per token. Phase 1 items = (expert, 128-row block of F): gate and up rows for the expert's
+// tokens, SwiGLU, and the int8 quantization of that block of h (a 128-row block of gate/up is
+// exactly one 128-column block of down's input). Phase 2 items = row blocks of D over all
+// used experts, each item also doing the weighted sum of its columns of out in k order.
+static void moe_q8(float* out, const float* x, const float* weights, const ExpertMats* experts,
+                   int n_used, int group, int T, int D, int F, int K, const std::vector<int>& start,
+                   const std::vector<int>& slot_tok, const std::vector<int>& pos) {
+    const int S = T * K;
+    const size_t qd = int4_q8_bytes(D), qf = int4_q8_bytes(F);
+    std::vector<uint8_t> xbuf, hbuf;
+    uint8_t* xq = align64(xbuf, (size_t)T * qd);
+    uint8_t* hq = align64(hbuf, (size_t)S * qf);
+    for (int t = 0; t < T; t++) int4_quant_x(xq + t * qd, x + (size_t)t * D, D);
+    std::vector<const void*> xs(S), hs(S);            // per slot, in expert order
+    for (int p = 0; p < S; p++) { xs[p] = xq + slot_tok[p] * qd; hs[p] = hq + p * qf; }
+    const int RF = 128, RD = 64;
+    const int nbf = ceil_div(F, RF), nbd = ceil_div(D, RD);
+    #pragma omp parallel
+    {
+        std::vector<float> g((size_t)S * RF), h((size_t)S * RF), y((size_t)S * RD);
+        #pragma omp for schedule(dynamic, 1)
+        for (int it = 0; it < n_used * nbf; it++) {
+            const int u = it / nbf, r0 = (it % nbf) * RF, r1 = r0 + RF < F ? r0 + RF : F, nr = r1 - r0;
+            const int p0 = start[u], nt = start[u + 1] - p0;
+            if (nt == 0) continue;
+            const ExpertMats& e = experts[u];
+            int4_rows_q8(g.data() - r0, RF, &xs[p0], nt, D, (const int32_t*)e.q[0],
+                         (const uint16_t*)e.s[0], group, r0, r1);
+            int4_rows_q8(h.data() - r0, RF, &xs[p0], nt, D, (const int32_t*)e.q[1],
+                         (const uint16_t*)e.s[1], group, r0, r1);
+            for (int t = 0; t < nt; t++) {
+                float* ht = &h[(size_t)t * RF];
+                const float* gt = &g[(size_t)t * RF];
+                for (int r = 0; r < nr; r++) ht[r] = silu_mul(gt[r], ht[r]);
+                int4_quant_x(hq + (p0 + t) * qf + (size_t)(r0 / 128) * Q8_BLOCK_BYTES, ht, nr);
+            }
+        }
+        #pragma omp for schedule(dynamic, 1) nowait
+        for (int it = 0; it < nbd; it++) {
+            const int r0 = it * RD, r1 = r0 + RD < D ? r0 + RD : D, nr = r1 - r0;
+            for (int u = 0; u < n_used; u++) {
+                const int p0 = start[u], nt = start[u + 1] - p0;
+                if (nt == 0) continue;
+                const ExpertMats& e = experts[u];
+                int4_rows_q8(&y[(size_t)p0 * RD] - r0, RD, &hs[p0], nt, F, (const int32_t*)e.q[2],
+                             (const uint16_t*)e.s[2], group, r0, r1);
+            }
+            for (int t = 0; t < T; t++) {
+                float* o = out + (size_t)t * D + r0;
+                for (int d = 0; d < nr; d++) o[d] = 0.f;
+                for (int k = 0; k < K; k++) {
+                    const float w = weights[(size_t)t * K + k];
+                    const float* ys = &y[(size_t)pos[t * K + k] * RD];
+                    #pragma omp simd
+                    for (int d = 0; d < nr; d++) o[d] += w * ys[d];
+                }
+            }
+        }
+    }
+}
+
 void moe(float* out, const float* x, const int32_t* lidx, const float* weights,
          const ExpertMats* experts, int n_used, bool int4, int group, int T, int D, int F, int K) {
     const int S = T * K;   // slots
@@ -23,6 +92,10 @@ void moe(float* out, const float* x, const int32_t* lidx, const float* weights,
     for (int u = 0; u < n_used; u++) start[u + 1] += start[u];
     std::vector<int> fill(start.begin(), start.end() - 1);
     for (int s = 0; s < S; s++) { int p = fill[lidx[s]]++; slot_tok[p] = s / K; pos[s] = p; }
+    if (int4 && int4_vnni(D, group, experts[0].s_f32[0]) && int4_vnni(F, group, false)) {
+        moe_q8(out, x, weights, experts, n_used, group, T, D, F, K, start, slot_tok, pos);
+        return;
+    }
 
     std::vector<float> xs((size_t)S * D), g((size_t)S * F), h((size_t)S * F), hp((size_t)S * F),
         y((size_t)S * D);
