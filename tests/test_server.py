@@ -280,7 +280,9 @@ def test_cache_full_waits_then_429(model_dir):
         with scripted(srv, {"A": "x " * 200, "B": "done"}, release):
             a = client.chat.completions.create(model="m", messages=[{"role": "user", "content": "A"}],
                                                max_tokens=190, stream=True)
-            next(iter(a))
+            ia = iter(a)
+            while not next(ia).choices[0].delta.content:     # the role chunk comes before admission
+                pass
             b = client.chat.completions.create(model="m", messages=[{"role": "user", "content": "B"}],
                                                max_tokens=190, stream=True)
             assert srv.scheduler.stats()["waiting"] == 1
@@ -356,6 +358,13 @@ def test_bad_input_through_client_and_server_stays_up(server, client):
         client.embeddings.create(model="m", input="x")
     status, _ = post_raw(server, CHAT, b"{", {"Content-Length": "1"})
     assert status == 400
+    host, port = server.server_address[:2]
+    for method in ("GET", "PUT"):
+        conn = http.client.HTTPConnection(host, port, timeout=TIMEOUT)
+        conn.request(method, CHAT)
+        resp = conn.getresponse()
+        assert resp.status in (405, 501) and "error" in json.loads(resp.read())
+        conn.close()
     r = client.chat.completions.create(model="m", messages=USER, max_tokens=2)
     assert r.choices[0].finish_reason in ("stop", "length")
 
