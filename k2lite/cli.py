@@ -261,5 +261,24 @@ def convert(src, dst, experts, group, qat_grid, shard_size, no_resume):
                f"peak RSS {st['peak_rss_mb']:.0f} MB", err=True)
 
 
+@main.command()
+@model_options
+@click.option("--host", default="127.0.0.1", show_default=True, help="Bind address (loopback by default).")
+@click.option("--port", type=click.IntRange(0, 65535), default=8000, show_default=True)
+@click.option("--max-batch", type=click.IntRange(1), default=8, show_default=True,
+              help="Sequences decoded together in one step.")
+@click.option("--context", type=click.IntRange(1), help="Tokens per sequence (prompt + answer).")
+@click.option("--cache-tokens", type=click.IntRange(1), help="KV cache size in tokens (default max-batch x context).")
+@click.option("--max-queue", type=click.IntRange(0), help="Requests that may wait for cache; beyond: HTTP 429.")
+@click.option("--default-max-tokens", type=click.IntRange(1), help="Answer limit when a request sets none.")
+def serve(model, device, threads, host, port, max_batch, context, cache_tokens, max_queue, default_max_tokens):
+    """OpenAI-compatible server: /v1/chat/completions, /v1/completions, /v1/models, /health."""
+    from .llm import default_model_dir
+    from .server import serve as run
+    run(model or default_model_dir(), host=host, port=port, max_batch=max_batch, context=context,
+        device=device, threads=threads, cache_tokens=cache_tokens, max_queue=max_queue,
+        default_max_tokens=default_max_tokens)
+
+
 if __name__ == "__main__":
     main()
