@@ -82,7 +82,7 @@ void int4_quant_x(void* xq, const float* x, int ncols) {
 // 32 columns (row stride lds); a block's 4 scales are one 8-byte broadcast, and vpshufb moves
 // scale k into the high half of the 4 lanes of 128-bit lane k. A partial last block reads
 // zero-padded copies of its weight bytes and scales (never past the end of a row).
-template <int RB, int TT>
+template <int RB, int TT, bool PF>
 static void q8_tile(float* y, int ldy, const Q8Block* const* xt, int I, const uint8_t* wb,
                     size_t ldw, const uint16_t* sc, size_t lds) {
     const __m512i m4 = _mm512_set1_epi8(0x0F);
@@ -113,6 +113,11 @@ static void q8_tile(float* y, int ldy, const Q8Block* const* xt, int I, const ui
         for (int r = 0; r < RB; r++) {
             const uint8_t* wp = full ? wb + r * ldw + 64 * (size_t)b : tw[r];
             const uint16_t* sp = full ? sc + r * lds + 4 * (size_t)b : ts[r];
+            if (PF) {   // the next tile's bytes: mmap'd weights sit on 4 KiB pages, where
+                        // the hardware prefetchers stop at each page boundary
+                _mm_prefetch((const char*)wp + RB * ldw, _MM_HINT_T0);
+                if ((b & 7) == 0) _mm_prefetch((const char*)(sp + RB * lds), _MM_HINT_T0);
+            }
             __m512i w = _mm512_loadu_si512(wp);
             lo[r] = _mm512_and_si512(w, m4);
             hi[r] = _mm512_and_si512(_mm512_srli_epi16(w, 4), m4);
@@ -138,15 +143,18 @@ static void q8_tile(float* y, int ldy, const Q8Block* const* xt, int I, const ui
 
 template <int RB>
 static void q8_tiles(float* y, int ldy, const Q8Block* const* xt, int T, int I, const uint8_t* wb,
-                     size_t ldw, const uint16_t* sc, size_t lds) {
+                     size_t ldw, const uint16_t* sc, size_t lds, bool pf) {
     for (int t0 = 0; t0 < T; t0 += 4) {
         float* yt = y + (size_t)t0 * ldy;
-        switch (T - t0 < 4 ? T - t0 : 4) {
-            case 1: q8_tile<RB, 1>(yt, ldy, xt + t0, I, wb, ldw, sc, lds); break;
-            case 2: q8_tile<RB, 2>(yt, ldy, xt + t0, I, wb, ldw, sc, lds); break;
-            case 3: q8_tile<RB, 3>(yt, ldy, xt + t0, I, wb, ldw, sc, lds); break;
-            default: q8_tile<RB, 4>(yt, ldy, xt + t0, I, wb, ldw, sc, lds); break;
-        }
+        const int tt = T - t0 < 4 ? T - t0 : 4;
+        const bool p = pf && t0 == 0;     // prefetch during the first token tile only
+#define K2_Q8(TT) (p ? q8_tile<RB, TT, true>(yt, ldy, xt + t0, I, wb, ldw, sc, lds) \
+                     : q8_tile<RB, TT, false>(yt, ldy, xt + t0, I, wb, ldw, sc, lds))
+        if (tt == 1) K2_Q8(1);
+        else if (tt == 2) K2_Q8(2);
+        else if (tt == 3) K2_Q8(3);
+        else K2_Q8(4);
+#undef K2_Q8
     }
 }
 
@@ -173,11 +181,11 @@ void int4_rows_q8(float* y, int ldy, const void* const* xq, int T, int I, const 
         int n = n0;
         for (; n + 4 <= n1; n += 4) {
             const uint16_t* sc = rows_sc(n, 4, ld);
-            q8_tiles<4>(yc + n, ldy, xt + c0, tc, I, w + n * ldw, ldw, sc, ld);
+            q8_tiles<4>(yc + n, ldy, xt + c0, tc, I, w + n * ldw, ldw, sc, ld, group == 32 && n + 8 <= n1);
         }
         for (; n < n1; n++) {
             const uint16_t* sc = rows_sc(n, 1, ld);
-            q8_tiles<1>(yc + n, ldy, xt + c0, tc, I, w + n * ldw, ldw, sc, ld);
+            q8_tiles<1>(yc + n, ldy, xt + c0, tc, I, w + n * ldw, ldw, sc, ld, false);
         }
     }
 }
