@@ -8,7 +8,9 @@
 3. BF16 GEMV/GEMM at attention / dense / lm_head shapes (also cycled over > caches);
 4. MoE: 8 of 64 INT4 experts per token, D=7168, F=2048.
 GB/s counts weight bytes (INT4: packed + scales). The box is shared, so each figure is the
-best and the median of --reps repeats.
+best and the median of --reps repeats; GB/cpu-s divides by the median CPU time of the process
+(all threads), i.e. the rate per core-second actually granted, which a loaded box hides in
+the wall-clock figures. --int4 skips the BF16 shapes; --exact adds the exact INT4 path.
 """
 from __future__ import annotations
 
@@ -29,15 +31,21 @@ from k2lite.formats import Int4Tensor
 GB = 1e9
 
 
+CPU_SECONDS = []   # per timeit(): process CPU seconds per call (all threads), median
+
+
 def timeit(fn, reps: int, inner: int):
-    """Best and median seconds per call over reps repeats of `inner` calls."""
+    """Best and median wall seconds per call over reps repeats of `inner` calls; the median
+    CPU seconds per call (all threads) goes to CPU_SECONDS."""
     fn()
-    times = []
+    times, cpu_times = [], []
     for _ in range(reps):
-        t0 = time.perf_counter()
+        c0, t0 = time.process_time(), time.perf_counter()
         for _ in range(inner):
             fn()
         times.append((time.perf_counter() - t0) / inner)
+        cpu_times.append((time.process_time() - c0) / inner)
+    CPU_SECONDS.append(float(np.median(cpu_times)))
     return min(times), float(np.median(times))
 
 
@@ -57,7 +65,10 @@ def main():
     ap.add_argument("--threads", type=int, default=os.cpu_count())
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--quick", action="store_true", help="smaller weight sets (0.25 GiB)")
+    ap.add_argument("--int4", action="store_true", help="stream, INT4 matmul and MoE only")
+    ap.add_argument("--exact", action="store_true", help="also time the exact INT4 path (T=1)")
     args = ap.parse_args()
+    load0 = os.getloadavg()[0]
     cpu.set_threads(args.threads)
     rng = np.random.default_rng(0)
     set_bytes = (0.25 if args.quick else 1.0) * 2**30
@@ -66,9 +77,11 @@ def main():
     buf = np.ones(int(set_bytes) // 4, np.float32)
     best, med = timeit(lambda: cpu._cpu.stream_read(buf), args.reps, 2)
     bw = buf.nbytes / best / GB
-    rows.append(("stream read (C++ sum)", "1x %.2f GiB" % (buf.nbytes / 2**30), 1, bw, buf.nbytes / med / GB))
+    rows.append(("stream read (C++ sum)", "1x %.2f GiB" % (buf.nbytes / 2**30), 1, bw, buf.nbytes / med / GB,
+                 buf.nbytes / CPU_SECONDS[-1] / GB))
     best, med = timeit(lambda: buf.sum(), max(2, args.reps // 2), 1)
-    rows.append(("numpy buf.sum()", "", 1, buf.nbytes / best / GB, buf.nbytes / med / GB))
+    rows.append(("numpy buf.sum()", "", 1, buf.nbytes / best / GB, buf.nbytes / med / GB,
+                 buf.nbytes / CPU_SECONDS[-1] / GB))
     del buf
 
     def bench(name, mats, fn, T, inner_calls=None):
@@ -83,21 +96,26 @@ def main():
         inner = inner_calls or len(mats)
         best, med = timeit(call, args.reps, inner)
         shape = mats[0].shape
-        rows.append((name, f"{shape[0]}x{shape[1]}", T, nb / best / GB, nb / med / GB))
+        rows.append((name, f"{shape[0]}x{shape[1]}", T, nb / best / GB, nb / med / GB, nb / CPU_SECONDS[-1] / GB))
 
     for n, i in ((2048, 7168), (7168, 2048)):
         one = n * i // 2 + n * i // 32 * 2
         mats = [rand_int4(rng, n, i) for _ in range(max(2, int(set_bytes // one)))]
         for T in (1, 4, 16):
             bench("int4_matmul", mats, lambda x, w: cpu.int4_matmul(x, w.packed, w.scales, w.group_size), T)
+        if args.exact:
+            cpu.set_int4_exact(True)
+            bench("int4_matmul (exact path)", mats, lambda x, w: cpu.int4_matmul(x, w.packed, w.scales, w.group_size), 1)
+            cpu.set_int4_exact(False)
         del mats
     # the numpy reference, for scale (one small call)
     w = rand_int4(rng, 2048, 7168)
     x = rng.standard_normal((1, 7168)).astype(np.float32)
     best, med = timeit(lambda: ref.int4_matmul(x, w.packed, w.scales, 32), 1, 1)
-    rows.append(("ref.int4_matmul (numpy)", "2048x7168", 1, w.nbytes / best / GB, w.nbytes / med / GB))
+    rows.append(("ref.int4_matmul (numpy)", "2048x7168", 1, w.nbytes / best / GB, w.nbytes / med / GB,
+                 w.nbytes / CPU_SECONDS[-1] / GB))
 
-    for n, i in ((1536, 7168), (12288, 1536), (576, 7168), (7168, 8192), (163840, 7168)):
+    for n, i in () if args.int4 else ((1536, 7168), (12288, 1536), (576, 7168), (7168, 8192), (163840, 7168)):
         one = n * i * 2
         count = max(2, int(set_bytes // one)) if one < set_bytes else 1
         if one > 2.5 * 2**30 and args.quick:
@@ -128,13 +146,15 @@ def main():
             cpu.moe(x, experts, idx, wts)
         best, med = timeit(call, args.reps, max(4, E // 8))
         nb = per_expert * state["nexp"]
-        rows.append(("moe (8 of %d, int4)" % E, f"D{D} F{F} x{state['nexp']}exp", T, nb / best / GB, nb / med / GB))
+        rows.append(("moe (8 of %d, int4)" % E, f"D{D} F{F} x{state['nexp']}exp", T, nb / best / GB, nb / med / GB,
+                     nb / CPU_SECONDS[-1] / GB))
 
     print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cpus, "
-          f"threads={args.threads}, simd={cpu.SIMD}")
-    print(f"{'kernel':28s} {'shape':22s} {'T':>3s} {'GB/s best':>10s} {'median':>8s} {'% of bw':>8s}")
-    for name, shape, T, b, m in rows:
-        print(f"{name:28s} {shape:22s} {T:3d} {b:10.2f} {m:8.2f} {100 * b / bw:7.0f}%")
+          f"threads={args.threads}, simd={cpu.SIMD}, int4 vnni={cpu.INT4_VNNI}, "
+          f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY')}, load average {load0:.1f} -> {os.getloadavg()[0]:.1f}")
+    print(f"{'kernel':28s} {'shape':22s} {'T':>3s} {'GB/s best':>10s} {'median':>8s} {'% of bw':>8s} {'GB/cpu-s':>9s}")
+    for name, shape, T, b, m, c in rows:
+        print(f"{name:28s} {shape:22s} {T:3d} {b:10.2f} {m:8.2f} {100 * b / bw:7.0f}% {c:9.2f}")
 
 
 if __name__ == "__main__":

@@ -115,8 +115,8 @@ static void q8_tile(float* y, int ldy, const Q8Block* const* xt, int I, const ui
             const uint16_t* sp = full ? sc + r * lds + 4 * (size_t)b : ts[r];
             if (PF) {   // the next tile's bytes: mmap'd weights sit on 4 KiB pages, where
                         // the hardware prefetchers stop at each page boundary
-                _mm_prefetch((const char*)wp + RB * ldw, _MM_HINT_T0);
-                if ((b & 7) == 0) _mm_prefetch((const char*)(sp + RB * lds), _MM_HINT_T0);
+                _mm_prefetch((const char*)wp + 2 * RB * ldw, _MM_HINT_T1);
+                if ((b & 7) == 0) _mm_prefetch((const char*)(sp + 2 * RB * lds), _MM_HINT_T1);
             }
             __m512i w = _mm512_loadu_si512(wp);
             lo[r] = _mm512_and_si512(w, m4);
@@ -181,7 +181,7 @@ void int4_rows_q8(float* y, int ldy, const void* const* xq, int T, int I, const 
         int n = n0;
         for (; n + 4 <= n1; n += 4) {
             const uint16_t* sc = rows_sc(n, 4, ld);
-            q8_tiles<4>(yc + n, ldy, xt + c0, tc, I, w + n * ldw, ldw, sc, ld, group == 32 && n + 8 <= n1);
+            q8_tiles<4>(yc + n, ldy, xt + c0, tc, I, w + n * ldw, ldw, sc, ld, group == 32 && n + 12 <= n1);
         }
         for (; n < n1; n++) {
             const uint16_t* sc = rows_sc(n, 1, ld);
