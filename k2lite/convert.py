@@ -39,6 +39,7 @@ def _logical_tensors(ck: Checkpoint, cfg: Config, int4_experts: bool, group_size
             yield name, (lambda n=name: _fp8(ck, cfg, n, int4_experts))
         else:
             yield name, (lambda n=name: _plain(ck, n))
+        ck.release(name)                    # its pages are consumed: keep RSS flat
 
 
 def _plain(ck, name):

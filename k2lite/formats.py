@@ -142,9 +142,14 @@ def dequantize_fp8(t: Fp8Tensor, rows: slice = slice(None)) -> np.ndarray:
     w = t.weight[rows]
     r0 = rows.start or 0
     bo, bi = t.block
-    r = (np.arange(w.shape[0]) + r0) // bo
-    s = np.repeat(t.scale_inv[r], bi, axis=1)[:, :w.shape[1]]
-    return E4M3[w] * s
+    out = E4M3[w]
+    n, m = out.shape
+    if r0 % bo == 0 and n % bo == 0 and m % bi == 0:     # whole blocks: broadcast, no copies
+        blocks = out.reshape(n // bo, bo, m // bi, bi)
+        blocks *= t.scale_inv[r0 // bo:r0 // bo + n // bo, None, :, None]
+        return out
+    r = (np.arange(n) + r0) // bo
+    return out * np.repeat(t.scale_inv[r], bi, axis=1)[:, :m]
 
 
 def f32_to_e4m3(x: np.ndarray) -> np.ndarray:

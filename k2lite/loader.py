@@ -66,6 +66,10 @@ class Checkpoint:
         f = self.files[self.where[name]]
         return f.dtype(name), f.shape(name)
 
+    def release(self, name: str):
+        """Unmap a tensor's pages once it has been consumed (see SafetensorsFile.release)."""
+        self.files[self.where[name]].release(name)
+
     def read(self, name: str) -> np.ndarray:
         """A small tensor, copied (not mapped)."""
         if name not in self.where:

@@ -99,6 +99,16 @@ class SafetensorsFile:
     def shape(self, name) -> tuple:
         return self.entries[name][1]
 
+    def release(self, name):
+        """Drop this tensor's pages from our mapping (they stay in the page cache): streaming
+        jobs like convert then keep resident memory flat instead of growing with the file."""
+        dt, shape, b = self.entries[name]
+        start = self.data_start + b
+        end = start + math.prod(shape) * DTYPES[dt].itemsize
+        start -= start % mmap.PAGESIZE
+        if self._mm is not None and end > start and hasattr(self._mm, "madvise"):
+            self._mm.madvise(mmap.MADV_DONTNEED, start, end - start)
+
     def read(self, name) -> np.ndarray:
         """A copy of a small tensor read with pread: it is not mapped, so it adds nothing
         to resident memory (the 70k `weight_shape` vectors of K2 Thinking)."""

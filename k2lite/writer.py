@@ -7,8 +7,8 @@ INT4 (`weight_packed` I32, `weight_scale` BF16, `weight_shape` I32); the router'
 projection as DeepSeek-style FP8 blocks, for K2 Base/Instruct-shaped test checkpoints); and a
 release-style config.json with its `quantization_config`.
 
-Memory stays bounded: each tensor is encoded and appended to its shard's data file at once,
-and a shard's header is written when the shard is closed. A progress file records closed
+Memory stays bounded: each tensor is encoded and appended to its shard file at once, and the
+shard's header is written into room reserved at its start when the shard is closed. A progress file records closed
 shards, so an interrupted `write_checkpoint(..., resume=True)` skips what is already written
 (tensors may be given as zero-argument callables so skipped ones are never even read).
 """
@@ -80,25 +80,36 @@ def _float(w) -> np.ndarray:
 
 
 class _Shard:
-    """One output shard: tensor data streams to `<tmp>.data`; close() prepends the header."""
+    """One output shard, written in one pass: `reserve` bytes are left for the header, data
+    streams in after them, and close() writes the header padded with spaces (JSON allows it)
+    into that room. A header that outgrows the room (or a small shard, where the room would
+    be wasted) costs one compacting copy instead."""
 
-    def __init__(self, tmp: str):
-        self.tmp, self.header, self.size, self.logical = tmp, {}, 0, []
-        self.data = open(tmp + ".data", "wb")
+    def __init__(self, tmp: str, reserve: int = 1 << 20):
+        self.tmp, self.header, self.size, self.logical, self.reserve = tmp, {}, 0, [], reserve
+        self.f = open(tmp, "wb")
+        self.f.seek(8 + reserve)
 
     def add(self, stored: str, arr: np.ndarray, dt: str):
         arr = np.ascontiguousarray(arr)
         self.header[stored] = {"dtype": dt, "shape": list(arr.shape),
                                "data_offsets": [self.size, self.size + arr.nbytes]}
-        self.data.write(arr.reshape(-1).view(np.uint8).data)
+        self.f.write(arr.reshape(-1).view(np.uint8).data)
         self.size += arr.nbytes
 
     def close(self):
-        self.data.close()
         raw = json.dumps({**self.header, "__metadata__": {"format": "pt"}}, separators=(",", ":")).encode()
-        raw += b" " * (-len(raw) % 8)            # 8-byte aligned data, as the reference writer
+        if len(raw) <= self.reserve and self.reserve - len(raw) <= self.size // 100:
+            self.f.seek(0)
+            self.f.write(struct.pack("<Q", self.reserve) + raw + b" " * (self.reserve - len(raw)))
+            self.f.close()
+            return
+        self.f.close()       # header too big for its room, or a small shard: one compacting copy
+        raw += b" " * (-len(raw) % 8)
+        os.replace(self.tmp, self.tmp + ".data")
         with open(self.tmp, "wb") as out, open(self.tmp + ".data", "rb") as src:
             out.write(struct.pack("<Q", len(raw)) + raw)
+            src.seek(8 + self.reserve)
             shutil.copyfileobj(src, out, 16 << 20)
         os.remove(self.tmp + ".data")
 
@@ -139,7 +150,8 @@ def write_checkpoint(out_dir: str, config: dict, tensors, *, int4_experts: bool 
         if shard is not None and shard.size and shard.size + nbytes > max_shard_bytes:
             close_shard()
         if shard is None:
-            shard = _Shard(os.path.join(out_dir, f"shard-{len(done):05d}.tmp"))
+            shard = _Shard(os.path.join(out_dir, f"shard-{len(done):05d}.tmp"),
+                           reserve=min(1 << 20, max(4096, max_shard_bytes // 64)))
         for stored, arr, dt in parts:
             shard.add(stored, arr, dt)
         shard.logical.append(name)
