@@ -92,6 +92,8 @@ static void q8_tile(float* y, int ldy, const Q8Block* const* xt, int I, const ui
         3, 2, -1, -1, 3, 2, -1, -1, 3, 2, -1, -1, 3, 2, -1, -1,
         1, 0, -1, -1, 1, 0, -1, -1, 1, 0, -1, -1, 1, 0, -1, -1);
     const int nfull = I / 128, nb = ceil_div(I, 128);
+    // prefetch distance: two row tiles (the same offset in each of their rows), >= 16 KiB
+    const size_t PFD = 2 * RB * ldw > 16384 ? 2 * RB * ldw : 16384;
     alignas(64) uint8_t tw[RB][64];
     alignas(8) uint16_t ts[RB][4];
     if (nb > nfull) {
@@ -113,10 +115,10 @@ static void q8_tile(float* y, int ldy, const Q8Block* const* xt, int I, const ui
         for (int r = 0; r < RB; r++) {
             const uint8_t* wp = full ? wb + r * ldw + 64 * (size_t)b : tw[r];
             const uint16_t* sp = full ? sc + r * lds + 4 * (size_t)b : ts[r];
-            if (PF) {   // the next tile's bytes: mmap'd weights sit on 4 KiB pages, where
-                        // the hardware prefetchers stop at each page boundary
-                _mm_prefetch((const char*)wp + 2 * RB * ldw, _MM_HINT_T1);
-                if ((b & 7) == 0) _mm_prefetch((const char*)(sp + 2 * RB * lds), _MM_HINT_T1);
+            if (PF) {   // bytes two tiles ahead (past n1 too: a prefetch never faults). mmap'd
+                        // weights sit on 4 KiB pages, where the hardware prefetchers stop
+                _mm_prefetch((const char*)wp + PFD, _MM_HINT_T1);
+                if ((b & 7) == 0) _mm_prefetch((const char*)sp + PFD / 8, _MM_HINT_T1);
             }
             __m512i w = _mm512_loadu_si512(wp);
             lo[r] = _mm512_and_si512(w, m4);
@@ -181,7 +183,7 @@ void int4_rows_q8(float* y, int ldy, const void* const* xq, int T, int I, const 
         int n = n0;
         for (; n + 4 <= n1; n += 4) {
             const uint16_t* sc = rows_sc(n, 4, ld);
-            q8_tiles<4>(yc + n, ldy, xt + c0, tc, I, w + n * ldw, ldw, sc, ld, group == 32 && n + 12 <= n1);
+            q8_tiles<4>(yc + n, ldy, xt + c0, tc, I, w + n * ldw, ldw, sc, ld, group == 32);
         }
         for (; n < n1; n++) {
             const uint16_t* sc = rows_sc(n, 1, ld);
