@@ -52,8 +52,9 @@ void int4_rows(float* y, int ldy, const float* xp, int T, int I, const int32_t* 
 
 // ---------------------------------------------------------------- INT4 x int8 (int4_matmul_vnni.cpp)
 // The fast path (AVX512-VNNI, bf16 scales, I % 32 == 0, group 32/64/128 or a multiple of 128):
-// x is quantized per 32 inputs to int8 + an fp32 scale, into blocks of 128 columns
-// (Q8_BLOCK_BYTES each, 64-byte aligned); results then differ from ref by ~1e-5 NMSE.
+// x is quantized to int8 with an fp32 scale per 8 inputs, into blocks of 128 columns
+// (Q8_BLOCK_BYTES each, 64-byte aligned; layout in int4_matmul_vnni.cpp); results then differ
+// from ref by ~1e-5 NMSE.
 // g_int4_exact (process-wide, default false) turns it off: every INT4 op then takes the exact
 // path above (set by k2lite.cpu.set_int4_exact).
 extern bool g_int4_exact;

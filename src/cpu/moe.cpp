@@ -3,6 +3,7 @@
 // grouped by expert so each expert's weights stream from memory once for all its tokens.
 // Three parallel phases: gate/up rows + SwiGLU, down rows, then a per-token weighted sum in
 // k order (deterministic, and a token that picks an expert twice simply gets two slots).
+// INT4 experts with bf16 scales take moe_q8 (int8 activations, VNNI, a single barrier).
 #include "common.h"
 #include <vector>
 
