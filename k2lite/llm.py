@@ -142,8 +142,10 @@ def default_model_dir() -> str:
     raise ModelFormatError("the default model k2-nano is not installed; pass --model DIR")
 
 
-def load(path: str, device: str = "cpu", threads: int | None = None, **kw) -> LLM:
-    """Open a checkpoint folder (config.json + safetensors). Weights are mmap'd, not read."""
+def load(path: str | None = None, device: str = "cpu", threads: int | None = None, **kw) -> LLM:
+    """Open a checkpoint folder (config.json + safetensors; default: the embedded k2-nano).
+    Weights are mmap'd, not read."""
+    path = default_model_dir() if path is None else path
     if not os.path.exists(path):
         raise ModelFormatError(f"{path}: no such file or directory")
     return LLM(path, device=device, threads=threads, **kw)
