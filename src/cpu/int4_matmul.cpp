@@ -267,7 +267,9 @@ void int4_matmul(float* out, const float* x, const int32_t* packed, const void* 
             int4_quant_x(base + t * qb, x + (size_t)t * I, I);
             xt[t] = base + t * qb;
         }
-        const int chunk = 64;   // rows per item: 64 * I/2 bytes, L2-resident across token chunks
+        // rows per item: ~256 KiB of weights (L2-resident across token chunks; the kernel's
+        // prefetch runs 16+ KiB past an item, so items much smaller would waste bandwidth)
+        const int chunk = 4 * ceil_div(ceil_div(1 << 18, I / 2), 4);
         const int items = ceil_div(N, chunk);
         #pragma omp parallel for schedule(dynamic, 1) if (items > 1)
         for (int it = 0; it < items; it++) {

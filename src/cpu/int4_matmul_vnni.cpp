@@ -4,8 +4,8 @@
 // (xs = amax/127, q = round(x/xs)); llama.cpp's q8_0 uses 32, but 8 costs the kernel nothing
 // (one dpbusd lane = 8 columns) and measured NMSE drops 1.7x (Gaussian x: 2.9e-5 -> 1.7e-5)
 // to 2.2x (moe, heavy-tailed SwiGLU outputs: 1.4e-4 -> 6e-5). Weights stay as they are on
-// disk: 4-bit codes u = q+8 in int32 words, 8 nibbles LSB-first, so byte k of a 32-column group holds column 2k (low nibble)
-// and 2k+1 (high nibble). The activations are stored de-interleaved to match, per block of 128
+// disk: 4-bit codes u = q+8 in int32 words, 8 nibbles LSB-first, so byte k of a 32-column
+// group holds column 2k (low nibble) and 2k+1 (high nibble). The activations are stored de-interleaved to match, per block of 128
 // columns (4 groups = 64 weight bytes = one zmm load):
 //   lo[64]   int8 q of the even columns (byte 16k+j = column 32k+2j of the block)
 //   hi[64]   int8 q of the odd columns  (column 32k+2j+1)

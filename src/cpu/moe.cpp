@@ -38,7 +38,10 @@ static void moe_q8(float* out, const float* x, const float* weights, const Exper
     for (int t = 0; t < T; t++) int4_quant_x(xq + t * qd, x + (size_t)t * D, D);
     std::vector<const void*> xs(S), hs(S);            // per slot, in expert order
     for (int p = 0; p < S; p++) { xs[p] = xq + slot_tok[p] * qd; hs[p] = hq + p * qf; }
-    const int RF = 128, RD = 64;
+    // rows per item: RF of gate/up (2 x 128 x D/2 bytes) and RD of down for every used expert
+    // (8 x 256 x F/2 bytes at K2 sizes); both a multiple of 128 / 4 rows, long enough that the
+    // kernel's prefetch past an item's last row (16+ KiB) costs little bandwidth
+    const int RF = 128, RD = 256;
     const int nbf = ceil_div(F, RF), nbd = ceil_div(D, RD);
     #pragma omp parallel
     {
