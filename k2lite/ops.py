@@ -51,13 +51,20 @@ def get(name: str | None = None) -> types.SimpleNamespace:
             setattr(ns, op, getattr(mod, op, None) or getattr(ref, op))
         if hasattr(mod, "set_threads"):
             ns.set_threads = mod.set_threads
-        _compose(ns, getattr(mod, "moe", None))
+        _compose(ns, getattr(mod, "moe", None), getattr(mod, "moe_supports", None))
         _cache[name] = ns
     return _cache[name]
 
 
-def _compose(ns, native_moe):
-    """linear / dense / swiglu_expert / moe over the backend's kernels."""
+def _native_int4_bf16(w) -> bool:
+    return isinstance(w, Int4Tensor) or getattr(w, "dtype", None) == np.uint16
+
+
+def _compose(ns, native_moe, moe_supports=None):
+    """linear / dense / swiglu_expert / moe over the backend's kernels. The backend's fused
+    moe runs when it supports the experts' format (its `moe_supports(weight)`, else INT4/BF16);
+    other formats use ref's grouping over this backend's matmuls."""
+    moe_supports = moe_supports or _native_int4_bf16
     def linear(x, w):
         if isinstance(w, Int4Tensor):
             return ns.int4_matmul(x, w.packed, w.scales, w.group_size)
@@ -69,8 +76,7 @@ def _compose(ns, native_moe):
         return linear(ns.silu(linear(x, gate)) * linear(x, up), down)
 
     def moe(x, experts, idx, weights):
-        first = experts[0][0]
-        if native_moe is not None and (isinstance(first, Int4Tensor) or getattr(first, "dtype", None) == np.uint16):
+        if native_moe is not None and moe_supports(experts[0][0]):
             return native_moe(x, experts, idx, weights)
         return ref.moe(x, experts, idx, weights, expert_fn=swiglu_expert)   # other formats
 
