@@ -211,7 +211,7 @@ def bench(path, n_prompt, n_gen, repeats, bw_bytes, device, threads):
         click.echo(f"| {name} | {human(mi.total_bytes)} | {human(mi.total_params, '')} | {llm.backend} | "
                    f"{threads or os.cpu_count()} | {test} | {statistics.mean(runs):.2f} ± {sd:.2f} |")
     bw = measure_bandwidth(bw_bytes)
-    click.echo(f"memory bandwidth: {human(bw)}/s (numpy sum over {human(bw_bytes)}, best of 3)")
+    click.echo(f"memory bandwidth: {human(bw)}/s (parallel sum over {human(bw_bytes)}, best of 3)")
     click.echo(f"decode reads {human(mi.decode_bytes_per_token)} of weights per token")
     tg = [k for k in results if k.startswith("tg")]
     if tg:
