@@ -7,6 +7,7 @@ tiktoken.model + tokenizer_config.json). Generation helpers (generate/stream/cha
 from __future__ import annotations
 
 import os
+import sys
 
 import numpy as np
 
@@ -72,7 +73,7 @@ class LLM(GenerationMixin):
 
     def __init__(self, path: str, device: str = "cpu", threads: int | None = None,
                  context: int | None = None, page_size: int = 64, max_cache_tokens: int | None = None,
-                 prefill_chunk: int = 256):
+                 prefill_chunk: int = 256, mmap: bool = True):
         self.path = path
         self.config = Config.from_json(os.path.join(path, "config.json")) if os.path.isdir(path) else \
             Config.from_json(path)
@@ -88,8 +89,12 @@ class LLM(GenerationMixin):
         self.ops = ops.get(backend)
         if threads and hasattr(self.ops, "set_threads"):
             self.ops.set_threads(int(threads))
-        self.checkpoint = Checkpoint(path)
-        self.weights = load_weights(self.config, self.checkpoint)
+        # mmap=True (default): weights are views of the files, opening is instant and pages are
+        # shared with the OS cache. mmap=False copies them into anonymous (huge-page) memory:
+        # slower to load and private, but decode streams them a little faster.
+        self.checkpoint = Checkpoint(path, use_mmap=mmap)
+        show = sys.stderr.isatty() and (not mmap or self.config.num_hidden_layers > 8)
+        self.weights = load_weights(self.config, self.checkpoint, _progress_bar if show else None)
         self.model = Model(self.config, self.weights, backend)
         self.context = int(context or min(self.config.max_position_embeddings, 1 << 20))
         cap = max_cache_tokens or max(self.context, 4096)
@@ -131,6 +136,13 @@ class LLM(GenerationMixin):
         c = self.config
         return (f"LLM({self.path!r}, device={self.device!r}, layers={c.num_hidden_layers}, "
                 f"hidden={c.hidden_size}, experts={c.n_routed_experts})")
+
+
+def _progress_bar(done: int, total: int):
+    """Loading progress on a terminal (not when stderr is piped)."""
+    bar = "#" * (30 * done // total)
+    sys.stderr.write(f"\rloading [{bar:<30}] {done}/{total} layers" + ("\n" if done == total else ""))
+    sys.stderr.flush()
 
 
 def default_model_dir() -> str:

@@ -25,7 +25,8 @@ MATRIX_DTYPES = ("BF16", "F32", "F16")
 class Checkpoint:
     """All tensors of a folder: through model.safetensors.index.json, else every *.safetensors."""
 
-    def __init__(self, path: str):
+    def __init__(self, path: str, use_mmap: bool = True):
+        self.use_mmap = use_mmap
         if not os.path.isdir(path):
             raise ModelFormatError(f"{path}: not a directory")
         self.path = path
@@ -85,7 +86,7 @@ class Checkpoint:
             raise ModelFormatError(f"{f.path}: tensor '{name}' has dtype {dt}, expected one of {'/'.join(dtypes)}")
         if shape is not None and tuple(sh) != tuple(shape):
             raise ModelFormatError(f"{f.path}: tensor '{name}' has shape {list(sh)}, config says {list(shape)}")
-        a = f.get(name)
+        a = f.get(name) if self.use_mmap else f.load(name)
         return a.astype(np.float32) if dt == "F16" else a    # F16 has no fast kernel: widen once
 
     def total_bytes(self) -> int:
@@ -137,8 +138,9 @@ def _matrix(ck: Checkpoint, prefix: str, shape, cfg: Config):
     return ck.get(prefix + ".weight", shape, MATRIX_DTYPES)
 
 
-def load_weights(cfg: Config, ck: Checkpoint) -> Weights:
-    """Build model.Weights from checkpoint names, checking every shape against the config."""
+def load_weights(cfg: Config, ck: Checkpoint, progress=None) -> Weights:
+    """Build model.Weights from checkpoint names, checking every shape against the config.
+    progress(i, n) is called after each layer."""
     D, H, V = cfg.hidden_size, cfg.num_attention_heads, cfg.vocab_size
     N, R, C, Vd = cfg.qk_nope_head_dim, cfg.qk_rope_head_dim, cfg.kv_lora_rank, cfg.v_head_dim
     pre = "language_model.model." if "language_model.model.embed_tokens.weight" in ck else "model."
@@ -175,6 +177,8 @@ def load_weights(cfg: Config, ck: Checkpoint) -> Weights:
             mlp = MLP(m("mlp.gate_proj", (Fd, D)), m("mlp.up_proj", (Fd, D)), m("mlp.down_proj", (D, Fd)))
         layers.append(Layer(_vector(ck, p + "input_layernorm.weight", D), attn,
                             _vector(ck, p + "post_attention_layernorm.weight", D), mlp))
+        if progress:
+            progress(i + 1, cfg.num_hidden_layers)
     embed = ck.get(pre + "embed_tokens.weight", (V, D), MATRIX_DTYPES)
     head_name = ("language_model." if pre.startswith("language_model") else "") + "lm_head"
     if cfg.tie_word_embeddings and head_name + ".weight" not in ck:
