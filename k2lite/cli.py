@@ -1,5 +1,5 @@
 """`k2lite` command line: generate, chat, info, bench, perplexity, convert, serve. A click wrapper over the library
-API (generate.py, info.py); errors print one `error: ...` line and exit 1."""
+API (generate.py, info.py); errors print one `error: ...` line and exit 2."""
 from __future__ import annotations
 
 import json
@@ -13,7 +13,7 @@ DEFAULT_PROMPT = "It is a truth universally acknowledged"
 
 
 class Group(click.Group):
-    """Turns every expected failure (bad args, bad model folder) into `error: ...`, exit 1."""
+    """Turns every expected failure (bad args, bad model folder) into `error: ...`, exit 2 (as the issue and click usage errors do)."""
 
     def main(self, args=None, prog_name=None, **kw):
         kw.pop("standalone_mode", None)
@@ -24,10 +24,10 @@ class Group(click.Group):
             sys.exit(130)
         except click.ClickException as e:
             click.echo(f"error: {e.format_message()}", err=True)
-            sys.exit(1)
+            sys.exit(2)
         except (ValueError, OSError, RuntimeError, KeyError) as e:   # ModelFormatError is a ValueError
             click.echo(f"error: {e}", err=True)
-            sys.exit(1)
+            sys.exit(2)
         sys.exit(rc if isinstance(rc, int) else 0)
 
 
@@ -227,7 +227,7 @@ def bench(path, n_prompt, n_gen, repeats, bw_bytes, device, threads):
 @click.option("--device", type=click.Choice(["cpu", "cuda", "ref"]), default="cpu", show_default=True)
 @click.option("--threads", "-t", type=click.IntRange(1))
 def perplexity(path, file, ctx, max_tokens, device, threads):
-    """Mean negative log-likelihood and perplexity of a text file, in windows of --ctx tokens."""
+    """Mean negative log-likelihood, perplexity and bits per byte of a text file, in --ctx windows."""
     import math
 
     from .generate import perplexity as ppl
@@ -238,8 +238,12 @@ def perplexity(path, file, ctx, max_tokens, device, threads):
         ids = llm.tokenizer.encode_ordinary(f.read())
     ids = ids[:max_tokens] if max_tokens else ids
     n, nll = ppl(llm, ids, ctx)
+    # bits per byte: total NLL in bits over the UTF-8 bytes of the scored tokens (all but each
+    # window's first), so it does not depend on the tokenizer
+    n_bytes = sum(len(llm.tokenizer.token_bytes(t)) for i, t in enumerate(ids) if i % ctx)
     click.echo(f"tokens {len(ids)}  scored {n}  windows {-(-(len(ids) - 1) // ctx)} of {ctx}  "
-               f"mean NLL {nll:.4f}  perplexity {math.exp(nll):.3f}")
+               f"mean NLL {nll:.4f}  perplexity {math.exp(nll):.3f}  "
+               f"bits/byte {nll * n / math.log(2) / max(n_bytes, 1):.4f}")
 
 
 @main.command()

@@ -58,7 +58,7 @@ def test_prompt_from_stdin(text_model, text_llm):  # noqa: F811
                                   ["generate", "--bogus-flag"]])
 def test_errors_are_one_line_and_exit_1(args, text_model):  # noqa: F811
     r = run(*[a.format(tm=text_model) for a in args])
-    assert r.exit_code == 1
+    assert r.exit_code == 2
     assert r.stderr.startswith("error: ") and r.stderr.count("\n") == 1, r.stderr
     assert "Traceback" not in r.output
 
@@ -134,4 +134,4 @@ def test_device_cuda_without_a_gpu_is_a_one_line_error(text_model):  # noqa: F81
     if ops.available("cuda"):
         pytest.skip("a CUDA build is present")
     r = run("generate", "Hi", "-m", text_model, "--device", "cuda", "-n", 1)
-    assert r.exit_code == 1 and r.stderr.startswith("error: ") and r.stderr.count("\n") == 1
+    assert r.exit_code == 2 and r.stderr.startswith("error: ") and r.stderr.count("\n") == 1
