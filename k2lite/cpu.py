@@ -20,7 +20,7 @@ import numpy as np
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 from . import _cpu, ref  # noqa: E402
-from .formats import Int4Tensor
+from .formats import Fp8Tensor, Int4Tensor
 
 SIMD = _cpu.simd
 
@@ -108,10 +108,42 @@ def int4_matmul(x: np.ndarray, packed: np.ndarray, scales: np.ndarray, group_siz
     return out
 
 
+def _block(block) -> tuple:
+    try:
+        bo, bi = (int(b) for b in block)
+    except (TypeError, ValueError):
+        raise ValueError(f"block: expected (bo, bi), got {block!r}") from None
+    if bo <= 0 or bi <= 0:
+        raise ValueError(f"block sizes must be positive, got {(bo, bi)}")
+    return bo, bi
+
+
+def _fp8_weight(weight, scale_inv, block, name: str, shape: tuple) -> tuple:
+    """Checks an FP8 matrix (codes [N, I] uint8, scale_inv float32 [ceil(N/bo), ceil(I/bi)])."""
+    bo, bi = _block(block)
+    _weight(weight, name + ".weight", np.uint8, shape)
+    _weight(scale_inv, name + ".scale_inv", np.float32, (_cdiv(shape[0], bo), _cdiv(shape[1], bi)))
+    return weight, scale_inv, bo, bi
+
+
+def fp8_matmul(x: np.ndarray, weight: np.ndarray, scale_inv: np.ndarray, block: tuple) -> np.ndarray:
+    """y[T,N] = x[T,I] · W[N,I]ᵀ, W = e4m3(weight) * scale_inv[n // bo, i // bi], decoded
+    inside the kernel (the dequantized matrix is never formed)."""
+    x = _act(x, "x", 2)
+    if not isinstance(weight, np.ndarray) or weight.ndim != 2:
+        raise ValueError("weight: expected a 2-D uint8 array of e4m3fn codes")
+    _, _, bo, bi = _fp8_weight(weight, scale_inv, block, "fp8", (weight.shape[0], x.shape[1]))
+    out = np.empty((x.shape[0], weight.shape[0]), np.float32)
+    _cpu.fp8_matmul(out, x, weight, scale_inv, bo, bi)
+    return out
+
+
 def linear(x: np.ndarray, w) -> np.ndarray:
     """The one choke point where the weight format picks the kernel (DeepSeek's linear())."""
     if isinstance(w, Int4Tensor):
         return int4_matmul(x, w.packed, w.scales, w.group_size)
+    if isinstance(w, Fp8Tensor):
+        return fp8_matmul(x, w.weight, w.scale_inv, w.block)
     if w.dtype == np.uint16:
         return bf16_matmul(x, w)
     return ref.f32_matmul(x, w)
@@ -153,25 +185,43 @@ def rope(x: np.ndarray, positions: np.ndarray, inv_freq: np.ndarray) -> np.ndarr
 
 
 # ---------------------------------------------------------------- mixture of experts
-def _expert_mats(e, d: int, int4: bool, group: int | None):
-    """(gate, up, down) -> what _cpu.moe takes: bf16 arrays or (packed, scales) pairs."""
+FMT_BF16, FMT_INT4, FMT_FP8 = 0, 1, 2   # src/common.h MoeFormat
+
+
+def _fmt(w) -> int:
+    if isinstance(w, Int4Tensor):
+        return FMT_INT4
+    if isinstance(w, Fp8Tensor):
+        return FMT_FP8
+    return FMT_BF16
+
+
+def moe_supports(w) -> bool:
+    """Expert formats the fused moe takes: INT4, FP8 (Fp8Tensor) and BF16 bits."""
+    return isinstance(w, (Int4Tensor, Fp8Tensor)) or getattr(w, "dtype", None) == np.uint16
+
+
+def _expert_mats(e, d: int, fmt: int, group: int | None):
+    """(gate, up, down) -> what _cpu.moe takes: bf16 arrays, (packed, scales) pairs or
+    (weight, scale_inv, bo, bi) tuples."""
     if not isinstance(e, (tuple, list)) or len(e) != 3:
         raise ValueError("each expert must be (gate_proj, up_proj, down_proj)")
     f = e[0].shape[0]
     shapes = ((f, d), (f, d), (d, f))
     mats = []
     for w, shape, name in zip(e, shapes, ("gate_proj", "up_proj", "down_proj")):
-        if int4:
-            if not isinstance(w, Int4Tensor) or w.group_size != group:
-                raise ValueError(f"{name}: all experts must share one format (Int4Tensor, group {group})")
-            if tuple(w.shape) != shape:
-                raise ValueError(f"{name}: expected shape {shape}, got {tuple(w.shape)}")
+        if _fmt(w) != fmt or (fmt == FMT_INT4 and w.group_size != group):
+            raise ValueError(f"{name}: all experts must share one format"
+                             + (f" (Int4Tensor, group {group})" if fmt == FMT_INT4 else ""))
+        if fmt != FMT_BF16 and tuple(w.shape) != shape:
+            raise ValueError(f"{name}: expected shape {shape}, got {tuple(w.shape)}")
+        if fmt == FMT_INT4:
             _weight(w.packed, name + ".packed", np.int32, (shape[0], _cdiv(shape[1], 8)))
             _scales(w.scales, name + ".scales", (shape[0], _cdiv(shape[1], group)))
             mats.append((w.packed, w.scales))
+        elif fmt == FMT_FP8:
+            mats.append(_fp8_weight(w.weight, w.scale_inv, w.block, name, shape))
         else:
-            if isinstance(w, Int4Tensor):
-                raise ValueError(f"{name}: all experts must share one format")
             mats.append(_weight(w, name, np.uint16, shape))
     return tuple(mats)
 
@@ -195,15 +245,15 @@ def moe(x: np.ndarray, experts: list, idx: np.ndarray, weights: np.ndarray) -> n
     if used.size == 0:
         return np.zeros_like(x)
     first = experts[int(used[0])][0]
-    int4 = isinstance(first, Int4Tensor)
-    group = first.group_size if int4 else 0
-    mats = [_expert_mats(experts[int(e)], d, int4, group) for e in used]
-    f = mats[0][0][0].shape[0] if int4 else mats[0][0].shape[0]
+    fmt = _fmt(first)
+    group = first.group_size if fmt == FMT_INT4 else 0
+    mats = [_expert_mats(experts[int(e)], d, fmt, group) for e in used]
+    f = mats[0][0][0].shape[0] if fmt != FMT_BF16 else mats[0][0].shape[0]
     for m in mats:
-        if (m[0][0] if int4 else m[0]).shape[0] != f:
+        if (m[0][0] if fmt != FMT_BF16 else m[0]).shape[0] != f:
             raise ValueError("experts: all experts must share one intermediate size")
     out = np.empty_like(x)
-    _cpu.moe(out, x, mats, local, weights, int4, int(group))
+    _cpu.moe(out, x, mats, local, weights, fmt, int(group))
     return out
 
 

@@ -66,9 +66,23 @@ static void b_bf16_matmul(arr out, arr x, arr w) {
     bf16_matmul(op, xp, wp, T, I, N);
 }
 
-// experts: list of (gate, up, down) for the used experts only; each matrix is either a bf16
-// array or a (packed, scales) pair. lidx[T,K] holds positions in that list.
-static void b_moe(arr out, arr x, py::list experts, arr lidx, arr weights, bool int4, int group) {
+static void b_fp8_matmul(arr out, arr x, arr w, arr scale_inv, int bo, int bi) {
+    need(bo > 0 && bi > 0, "block sizes must be positive");
+    const int T = x.shape(0), I = x.ndim() == 2 ? x.shape(1) : -1, N = w.shape(0);
+    const float* xp = cptr<float>(x, "x", {-1, -1});
+    const uint8_t* wp = cptr<uint8_t>(w, "weight", {N, I});
+    const float* sp = cptr<float>(scale_inv, "scale_inv", {ceil_div(N, bo), ceil_div(I, bi)});
+    float* op = wptr<float>(out, "out", {T, N});
+    py::gil_scoped_release nogil;
+    fp8_matmul(op, xp, wp, sp, T, I, N, bo, bi);
+}
+
+// experts: list of (gate, up, down) for the used experts only; each matrix is a bf16 array
+// (fmt 0), a (packed, scales) pair (fmt 1, INT4) or a (weight, scale_inv, bo, bi) tuple
+// (fmt 2, FP8). lidx[T,K] holds positions in that list.
+static void b_moe(arr out, arr x, py::list experts, arr lidx, arr weights, int fmt, int group) {
+    need(fmt >= MOE_BF16 && fmt <= MOE_FP8, "moe: unknown expert format");
+    const bool int4 = fmt == MOE_INT4;
     const float* xp = cptr<float>(x, "x", {-1, -1});
     const int T = x.shape(0), D = x.shape(1);
     const int32_t* ip = cptr<int32_t>(lidx, "idx", {T, -1});
@@ -94,6 +108,19 @@ static void b_moe(arr out, arr x, py::list experts, arr lidx, arr weights, bool 
                 mats[u].q[m] = cptr<int32_t>(pk, "packed", {rows, ceil_div(cols, 8)});
                 mats[u].s[m] = scale_ptr(sc, "scales", rows, ceil_div(cols, group), mats[u].s_f32[m]);
                 need(mats[u].s_f32[m] == mats[0].s_f32[0], "experts: all scales must share one dtype");
+            } else if (fmt == MOE_FP8) {
+                py::tuple ws = e[m].cast<py::tuple>();
+                need(ws.size() == 4, "fp8 matrix must be (weight, scale_inv, bo, bi)");
+                arr w = ws[0].cast<arr>(), sc = ws[1].cast<arr>();
+                const int bo = ws[2].cast<int>(), bi = ws[3].cast<int>();
+                need(bo > 0 && bi > 0, "fp8 block sizes must be positive");
+                if (F < 0) F = w.shape(0);
+                const int rows = m < 2 ? F : D, cols = m < 2 ? D : F;
+                mats[u].q[m] = cptr<uint8_t>(w, "weight", {rows, cols});
+                mats[u].s[m] = cptr<float>(sc, "scale_inv", {ceil_div(rows, bo), ceil_div(cols, bi)});
+                mats[u].s_f32[m] = true;
+                mats[u].block[m][0] = bo;
+                mats[u].block[m][1] = bi;
             } else {
                 arr w = e[m].cast<arr>();
                 if (F < 0) F = w.shape(0);
@@ -109,7 +136,7 @@ static void b_moe(arr out, arr x, py::list experts, arr lidx, arr weights, bool 
         return;
     }
     py::gil_scoped_release nogil;
-    moe(op, xp, ip, wp, mats.data(), U, int4, group, T, D, F, K);
+    moe(op, xp, ip, wp, mats.data(), U, fmt, group, T, D, F, K);
 }
 
 static void b_mla_decode(arr out, arr q_latent, arr q_pe, arr pool, arr page_table, arr lengths, float scale) {
@@ -195,6 +222,7 @@ PYBIND11_MODULE(_cpu, m) {
     m.doc() = "k2lite CPU kernels (see k2lite/ref.py for the contract of each op)";
     m.def("int4_matmul", &b_int4_matmul);
     m.def("bf16_matmul", &b_bf16_matmul);
+    m.def("fp8_matmul", &b_fp8_matmul);
     m.def("moe", &b_moe);
     m.def("mla_decode", &b_mla_decode);
     m.def("attention", &b_attention);
@@ -206,6 +234,11 @@ PYBIND11_MODULE(_cpu, m) {
     m.def("set_int4_exact", &b_set_int4_exact);
     m.def("get_int4_exact", &b_get_int4_exact);
     m.attr("int4_vnni") = int4_vnni(128, 32, false);
+#if defined(K2_AVX512) && defined(__AVX512VBMI__)
+    m.attr("fp8_simd") = "avx512vbmi";
+#else
+    m.attr("fp8_simd") = "scalar";
+#endif
 #ifdef K2_AVX512
     m.attr("simd") = "avx512";
 #else

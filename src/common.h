@@ -71,19 +71,30 @@ void int4_rows_q8(float* y, int ldy, const void* const* xq, int T, int I, const 
 // y[t*ldy + n] = Σ_i x[t,i] w[n,i] for t < T, n0 <= n < n1; w is bf16 bits [N, I].
 void bf16_rows(float* y, int ldy, const float* x, int T, int I, const uint16_t* w, int n0, int n1);
 
+// ---------------------------------------------------------------- FP8 rows (fp8_matmul.cpp)
+// y[t*ldy + n] = Σ_i x[t,i] W[n,i] for t < T, n0 <= n < n1, W[n,i] = e4m3fn(w[n,i]) *
+// scale_inv[n/bo, i/bi]; w is uint8 codes [N, I], scale_inv float32 [ceil(N/bo), ceil(I/bi)].
+void fp8_rows(float* y, int ldy, const float* x, int T, int I, const uint8_t* w, const float* scale_inv,
+              int bo, int bi, int n0, int n1);
+
 // ---------------------------------------------------------------- ops (one file each)
 void int4_matmul(float* out, const float* x, const int32_t* packed, const void* scales,
                  bool scales_f32, int T, int I, int N, int group);
 void bf16_matmul(float* out, const float* x, const uint16_t* w, int T, int I, int N);
+void fp8_matmul(float* out, const float* x, const uint8_t* w, const float* scale_inv, int T, int I,
+                int N, int bo, int bi);
 
-// One expert's three matrices: for INT4 q = packed int32 and s = scales; for BF16 q = bits, s = null.
+// One expert's three matrices: for INT4 q = packed int32 and s = scales; for BF16 q = bits,
+// s = null; for FP8 q = e4m3 codes, s = float32 scale_inv, block = (bo, bi).
+enum MoeFormat { MOE_BF16 = 0, MOE_INT4 = 1, MOE_FP8 = 2 };
 struct ExpertMats {
     const void* q[3];   // gate, up, down
     const void* s[3];
     bool s_f32[3];
+    int block[3][2];    // FP8 only
 };
 void moe(float* out, const float* x, const int32_t* lidx, const float* weights,
-         const ExpertMats* experts, int n_used, bool int4, int group, int T, int D, int F, int K);
+         const ExpertMats* experts, int n_used, int fmt, int group, int T, int D, int F, int K);
 
 void mla_decode(float* out, const float* q_latent, const float* q_pe, const float* pool,
                 const int32_t* page_table, const int32_t* lengths, int B, int H, int C, int R,

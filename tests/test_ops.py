@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from k2lite import ops, ref
-from k2lite.formats import f32_to_bf16, quantize_int4
+from k2lite.formats import Fp8Tensor, f32_to_bf16, quantize_fp8, quantize_int4
 
 BACKENDS = [b for b in ("cpu", "cuda")]
 SEEDS = (0, 1, 2)
@@ -47,9 +47,25 @@ def mk_bf16_matmul(rng, T, I, N):
     return (f32(rng, T, I), f32_to_bf16(f32(rng, N, I)))
 
 
+def mk_fp8_matmul(rng, T, I, N, bo, bi):
+    q = quantize_fp8(f32(rng, N, I), (bo, bi))
+    return (f32(rng, T, I), q.weight, q.scale_inv, (bo, bi))
+
+
+def mk_fp8_all_codes(rng, T, N, bo, bi):
+    """A weight matrix holding every e4m3 code but the NaNs (0x7F, 0xFF) in every row, shuffled,
+    with random block scales: subnormals, ±0, ±448 all pass the decoder."""
+    codes = np.array([c for c in range(256) if c & 0x7F != 0x7F], np.uint8)
+    w = np.stack([rng.permutation(codes) for _ in range(N)])
+    s = rng.uniform(0.5, 2.0, (-(-N // bo), -(-w.shape[1] // bi))).astype(np.float32)
+    return (f32(rng, T, w.shape[1]), w, s, (bo, bi))
+
+
 def mk_moe(rng, T, D, F, E, K, fmt):
     def mat(n, i):
         w = f32(rng, n, i, s=0.1)
+        if fmt == "fp8":
+            return quantize_fp8(w, ((128, 128), (64, 32), (32, 64))[rng.integers(3)])   # any mix
         return quantize_int4(w) if fmt == "int4" else f32_to_bf16(w)
     experts = [(mat(F, D), mat(F, D), mat(D, F)) for _ in range(E)]
     idx = np.stack([rng.choice(E, K, replace=False) for _ in range(T)]).astype(np.int32)
@@ -92,7 +108,21 @@ for T in (1, 3, 16):
         ("bf16_matmul", mk_bf16_matmul, dict(T=T, I=I_ODD, N=37), 1e-10, None),
         ("bf16_matmul", mk_bf16_matmul, dict(T=T, I=I_ODD + 5, N=19), 1e-10, None),   # SIMD tail
         ("moe", mk_moe, dict(T=T, D=I_ODD, F=96, E=12, K=4, fmt="int4"), MOE_INT4_TOL, None),
+        ("moe", mk_moe, dict(T=T, D=I_ODD, F=96, E=12, K=4, fmt="fp8"), 1e-10, None),
     ]
+# FP8: I = 3 blocks + 40 (partial column block), N crossing row blocks, square and odd blocks
+for T in (1, 3, 16):
+    for N in (37, 130):
+        for bo, bi in ((128, 128), (64, 32)):
+            CASES.append(("fp8_matmul", mk_fp8_matmul, dict(T=T, I=3 * 128 + 40, N=N, bo=bo, bi=bi), 1e-10, None))
+CASES += [
+    ("fp8_matmul", mk_fp8_matmul, dict(T=20, I=7168 // 4, N=70, bo=128, bi=128), 1e-10, None),  # T > 16
+    ("fp8_matmul", mk_fp8_matmul, dict(T=2, I=7, N=3, bo=128, bi=128), 1e-10, None),           # I < 64
+    ("fp8_matmul", mk_fp8_matmul, dict(T=4, I=200, N=9, bo=3, bi=48), 1e-10, None),            # odd blocks
+    ("fp8_matmul", mk_fp8_all_codes, dict(T=3, N=37, bo=16, bi=128), 1e-10, None),
+    ("fp8_matmul", mk_fp8_all_codes, dict(T=1, N=5, bo=128, bi=64), 1e-10, None),
+    ("moe", mk_moe, dict(T=5, D=160, F=200, E=4, K=2, fmt="fp8"), 1e-10, None),      # partial blocks
+]
 CASES += [
     ("int4_matmul", mk_int4_matmul, dict(T=2, I=264, N=9, g=8), 1e-10, None),        # scalar path
     ("int4_matmul", mk_int4_matmul, dict(T=5, I=512, N=33, g=128), INT4_TOL, None),
@@ -184,8 +214,39 @@ def test_linear_dispatch(name):
     be = backend(name)
     rng = np.random.default_rng(5)
     x, w = f32(rng, 2, 64), f32(rng, 8, 64)
-    for wt, tol in ((quantize_int4(w), INT4_TOL), (f32_to_bf16(w), 1e-10), (w, 1e-10)):
+    for wt, tol in ((quantize_int4(w), INT4_TOL), (f32_to_bf16(w), 1e-10), (w, 1e-10),
+                    (quantize_fp8(w), 1e-10)):
         assert nmse(be.linear(x, wt), ref.linear(x, wt)) < tol
+
+
+@pytest.mark.parametrize("name", BACKENDS)
+def test_fp8_nan_codes(name):
+    """NaN codes (0x7F, 0xFF) decode to NaN as in formats.E4M3: every output of a row holding
+    one is NaN, as in ref (NaN·x = NaN); other rows stay finite and match ref."""
+    be = backend(name)
+    rng = np.random.default_rng(6)
+    x, w, s, block = mk_fp8_all_codes(rng, 3, 40, 16, 64)
+    w = np.ascontiguousarray(np.concatenate([w, w[:, :2]], axis=1))       # I = 256, all codes
+    w[3, 17], w[3, 100], w[29, 255] = 0x7F, 0xFF, 0xFF
+    w[30, 200] = 0x7F
+    x = f32(rng, 3, 256)
+    s = rng.uniform(0.5, 2.0, (3, 4)).astype(np.float32)
+    got, want = be.fp8_matmul(x, w, s, block), ref.fp8_matmul(x, w, s, block)
+    nan_rows = np.isnan(want).all(axis=0)
+    assert sorted(np.flatnonzero(nan_rows)) == [3, 29, 30]
+    assert np.array_equal(np.isnan(got), np.isnan(want))
+    assert nmse(got[:, ~nan_rows], want[:, ~nan_rows]) < 1e-10
+
+
+@pytest.mark.parametrize("name", BACKENDS)
+def test_fp8_moe_dispatch(name):
+    """FP8 experts take the backend's fused moe where it says it supports them."""
+    be = backend(name)
+    args = mk_moe(np.random.default_rng(8), 4, 128, 64, 5, 2, "fp8")
+    assert nmse(be.moe(*args), ref.moe(*args)) < 1e-10
+    if name == "cpu":
+        from k2lite import cpu
+        assert cpu.moe_supports(args[1][0][0])
 
 
 @pytest.mark.parametrize("name", BACKENDS)
@@ -200,6 +261,11 @@ def test_readonly_and_noncontiguous(name):
     x, w = mk_bf16_matmul(np.random.default_rng(3), 2, 64, 8)
     w.flags.writeable = False
     assert nmse(be.bf16_matmul(x[:, ::1], w), ref.bf16_matmul(x, w)) < 1e-10
+    x, w, s, block = mk_fp8_matmul(np.random.default_rng(3), 3, 200, 20, 128, 128)
+    w.flags.writeable = False
+    s.flags.writeable = False
+    xs = np.asfortranarray(x.astype(np.float64))
+    assert nmse(be.fp8_matmul(xs, w, s, block), ref.fp8_matmul(x, w, s, block)) < 1e-10
 
 
 # ---------------------------------------------------------------- bad inputs raise ValueError
@@ -212,7 +278,22 @@ def _bad_cases():
     bad_table = table.copy()
     bad_table[1, 0] = 16
     q, k, v, s, _ = mk_attention(rng, 3, 5, 2, 8, 8, 2)
+    xf, wf, sf, bf = mk_fp8_matmul(rng, 2, 200, 10, 128, 128)
+    mfx, mfe, mfi, mfw = mk_moe(rng, 2, 64, 32, 4, 2, "fp8")
+    mixed = list(mfe)
+    mixed[1] = (mfe[1][0], mfe[1][1], f32_to_bf16(f32(rng, 64, 32)))
+    bad_block = [(e[0], e[1], Fp8Tensor(e[2].weight, e[2].scale_inv, e[2].shape, (0, 128))) for e in mfe]
     return {
+        "fp8_wrong_shape": ("fp8_matmul", (xf[:, :100], wf, sf, bf)),
+        "fp8_wrong_dtype": ("fp8_matmul", (xf, wf.view(np.int8), sf, bf)),
+        "fp8_scales_dtype": ("fp8_matmul", (xf, wf, sf.astype(np.float64), bf)),
+        "fp8_scales_shape": ("fp8_matmul", (xf, wf, sf[:, :1], bf)),
+        "fp8_block_zero": ("fp8_matmul", (xf, wf, sf, (0, 128))),
+        "fp8_block_bad": ("fp8_matmul", (xf, wf, sf, (128,))),
+        "fp8_noncontig_weight": ("fp8_matmul", (xf[:, :100], wf[:, ::2], sf[:, :1], bf)),
+        "fp8_weight_1d": ("fp8_matmul", (xf, wf.reshape(-1), sf, bf)),
+        "moe_fp8_mixed_formats": ("moe", (mfx, mixed, np.array([[0, 1], [1, 2]], np.int32), mfw)),
+        "moe_fp8_block_zero": ("moe", (mfx, bad_block, mfi, mfw)),
         "int4_wrong_shape": ("int4_matmul", (x[:, :128], packed, scales, g)),
         "int4_wrong_dtype": ("int4_matmul", (x, packed.view(np.uint32), scales, g)),
         "int4_scales_shape": ("int4_matmul", (x, packed, scales[:, :4], g)),

@@ -8,8 +8,11 @@
 #include <vector>
 
 static void mat_rows(float* y, int ldy, const float* xp, int T, int I, const ExpertMats& e, int m,
-                     bool int4, int group, int n0, int n1) {
-    if (int4)
+                     int fmt, int group, int n0, int n1) {
+    if (fmt == MOE_FP8)
+        fp8_rows(y, ldy, xp, T, I, (const uint8_t*)e.q[m], (const float*)e.s[m], e.block[m][0],
+                 e.block[m][1], n0, n1);
+    else if (fmt == MOE_INT4)
         int4_rows(y, ldy, xp, T, I, (const int32_t*)e.q[m], e.s[m], e.s_f32[m], group, n0, n1);
     else
         bf16_rows(y, ldy, xp, T, I, (const uint16_t*)e.q[m], n0, n1);
@@ -88,7 +91,8 @@ static void moe_q8(float* out, const float* x, const float* weights, const Exper
 }
 
 void moe(float* out, const float* x, const int32_t* lidx, const float* weights,
-         const ExpertMats* experts, int n_used, bool int4, int group, int T, int D, int F, int K) {
+         const ExpertMats* experts, int n_used, int fmt, int group, int T, int D, int F, int K) {
+    const bool int4 = fmt == MOE_INT4;
     const int S = T * K;   // slots
     // counting sort of slots by expert: start[u]..start[u+1] are expert u's slots
     std::vector<int> start(n_used + 1, 0), slot_tok(S), pos(S);
@@ -121,8 +125,8 @@ void moe(float* out, const float* x, const int32_t* lidx, const float* weights,
             int p0 = start[u], nt = start[u + 1] - p0;
             if (nt == 0) continue;
             const float* xu = &xs[(size_t)p0 * D];
-            mat_rows(&g[(size_t)p0 * F], F, xu, nt, D, experts[u], 0, int4, group, r0, r1);
-            mat_rows(&h[(size_t)p0 * F], F, xu, nt, D, experts[u], 1, int4, group, r0, r1);
+            mat_rows(&g[(size_t)p0 * F], F, xu, nt, D, experts[u], 0, fmt, group, r0, r1);
+            mat_rows(&h[(size_t)p0 * F], F, xu, nt, D, experts[u], 1, fmt, group, r0, r1);
             for (int t = 0; t < nt; t++)
                 for (int r = r0; r < r1; r++) {
                     size_t i = (size_t)(p0 + t) * F + r;
@@ -141,7 +145,7 @@ void moe(float* out, const float* x, const int32_t* lidx, const float* weights,
             int u = it / nbd, r0 = (it % nbd) * RB, r1 = r0 + RB < D ? r0 + RB : D;
             int p0 = start[u], nt = start[u + 1] - p0;
             if (nt == 0) continue;
-            mat_rows(&y[(size_t)p0 * D], D, &hp[(size_t)p0 * F], nt, F, experts[u], 2, int4, group, r0, r1);
+            mat_rows(&y[(size_t)p0 * D], D, &hp[(size_t)p0 * F], nt, F, experts[u], 2, fmt, group, r0, r1);
         }
         // phase 3: out[t] = Σ_k w[t,k] y[slot(t,k)]
         #pragma omp for schedule(static)
