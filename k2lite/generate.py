@@ -63,7 +63,7 @@ def generate_step(llm, prompt_ids, sampler, seq=None):
     own = seq is None
     seq = llm.sequence() if own else seq
     try:
-        logits = seq.append(np.asarray(prompt_ids, np.int64))[-1]
+        logits = seq.append(np.asarray(prompt_ids, np.int64), last_only=True)[-1]
         while True:
             t = sampler(logits)
             yield t, logits

@@ -32,8 +32,9 @@ class Sequence:
     def __len__(self):
         return self.state.length
 
-    def append(self, ids) -> np.ndarray:
-        """Feed ids (prefill form for several, absorbed decode for one); logits f32 [len(ids), vocab]."""
+    def append(self, ids, last_only: bool = False) -> np.ndarray:
+        """Feed ids (prefill form for several, absorbed decode for one); logits f32
+        [len(ids), vocab], or [1, vocab] for the last id only with last_only=True."""
         ids = self.llm._check_ids(ids)
         if self.state.closed:
             raise ValueError("sequence is closed")
@@ -46,8 +47,11 @@ class Sequence:
         if len(ids) == 1:
             logits = model.forward(ids, cache, [self.state], decode=True)
         else:   # chunked prefill bounds the [heads, chunk, context] score matrix
-            logits = np.concatenate([model.forward(ids[i:i + step], cache, [self.state], decode=False)
-                                     for i in range(0, len(ids), step)])
+            chunks = range(0, len(ids), step)
+            logits = [model.forward(ids[i:i + step], cache, [self.state], decode=False,
+                                    last_only=last_only)
+                      for i in chunks]
+            logits = logits[-1] if last_only else np.concatenate(logits)
         self.tokens.extend(int(t) for t in ids)
         return logits
 

@@ -210,10 +210,12 @@ class Model:
 
     # ------------------------------------------------------------ the whole step
     def forward(self, tokens, cache: PagedKVCache, seqs: list, decode: bool,
-                trace: Callable | None = None) -> np.ndarray:
+                trace: Callable | None = None, last_only: bool = False) -> np.ndarray:
         """Run new tokens through the model; returns logits f32 [T, vocab].
         decode=False: tokens[T] all belong to seqs[0] (prefill or multi-token append).
-        decode=True:  tokens[B] is one new token for each of seqs[B]."""
+        decode=True:  tokens[B] is one new token for each of seqs[B].
+        last_only: logits of the last token only ([1, vocab]); a prefill for generation needs
+        no more, and lm_head over 163840 tokens is the largest matmul of the model."""
         cfg, ops, w = self.config, self.ops, self.weights
         tokens = np.asarray(tokens, np.int64)
         if decode:
@@ -231,4 +233,5 @@ class Model:
             if trace:
                 trace("hidden", i, x)
         cache.advance(seqs, positions)
+        x = x[-1:] if last_only else x
         return ops.linear(ops.rmsnorm(x, w.norm, cfg.rms_norm_eps), w.lm_head)

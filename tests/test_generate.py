@@ -141,7 +141,7 @@ class Scripted(GenerationMixin):
             def __len__(self):
                 return 0
 
-            def append(self, ids):
+            def append(self, ids, last_only=False):
                 i = min(llm.appends, len(llm.script) - 1)
                 llm.appends += 1
                 z = np.zeros((len(ids), llm.tokenizer.vocab_size), np.float32)

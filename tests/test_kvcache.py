@@ -62,3 +62,14 @@ def test_sequences_close_and_context_limit(tiny_model):
     assert llm.cache.pages_free == total
     with pytest.raises(ValueError, match="out of range"):
         llm.logits([1, 10**6])
+
+
+def test_last_only_prefill_matches_full_logits(tiny_model):
+    llm = k2lite.load(tiny_model, device="ref", prefill_chunk=7)
+    ids = list(range(3, 40))
+    full = llm.logits(ids)
+    with llm.sequence() as s:
+        last = s.append(ids, last_only=True)
+        assert last.shape == (1, llm.config.vocab_size)
+        assert np.abs(last[0] - full[-1]).max() < 1e-5
+        assert len(s) == len(ids)
