@@ -6,8 +6,9 @@
 2. INT4 GEMV/GEMM at K2 expert shapes, cycling through enough experts (~1 GiB) that every call
    reads its weights from DRAM, not cache;
 3. BF16 GEMV/GEMM at attention / dense / lm_head shapes (also cycled over > caches);
-4. MoE: 8 of 64 INT4 experts per token, D=7168, F=2048.
-GB/s counts weight bytes (INT4: packed + scales). The box is shared, so each figure is the
+4. FP8 (e4m3 + f32 128x128 block scales, K2 Base/Instruct) at expert and dense shapes;
+5. MoE: 8 of 64 INT4 experts per token, D=7168, F=2048.
+GB/s counts weight bytes (INT4: packed + scales; FP8: codes + scale_inv). The box is shared, so each figure is the
 best and the median of --reps repeats; GB/cpu-s divides by the median CPU time of the process
 (all threads), i.e. the rate per core-second actually granted, which a loaded box hides in
 the wall-clock figures. --int4 skips the BF16 shapes; --exact adds the exact INT4 path.
@@ -26,7 +27,7 @@ import numpy as np
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 from k2lite import cpu, ref
-from k2lite.formats import Int4Tensor
+from k2lite.formats import Fp8Tensor, Int4Tensor
 
 GB = 1e9
 
@@ -60,6 +61,13 @@ def rand_bf16(rng, n, i):
     return np.resize(base.astype(np.uint16), (n, i))   # repeats a random 2 MiB tile
 
 
+def rand_fp8(rng, n, i, block=(128, 128)):
+    base = rng.integers(0, 256, 1 << 20).astype(np.uint8) & 0xF7   # no NaN codes (0x7F/0xFF)
+    w = np.resize(base, (n, i))                                     # repeats a random 1 MiB tile
+    s = rng.uniform(1e-3, 1e-2, (-(-n // block[0]), -(-i // block[1]))).astype(np.float32)
+    return Fp8Tensor(w, s, (n, i), block)
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--threads", type=int, default=os.cpu_count())
@@ -67,6 +75,7 @@ def main():
     ap.add_argument("--quick", action="store_true", help="smaller weight sets (0.25 GiB)")
     ap.add_argument("--int4", action="store_true", help="stream, INT4 matmul and MoE only")
     ap.add_argument("--exact", action="store_true", help="also time the exact INT4 path (T=1)")
+    ap.add_argument("--fp8", action="store_true", help="stream and FP8 matmul only")
     args = ap.parse_args()
     load0 = os.getloadavg()[0]
     cpu.set_threads(args.threads)
@@ -85,7 +94,7 @@ def main():
     del buf
 
     def bench(name, mats, fn, T, inner_calls=None):
-        x = rng.standard_normal((T, mats[0].shape[1] if isinstance(mats[0], Int4Tensor) else mats[0].shape[1])).astype(np.float32)
+        x = rng.standard_normal((T, mats[0].shape[1])).astype(np.float32)
         nb = mats[0].nbytes
         state = {"i": 0}
 
@@ -97,6 +106,18 @@ def main():
         best, med = timeit(call, args.reps, inner)
         shape = mats[0].shape
         rows.append((name, f"{shape[0]}x{shape[1]}", T, nb / best / GB, nb / med / GB, nb / CPU_SECONDS[-1] / GB))
+
+    for n, i in ((2048, 7168), (7168, 2048), (7168, 18432)):
+        one = n * i
+        count = max(2, int(set_bytes // one)) if one < set_bytes else 2
+        mats = [rand_fp8(rng, n, i) for _ in range(count)]
+        for T in (1, 4):
+            bench("fp8_matmul", mats, lambda x, w: cpu.fp8_matmul(x, w.weight, w.scale_inv, w.block), T,
+                  inner_calls=max(len(mats), 2))
+        del mats
+    if args.fp8:
+        report(args, load0, bw, rows)
+        return
 
     for n, i in ((2048, 7168), (7168, 2048)):
         one = n * i // 2 + n * i // 32 * 2
@@ -149,6 +170,10 @@ def main():
         rows.append(("moe (8 of %d, int4)" % E, f"D{D} F{F} x{state['nexp']}exp", T, nb / best / GB, nb / med / GB,
                      nb / CPU_SECONDS[-1] / GB))
 
+    report(args, load0, bw, rows)
+
+
+def report(args, load0, bw, rows):
     print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cpus, "
           f"threads={args.threads}, simd={cpu.SIMD}, int4 vnni={cpu.INT4_VNNI}, "
           f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY')}, load average {load0:.1f} -> {os.getloadavg()[0]:.1f}")

@@ -112,8 +112,12 @@ static inline void decode64(const uint8_t* p, const Fp8Lut& L, __m512 f[4]) {
 }
 
 // RB rows x TT tokens: each row's codes are decoded once per 64 columns and used by TT tokens.
-template <int RB, int TT>
+// PF: software prefetch into L2 of the same columns two row tiles ahead (>= 16 KiB ahead; past
+// the last row too, a prefetch never faults): the hardware prefetchers alone reached ~12 GB/s
+// from DRAM vs ~21 GB/s on cached weights, and stop at 4 KiB page ends of mmap'd weights.
+template <int RB, int TT, bool PF>
 static void fp8_tile(float* y, int ldy, const float* xs, int I, const uint8_t* w, const Fp8Lut& L) {
+    const size_t PFD = 2 * RB * (size_t)I > 16384 ? 2 * RB * (size_t)I : 16384;
     __m512 acc[RB][TT];
     for (int r = 0; r < RB; r++)
         for (int t = 0; t < TT; t++) acc[r][t] = _mm512_setzero_ps();
@@ -121,6 +125,7 @@ static void fp8_tile(float* y, int ldy, const float* xs, int I, const uint8_t* w
     for (int i = 0; i < I64; i += 64) {
         for (int r = 0; r < RB; r++) {
             __m512 f[4];
+            if (PF) _mm_prefetch((const char*)(w + (size_t)r * I + i + PFD), _MM_HINT_T1);
             decode64(w + (size_t)r * I + i, L, f);
             for (int t = 0; t < TT; t++) {
                 const float* xt = xs + (size_t)t * I + i;
@@ -138,11 +143,16 @@ static void fp8_tiles(float* y, int ldy, const float* xs, int T, int I, const ui
     for (int t0 = 0; t0 < T; t0 += 4) {      // token tiles of <= 4; the RB rows stay in cache
         const float* xt = xs + (size_t)t0 * I;
         float* yt = y + (size_t)t0 * ldy;
-        switch (T - t0 < 4 ? T - t0 : 4) {
-            case 1: fp8_tile<RB, 1>(yt, ldy, xt, I, w, L); break;
-            case 2: fp8_tile<RB, 2>(yt, ldy, xt, I, w, L); break;
-            case 3: fp8_tile<RB, 3>(yt, ldy, xt, I, w, L); break;
-            default: fp8_tile<RB, 4>(yt, ldy, xt, I, w, L); break;
+        const bool pf = t0 == 0;              // prefetch during the first token tile only
+        switch ((T - t0 < 4 ? T - t0 : 4) + 4 * pf) {
+            case 1: fp8_tile<RB, 1, false>(yt, ldy, xt, I, w, L); break;
+            case 2: fp8_tile<RB, 2, false>(yt, ldy, xt, I, w, L); break;
+            case 3: fp8_tile<RB, 3, false>(yt, ldy, xt, I, w, L); break;
+            case 4: fp8_tile<RB, 4, false>(yt, ldy, xt, I, w, L); break;
+            case 5: fp8_tile<RB, 1, true>(yt, ldy, xt, I, w, L); break;
+            case 6: fp8_tile<RB, 2, true>(yt, ldy, xt, I, w, L); break;
+            case 7: fp8_tile<RB, 3, true>(yt, ldy, xt, I, w, L); break;
+            default: fp8_tile<RB, 4, true>(yt, ldy, xt, I, w, L); break;
         }
     }
 }
