@@ -162,8 +162,8 @@ class Model:
             # expanded (prefill) form for one sequence: rebuild per-head keys and values
             seq = seqs[0]
             kv_all = cache.gather(layer, seq, int(positions[-1]) + 1)       # [S, C+R]
-            kv = np.einsum("sc,hmc->shm", kv_all[:, :C], attn.kv_b_f32)      # [S, H, N+V]
-            S = kv.shape[0]
+            S = kv_all.shape[0]
+            kv = (kv_all[:, :C] @ attn.kv_b_f32.reshape(H * (N + V), C).T).reshape(S, H, N + V)
             k = np.concatenate([kv[..., :N], np.broadcast_to(kv_all[:, None, C:], (S, H, R))], -1)
             q_full = np.concatenate([q_nope, q_pe], axis=-1)
             o = ops.attention(np.ascontiguousarray(q_full), np.ascontiguousarray(k),
