@@ -1,9 +1,10 @@
 """Build k2lite: the pure-Python package plus two native modules.
 
-k2lite._cpu   pybind11 C++17 kernels in src/cpu (always built)
+k2lite._cpu_{avx512,avx2,scalar}  pybind11 C++17 kernels in src/cpu, one build per SIMD level
 k2lite._cuda  CUDA kernels in src/cuda (built when nvcc is found; K2LITE_CUDA=1 forces, =0 disables)
 """
 import os
+import platform
 import shutil
 import subprocess
 import sys
@@ -13,13 +14,25 @@ from pybind11.setup_helpers import Pybind11Extension, build_ext
 from setuptools import find_packages, setup
 
 
-def cpu_extension():
+# One build runs on any x86-64: the kernels are compiled once per SIMD level and
+# k2lite/_cpu.py picks the best level the running CPU supports (K2LITE_SIMD overrides).
+SIMD_LEVELS = {
+    # Zen 4 / Sapphire Rapids class: AVX-512 with VNNI (INT4), BF16 and VBMI (FP8 decode)
+    "avx512": ["-march=x86-64-v4", "-mavx512vnni", "-mavx512bf16", "-mavx512vbmi"],
+    "avx2": ["-march=x86-64-v3"],          # Haswell and later: AVX2 + FMA, kernels auto-vectorised
+    "scalar": ["-march=x86-64"],            # any x86-64: the portable loops
+}
+
+
+def cpu_extensions():
     sources = sorted(glob("src/cpu/*.cpp")) + ["src/bindings_cpu.cpp"]
-    flags = ["-O3", "-std=c++17", "-fopenmp"]
-    if os.environ.get("K2LITE_NATIVE", "1") == "1" and sys.platform.startswith("linux"):
-        flags.append("-march=native")  # AVX-512 / VNNI / BF16 where the build machine has them
-    return Pybind11Extension("k2lite._cpu", sources, include_dirs=["src"],
-                             extra_compile_args=flags, extra_link_args=["-fopenmp"])
+    base = ["-O3", "-std=c++17", "-fopenmp"]
+    x86 = platform.machine().lower() in ("x86_64", "amd64")
+    levels = SIMD_LEVELS if x86 else {"scalar": []}
+    return [Pybind11Extension(f"k2lite._cpu_{name}", sources, include_dirs=["src"],
+                              define_macros=[("K2LITE_CPU_MODULE", f"_cpu_{name}")],
+                              extra_compile_args=base + flags, extra_link_args=["-fopenmp"])
+            for name, flags in levels.items()]
 
 
 def want_cuda():
@@ -64,7 +77,7 @@ def cuda_home():
     return "/usr/local/cuda"
 
 
-ext_modules = [cpu_extension()]
+ext_modules = cpu_extensions()
 if want_cuda():
     home = cuda_home()
     ext_modules.append(Pybind11Extension(

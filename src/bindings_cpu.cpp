@@ -218,7 +218,13 @@ static int b_get_threads() {
 static void b_set_int4_exact(bool on) { g_int4_exact = on; }
 static bool b_get_int4_exact() { return g_int4_exact; }
 
-PYBIND11_MODULE(_cpu, m) {
+// setup.py builds these sources once per SIMD level, as k2lite._cpu_avx512 / _cpu_avx2 /
+// _cpu_scalar; k2lite/_cpu.py imports the best one this machine runs.
+#ifndef K2LITE_CPU_MODULE
+#define K2LITE_CPU_MODULE _cpu
+#endif
+
+PYBIND11_MODULE(K2LITE_CPU_MODULE, m) {
     m.doc() = "k2lite CPU kernels (see k2lite/ref.py for the contract of each op)";
     m.def("int4_matmul", &b_int4_matmul);
     m.def("bf16_matmul", &b_bf16_matmul);
@@ -239,8 +245,10 @@ PYBIND11_MODULE(_cpu, m) {
 #else
     m.attr("fp8_simd") = "scalar";
 #endif
-#ifdef K2_AVX512
+#if defined(K2_AVX512)
     m.attr("simd") = "avx512";
+#elif defined(__AVX2__)
+    m.attr("simd") = "avx2";
 #else
     m.attr("simd") = "scalar";
 #endif
