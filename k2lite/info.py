@@ -50,12 +50,16 @@ class ModelInfo:
         return self.total_bytes + tokens * self.kv_elems_per_token() * kv_itemsize
 
 
+_PROJ = re.compile(r"_proj\.weight$")
+
+
 def config_tensors(cfg: Config):
     """(name, dtype, shape, params) of every stored tensor, as the release layout would hold it."""
     from .testing.random_model import tensor_shapes    # the one place the layout is spelled out
     q = cfg.quantization
     int4 = q is not None and q.method == "compressed-tensors"
     g = q.group_size if int4 else 32
+    fp8 = q is not None and q.method == "fp8"
     for name, shape in tensor_shapes(cfg.to_dict()):
         n = 1
         for s in shape:
@@ -68,6 +72,10 @@ def config_tensors(cfg: Config):
             yield base + ".weight_shape", "I32", (2,), 0
         elif name.endswith("e_score_correction_bias"):
             yield name, "F32", shape, n
+        elif fp8 and _PROJ.search(name):          # DeepSeek-V3 / K2 Base, Instruct: FP8 blocks
+            (out, n_in), (bo, bi) = shape, q.weight_block_size
+            yield name, "F8_E4M3", shape, n
+            yield name[:-len(".weight")] + ".weight_scale_inv", "F32", (-(-out // bo), -(-n_in // bi)), 0
         else:
             yield name, "BF16", shape, n
 

@@ -123,3 +123,13 @@ def test_convert_resumes_after_interruption(tmp_path):
     assert sorted(os.listdir(clean)) == sorted(os.listdir(broken))
     for f in os.listdir(clean):
         assert open(os.path.join(clean, f), "rb").read() == open(os.path.join(broken, f), "rb").read(), f
+
+
+def test_info_counts_fp8_from_config_as_from_headers(fp8_model, tmp_path):
+    from k2lite.info import model_info
+    cfg_only = tmp_path / "cfg"
+    cfg_only.mkdir()
+    (cfg_only / "config.json").write_text(open(os.path.join(fp8_model, "config.json")).read())
+    a, b = model_info(fp8_model), model_info(str(cfg_only))
+    assert a.bytes_by_dtype["F8_E4M3"] > 0
+    assert a.total_bytes == b.total_bytes and a.bytes_by_dtype == b.bytes_by_dtype
