@@ -138,22 +138,6 @@ def fp8_matmul(x: np.ndarray, weight: np.ndarray, scale_inv: np.ndarray, block: 
     return out
 
 
-def linear(x: np.ndarray, w) -> np.ndarray:
-    """The one choke point where the weight format picks the kernel (DeepSeek's linear())."""
-    if isinstance(w, Int4Tensor):
-        return int4_matmul(x, w.packed, w.scales, w.group_size)
-    if isinstance(w, Fp8Tensor):
-        return fp8_matmul(x, w.weight, w.scale_inv, w.block)
-    if w.dtype == np.uint16:
-        return bf16_matmul(x, w)
-    return ref.f32_matmul(x, w)
-
-
-def swiglu_expert(x: np.ndarray, gate, up, down) -> np.ndarray:
-    """down( silu(gate·x) ⊙ (up·x) ) for x[T,D]."""
-    return linear(ref.silu(linear(x, gate)) * linear(x, up), down)
-
-
 # ---------------------------------------------------------------- elementwise
 def rmsnorm(x: np.ndarray, w: np.ndarray, eps: float) -> np.ndarray:
     """x / sqrt(mean(x²) + eps) * w over the last axis (any leading shape)."""

@@ -35,18 +35,9 @@ sys.path.insert(0, ROOT)
 from k2lite.formats import Int4Tensor, bf16_to_f32, dequantize_int4, f32_to_bf16  # noqa: E402
 from k2lite.safetensors import SafetensorsFile  # noqa: E402
 from k2lite.testing.random_model import tensor_shapes  # noqa: E402
+from k2lite.tokenizer import PAT_STR  # noqa: E402  Kimi's pre-tokenizer, one copy
 from k2lite.writer import write_checkpoint  # noqa: E402
 
-PAT_STR = "|".join([
-    r"""[\p{Han}]+""",
-    r"""[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}&&[^\p{Han}]]*[\p{Ll}\p{Lm}\p{Lo}\p{M}&&[^\p{Han}]]+(?i:'s|'t|'re|'ve|'m|'ll|'d)?""",
-    r"""[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}&&[^\p{Han}]]+[\p{Ll}\p{Lm}\p{Lo}\p{M}&&[^\p{Han}]]*(?i:'s|'t|'re|'ve|'m|'ll|'d)?""",
-    r"""\p{N}{1,3}""",
-    r""" ?[^\s\p{L}\p{N}]+[\r\n]*""",
-    r"""\s*[\r\n]+""",
-    r"""\s+(?!\S)""",
-    r"""\s+""",
-])
 N_SPECIAL = 256
 KIMI_SPECIAL_BASE = 163584
 BOOKS = ["emma", "mansfieldpark", "northangerabbey", "prideprejudice", "sensesensibility"]
