@@ -26,7 +26,10 @@ static inline __m512 load_bf16x16(const uint16_t* p) {
 
 // Register tile of RB rows x TT tokens over 16 columns a step: x vectors are loaded once and
 // reused by RB rows, each widened weight vector by TT tokens (RB·TT independent FMA chains).
-template <int RB, int TT>
+// PF: software prefetch into L2 of the same columns 8 rows ahead, one line per row per 64 B
+// (mmap'd weights sit on 4 KiB pages, where the hardware prefetchers stop; past the last row
+// a prefetch never faults). The INT4 and FP8 kernels do the same.
+template <int RB, int TT, bool PF>
 static void bf16_tile(float* y, int ldy, const float* x, int I, const uint16_t* w, size_t ldw) {
     __m512 acc[RB][TT];
     for (int r = 0; r < RB; r++)
@@ -35,6 +38,8 @@ static void bf16_tile(float* y, int ldy, const float* x, int I, const uint16_t* 
     for (int i = 0; i < I16; i += 16) {
         __m512 xv[TT];
         for (int t = 0; t < TT; t++) xv[t] = _mm512_loadu_ps(x + (size_t)t * I + i);
+        if (PF && (i & 31) == 0)
+            for (int r = 0; r < RB; r++) _mm_prefetch((const char*)(w + (r + 8) * ldw + i), _MM_HINT_T1);
         for (int r = 0; r < RB; r++) {
             __m512 wv = load_bf16x16(w + r * ldw + i);
             for (int t = 0; t < TT; t++) acc[r][t] = _mm512_fmadd_ps(wv, xv[t], acc[r][t]);
@@ -49,11 +54,16 @@ static void bf16_tiles(float* y, int ldy, const float* x, int T, int I, const ui
     for (int t0 = 0; t0 < T; t0 += 4) {      // token tiles of <= 4; the RB rows stay in L1
         const float* xt = x + (size_t)t0 * I;
         float* yt = y + (size_t)t0 * ldy;
-        switch (T - t0 < 4 ? T - t0 : 4) {
-            case 1: bf16_tile<RB, 1>(yt, ldy, xt, I, w, I); break;
-            case 2: bf16_tile<RB, 2>(yt, ldy, xt, I, w, I); break;
-            case 3: bf16_tile<RB, 3>(yt, ldy, xt, I, w, I); break;
-            default: bf16_tile<RB, 4>(yt, ldy, xt, I, w, I); break;
+        const bool pf = t0 == 0;              // prefetch during the first token tile only
+        switch ((T - t0 < 4 ? T - t0 : 4) + (pf ? 4 : 0)) {
+            case 1: bf16_tile<RB, 1, false>(yt, ldy, xt, I, w, I); break;
+            case 2: bf16_tile<RB, 2, false>(yt, ldy, xt, I, w, I); break;
+            case 3: bf16_tile<RB, 3, false>(yt, ldy, xt, I, w, I); break;
+            case 4: bf16_tile<RB, 4, false>(yt, ldy, xt, I, w, I); break;
+            case 5: bf16_tile<RB, 1, true>(yt, ldy, xt, I, w, I); break;
+            case 6: bf16_tile<RB, 2, true>(yt, ldy, xt, I, w, I); break;
+            case 7: bf16_tile<RB, 3, true>(yt, ldy, xt, I, w, I); break;
+            default: bf16_tile<RB, 4, true>(yt, ldy, xt, I, w, I); break;
         }
     }
 }
