@@ -161,7 +161,20 @@ def _nothing():
     yield from ()
 
 
-class TextStream:
+class _Stream:
+    """An iterator over the generator `self._run()` that can be closed early."""
+
+    def __iter__(self):
+        return self._it
+
+    def __next__(self):
+        return next(self._it)
+
+    def close(self):
+        self._it.close()
+
+
+class TextStream(_Stream):
     """Iterate for text deltas; afterwards `.completion` holds the whole Completion.
 
     Stops at an eos id (not shown), at the first stop string (cut off) or after max_tokens.
@@ -174,15 +187,6 @@ class TextStream:
         self.seq = seq
         self.completion: Completion | None = None
         self._it = self._run()
-
-    def __iter__(self):
-        return self._it
-
-    def __next__(self):
-        return next(self._it)
-
-    def close(self):
-        self._it.close()
 
     def _run(self):
         tok, llm = self.llm.tokenizer, self.llm
@@ -232,7 +236,7 @@ class TextStream:
             yield text[sent:]
 
 
-class ChatStream:
+class ChatStream(_Stream):
     """Iterate for parser deltas ({"reasoning_content"}, {"content"}, {"tool_call", "index"});
     afterwards `.result` holds the ChatResult."""
 
@@ -240,15 +244,6 @@ class ChatStream:
         self.text_stream, self.parser = text_stream, parser
         self.result: ChatResult | None = None
         self._it = self._run()
-
-    def __iter__(self):
-        return self._it
-
-    def __next__(self):
-        return next(self._it)
-
-    def close(self):
-        self._it.close()
 
     def _run(self):
         try:

@@ -17,7 +17,7 @@ from .config import Config
 from .errors import ModelFormatError
 from .formats import Fp8Tensor, Int4Tensor, bf16_to_f32
 from .model import MLP, Attention, Layer, MoE, Weights
-from .safetensors import SafetensorsFile
+from .safetensors import DTYPES, SafetensorsFile
 
 MATRIX_DTYPES = ("BF16", "F32", "F16")
 
@@ -90,12 +90,7 @@ class Checkpoint:
         return a.astype(np.float32) if dt == "F16" else a    # F16 has no fast kernel: widen once
 
     def total_bytes(self) -> int:
-        return sum(math.prod(self.info(n)[1]) * _itemsize(self.info(n)[0]) for n in self.where)
-
-
-def _itemsize(dt):
-    from .safetensors import DTYPES
-    return DTYPES[dt].itemsize
+        return sum(math.prod(shape) * DTYPES[dt].itemsize for dt, shape in map(self.info, self.where))
 
 
 def _vector(ck: Checkpoint, name: str, n: int) -> np.ndarray:

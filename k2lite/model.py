@@ -122,9 +122,10 @@ class Model:
         self.scale = config.softmax_scale
 
     # ------------------------------------------------------------ attention (MLA)
-    def mla(self, layer: int, attn: Attention, x, cache: PagedKVCache, seqs, positions, decode: bool,
+    def mla(self, layer: int, attn: Attention, x, cache: PagedKVCache, seqs, positions, pages,
             trace: Callable | None):
-        """x[T,D] -> [T,D]. Writes this step's latent to the cache, then attends over it."""
+        """x[T,D] -> [T,D]. Writes this step's latent to the cache, then attends over it.
+        pages: (page table, lengths) of a decode step, None for the prefill form."""
         cfg, ops = self.config, self.ops
         H, N, R, C, V = (cfg.num_attention_heads, cfg.qk_nope_head_dim, cfg.qk_rope_head_dim,
                          cfg.kv_lora_rank, cfg.v_head_dim)
@@ -151,10 +152,10 @@ class Model:
         if attn.kv_b_f32 is None:
             attn.kv_b_f32 = ops.dense(attn.kv_b_proj).reshape(H, N + V, C)
         w_uk, w_uv = attn.kv_b_f32[:, :N], attn.kv_b_f32[:, N:]              # [H, N, C], [H, V, C]
-        if decode:
+        if pages is not None:
             # absorbed: fold W_UK into the query, attend over the latent, then apply W_UV
             q_latent = np.einsum("thn,hnc->thc", q_nope, w_uk)                # [B, H, C]
-            table, lengths = cache.page_table(seqs)
+            table, lengths = pages
             u = ops.mla_decode(q_latent, np.ascontiguousarray(q_pe), cache.pool[layer], table,
                                lengths, self.scale)                          # [B, H, C]
             o = np.einsum("thc,hvc->thv", u, w_uv)                           # [B, H, V]
@@ -223,10 +224,11 @@ class Model:
         else:
             positions = seqs[0].length + np.arange(len(tokens), dtype=np.int64)
         cache.reserve(seqs, positions)
+        pages = cache.page_table(seqs) if decode else None   # the same for every layer
         x = ops.dense(w.embed_tokens[tokens])                                # [T, D] f32
         for i, layer in enumerate(w.layers):
             h = x + self.mla(i, layer.self_attn, ops.rmsnorm(x, layer.input_layernorm, cfg.rms_norm_eps),
-                             cache, seqs, positions, decode, trace)
+                             cache, seqs, positions, pages, trace)
             hn = ops.rmsnorm(h, layer.post_attention_layernorm, cfg.rms_norm_eps)
             ffn = self.moe(i, layer.mlp, hn, trace) if isinstance(layer.mlp, MoE) else self.mlp(layer.mlp, hn)
             x = h + ffn
