@@ -140,6 +140,7 @@ CASES += [
     ("attention", mk_attention, dict(T=1, S=9, H=3, Dk=24, Dv=20, off=8), 1e-10, 1e-5),
     ("attention", mk_attention, dict(T=13, S=13, H=4, Dk=40, Dv=24, off=0), 1e-10, 1e-5),
     ("attention", mk_attention, dict(T=5, S=21, H=2, Dk=16, Dv=16, off=16), 1e-10, 1e-5),
+    ("attention", mk_attention, dict(T=37, S=40, H=3, Dk=33, Dv=19, off=3), 1e-10, 1e-5),
     ("rmsnorm", mk_rmsnorm, dict(T=1, D=7168), 1e-12, 1e-5),
     ("rmsnorm", mk_rmsnorm, dict(T=7, D=513), 1e-12, 1e-5),
     ("rope", mk_rope, dict(T=1, H=5, R=64), 1e-12, 1e-5),
