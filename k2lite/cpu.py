@@ -254,6 +254,41 @@ def attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, scale: float, q_offse
     return out
 
 
+def _kv_b(q, kv_b):
+    kv_b = np.asarray(kv_b)
+    if kv_b.ndim != 2 or q.shape[1] == 0 or kv_b.shape[0] % q.shape[1]:
+        raise ValueError(f"kv_b: expected [H*(N+V), C] with H = {q.shape[1]}, got {kv_b.shape}")
+    return kv_b
+
+
+def mla_absorb_q(q_nope: np.ndarray, kv_b) -> np.ndarray:
+    """q_latent = q_nope folded through W_UK; see ref.mla_absorb_q (bf16 kv_b native)."""
+    q_nope = _act(q_nope, "q_nope", 3)
+    kv_b = _kv_b(q_nope, kv_b)
+    if kv_b.dtype != np.uint16:
+        return ref.mla_absorb_q(q_nope, kv_b)
+    b, h, n = q_nope.shape
+    if kv_b.shape[0] // h <= n:
+        raise ValueError(f"kv_b: {kv_b.shape[0]} rows leave no W_UV rows for {h} heads of N={n}")
+    out = np.empty((b, h, kv_b.shape[1]), np.float32)
+    _cpu.mla_absorb_q(out, q_nope, _weight(kv_b, "kv_b", np.uint16, kv_b.shape))
+    return out
+
+
+def mla_absorb_o(u: np.ndarray, kv_b, N: int) -> np.ndarray:
+    """o = u through W_UV; see ref.mla_absorb_o (bf16 kv_b native)."""
+    u = _act(u, "u", 3)
+    kv_b = _kv_b(u, kv_b)
+    if kv_b.dtype != np.uint16:
+        return ref.mla_absorb_o(u, kv_b, N)
+    b, h, c = u.shape
+    if kv_b.shape[1] != c or not 0 <= N < kv_b.shape[0] // h:
+        raise ValueError(f"kv_b: expected [{h}*(N+V), {c}] with N = {N} < N+V, got {kv_b.shape}")
+    out = np.empty((b, h, kv_b.shape[0] // h - N), np.float32)
+    _cpu.mla_absorb_o(out, u, _weight(kv_b, "kv_b", np.uint16, kv_b.shape), int(N))
+    return out
+
+
 def mla_decode(q_latent: np.ndarray, q_pe: np.ndarray, pool: np.ndarray, page_table: np.ndarray,
                lengths: np.ndarray, scale: float) -> np.ndarray:
     """Absorbed MLA decode over the paged latent cache; see ref.mla_decode."""

@@ -41,7 +41,7 @@ class Attention:
     kv_a_layernorm: np.ndarray  # f32 [C]
     kv_b_proj: object           # [H*(N+V), C]
     o_proj: object              # [D, H*V]
-    kv_b_f32: Optional[np.ndarray] = None  # f32 [H, N+V, C], made on first use (absorbed decode)
+    kv_b_f32: Optional[np.ndarray] = None  # f32 copy for the absorbed decode, FP8/INT4 kv_b only
 
 
 @dataclass
@@ -149,22 +149,24 @@ class Model:
             trace("q_nope", layer, q_nope); trace("q_pe", layer, q_pe)
             trace("kv_latent", layer, kv_latent); trace("k_pe", layer, k_pe[:, 0])
 
-        if attn.kv_b_f32 is None:
-            attn.kv_b_f32 = ops.dense(attn.kv_b_proj).reshape(H, N + V, C)
-        w_uk, w_uv = attn.kv_b_f32[:, :N], attn.kv_b_f32[:, N:]              # [H, N, C], [H, V, C]
         if pages is not None:
             # absorbed: fold W_UK into the query, attend over the latent, then apply W_UV
-            q_latent = np.einsum("thn,hnc->thc", q_nope, w_uk)                # [B, H, C]
+            kv_b = attn.kv_b_proj
+            if getattr(kv_b, "dtype", None) != np.uint16:      # FP8/INT4: widened once, kept
+                if attn.kv_b_f32 is None:
+                    attn.kv_b_f32 = ops.dense(kv_b)
+                kv_b = attn.kv_b_f32
+            q_latent = ops.mla_absorb_q(q_nope, kv_b)                         # [B, H, C]
             table, lengths = pages
             u = ops.mla_decode(q_latent, np.ascontiguousarray(q_pe), cache.pool[layer], table,
                                lengths, self.scale)                          # [B, H, C]
-            o = np.einsum("thc,hvc->thv", u, w_uv)                           # [B, H, V]
+            o = ops.mla_absorb_o(u, kv_b, N)                                 # [B, H, V]
         else:
             # expanded (prefill) form for one sequence: rebuild per-head keys and values
             seq = seqs[0]
             kv_all = cache.gather(layer, seq, int(positions[-1]) + 1)       # [S, C+R]
             S = kv_all.shape[0]
-            kv = (kv_all[:, :C] @ attn.kv_b_f32.reshape(H * (N + V), C).T).reshape(S, H, N + V)
+            kv = ops.linear(np.ascontiguousarray(kv_all[:, :C]), attn.kv_b_proj).reshape(S, H, N + V)
             k = np.concatenate([kv[..., :N], np.broadcast_to(kv_all[:, None, C:], (S, H, R))], -1)
             q_full = np.concatenate([q_nope, q_pe], axis=-1)
             o = ops.attention(np.ascontiguousarray(q_full), np.ascontiguousarray(k),

@@ -125,6 +125,21 @@ def attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, scale: float, q_offse
     return np.einsum("hts,shd->thd", softmax(scores), v).astype(np.float32)
 
 
+def mla_absorb_q(q_nope: np.ndarray, kv_b) -> np.ndarray:
+    """Fold W_UK into the query (absorbed MLA): q_nope[B,H,N], kv_b = kv_b_proj [H*(N+V), C]
+    (bf16 bits or float32; per head N rows of W_UK then V rows of W_UV) -> q_latent[B,H,C]."""
+    B, H, N = q_nope.shape
+    w = dense(kv_b).reshape(H, -1, kv_b.shape[1])
+    return np.einsum("bhn,hnc->bhc", q_nope, w[:, :N]).astype(np.float32)
+
+
+def mla_absorb_o(u: np.ndarray, kv_b, N: int) -> np.ndarray:
+    """Apply W_UV to the attended latent: u[B,H,C] -> o[B,H,V], kv_b as in mla_absorb_q."""
+    B, H, C = u.shape
+    w = dense(kv_b).reshape(H, -1, C)
+    return np.einsum("bhc,hvc->bhv", u, w[:, N:]).astype(np.float32)
+
+
 def mla_decode(q_latent: np.ndarray, q_pe: np.ndarray, pool: np.ndarray, page_table: np.ndarray,
                lengths: np.ndarray, scale: float) -> np.ndarray:
     """Absorbed MLA decode for B sequences, one new query each, over the paged latent cache.

@@ -160,6 +160,29 @@ static void b_mla_decode(arr out, arr q_latent, arr q_pe, arr pool, arr page_tab
     mla_decode(op, ql, qr, pp, pt, ln, B, H, C, R, page, maxp, scale);
 }
 
+static void b_mla_absorb_q(arr out, arr q_nope, arr kv_b) {
+    const float* qp = cptr<float>(q_nope, "q_nope", {-1, -1, -1});
+    const int B = q_nope.shape(0), H = q_nope.shape(1), N = q_nope.shape(2);
+    const uint16_t* wp = cptr<uint16_t>(kv_b, "kv_b", {-1, -1});
+    const int rows = kv_b.shape(0), C = kv_b.shape(1);
+    need(H > 0 && rows % H == 0 && rows / H > N, "kv_b: rows must be H*(N+V) with V > 0");
+    float* op = wptr<float>(out, "out", {B, H, C});
+    py::gil_scoped_release nogil;
+    mla_absorb_q(op, qp, wp, B, H, N, rows / H - N, C);
+}
+
+static void b_mla_absorb_o(arr out, arr u, arr kv_b, int N) {
+    const float* up = cptr<float>(u, "u", {-1, -1, -1});
+    const int B = u.shape(0), H = u.shape(1), C = u.shape(2);
+    const uint16_t* wp = cptr<uint16_t>(kv_b, "kv_b", {-1, C});
+    const int rows = kv_b.shape(0);
+    need(H > 0 && N >= 0 && rows % H == 0 && rows / H > N, "kv_b: rows must be H*(N+V) with V > 0");
+    const int V = rows / H - N;
+    float* op = wptr<float>(out, "out", {B, H, V});
+    py::gil_scoped_release nogil;
+    mla_absorb_o(op, up, wp, B, H, N, V, C);
+}
+
 static void b_attention(arr out, arr q, arr k, arr v, float scale, int q_offset) {
     const float* qp = cptr<float>(q, "q", {-1, -1, -1});
     const int T = q.shape(0), H = q.shape(1), Dk = q.shape(2);
@@ -231,6 +254,8 @@ PYBIND11_MODULE(K2LITE_CPU_MODULE, m) {
     m.def("fp8_matmul", &b_fp8_matmul);
     m.def("moe", &b_moe);
     m.def("mla_decode", &b_mla_decode);
+    m.def("mla_absorb_q", &b_mla_absorb_q);
+    m.def("mla_absorb_o", &b_mla_absorb_o);
     m.def("attention", &b_attention);
     m.def("rmsnorm", &b_rmsnorm);
     m.def("rope", &b_rope);

@@ -99,6 +99,10 @@ void moe(float* out, const float* x, const int32_t* lidx, const float* weights,
 void mla_decode(float* out, const float* q_latent, const float* q_pe, const float* pool,
                 const int32_t* page_table, const int32_t* lengths, int B, int H, int C, int R,
                 int page, int max_pages, float scale);
+// q_latent[B,H,C] = q_nope[B,H,N] folded through W_UK; o[B,H,V] = u[B,H,C] through W_UV;
+// kv_b is kv_b_proj as bf16 bits [H*(N+V), C] (mla_decode.cpp).
+void mla_absorb_q(float* out, const float* q_nope, const uint16_t* kv_b, int B, int H, int N, int V, int C);
+void mla_absorb_o(float* out, const float* u, const uint16_t* kv_b, int B, int H, int N, int V, int C);
 void attention(float* out, const float* q, const float* k, const float* v, int T, int S, int H,
                int Dk, int Dv, float scale, int q_offset);
 void rmsnorm(float* out, const float* x, const float* w, int T, int D, float eps);

@@ -80,6 +80,14 @@ def mk_mla(rng, B, H, C, R, page, P):
             float(1 / np.sqrt(C + R)))
 
 
+def mk_mla_absorb_q(rng, B, H, N, V, C):
+    return (f32(rng, B, H, N), f32_to_bf16(f32(rng, H * (N + V), C)))
+
+
+def mk_mla_absorb_o(rng, B, H, N, V, C):
+    return (f32(rng, B, H, C), f32_to_bf16(f32(rng, H * (N + V), C)), N)
+
+
 def mk_attention(rng, T, S, H, Dk, Dv, off):
     return (f32(rng, T, H, Dk), f32(rng, S, H, Dk), f32(rng, S, H, Dv), float(1 / np.sqrt(Dk)), off)
 
@@ -140,6 +148,10 @@ CASES += [
     ("attention", mk_attention, dict(T=1, S=9, H=3, Dk=24, Dv=20, off=8), 1e-10, 1e-5),
     ("attention", mk_attention, dict(T=13, S=13, H=4, Dk=40, Dv=24, off=0), 1e-10, 1e-5),
     ("attention", mk_attention, dict(T=5, S=21, H=2, Dk=16, Dv=16, off=16), 1e-10, 1e-5),
+    ("mla_absorb_q", mk_mla_absorb_q, dict(B=1, H=5, N=12, V=7, C=40), 1e-10, None),
+    ("mla_absorb_q", mk_mla_absorb_q, dict(B=3, H=2, N=16, V=16, C=33), 1e-10, None),
+    ("mla_absorb_o", mk_mla_absorb_o, dict(B=1, H=5, N=12, V=7, C=40), 1e-10, None),
+    ("mla_absorb_o", mk_mla_absorb_o, dict(B=3, H=4, N=16, V=19, C=37), 1e-10, None),
     ("attention", mk_attention, dict(T=37, S=40, H=3, Dk=33, Dv=19, off=3), 1e-10, 1e-5),
     ("rmsnorm", mk_rmsnorm, dict(T=1, D=7168), 1e-12, 1e-5),
     ("rmsnorm", mk_rmsnorm, dict(T=7, D=513), 1e-12, 1e-5),
@@ -309,6 +321,8 @@ def _bad_cases():
         "mla_page_out_of_range": ("mla_decode", (ql, qp, pool, bad_table, np.full(2, 24, np.int32), sc)),
         "mla_length_too_long": ("mla_decode", (ql, qp, pool, table, np.full(2, 25, np.int32), sc)),
         "mla_pool_dim": ("mla_decode", (ql, qp, pool[:, :, :-1], table, lengths, sc)),
+        "absorb_q_rows": ("mla_absorb_q", (ql, f32_to_bf16(ql.reshape(-1, ql.shape[2])[:-1]))),
+        "absorb_o_cols": ("mla_absorb_o", (ql, f32_to_bf16(np.ones((ql.shape[1] * 4, 7), np.float32)), 2)),
         "attention_shapes": ("attention", (q, k[:, :1], v, s, 0)),
         "attention_negative_offset": ("attention", (q, k, v, s, -1)),
         "rmsnorm_weight": ("rmsnorm", (xb, xb[0, :10].copy(), 1e-6)),

@@ -72,3 +72,41 @@ void mla_decode(float* out, const float* q_latent, const float* q_pe, const floa
         }
     }
 }
+
+// The two absorbed projections around mla_decode, straight from kv_b_proj's bf16 rows
+// ([H*(N+V), C]: per head N rows of W_UK, then V rows of W_UV), no float32 copy of it:
+//   q_latent[b,h,:] = Σ_n q_nope[b,h,n] · W_UK[h,n,:]      (rows scaled and summed)
+//   o[b,h,v]        = u[b,h,:] · W_UV[h,v,:]                (a GEMV per head)
+// Work items are heads; each head's rows stream from memory once for all B sequences.
+void mla_absorb_q(float* out, const float* q_nope, const uint16_t* kv_b, int B, int H, int N, int V, int C) {
+    #pragma omp parallel for schedule(dynamic, 1)
+    for (int h = 0; h < H; h++) {
+        const uint16_t* w = kv_b + (size_t)h * (N + V) * C;
+        for (int b = 0; b < B; b++) {
+            float* o = out + ((size_t)b * H + h) * C;
+            for (int c = 0; c < C; c++) o[c] = 0.f;
+        }
+        for (int n = 0; n < N; n++) {
+            const uint16_t* wr = w + (size_t)n * C;
+            for (int b = 0; b < B; b++) {
+                const float qv = q_nope[((size_t)b * H + h) * N + n];
+                float* o = out + ((size_t)b * H + h) * C;
+                #pragma omp simd
+                for (int c = 0; c < C; c++) o[c] += qv * bf16_to_f32(wr[c]);
+            }
+        }
+    }
+}
+
+void mla_absorb_o(float* out, const float* u, const uint16_t* kv_b, int B, int H, int N, int V, int C) {
+    #pragma omp parallel
+    {
+        std::vector<float> uh((size_t)B * C);
+        #pragma omp for schedule(dynamic, 1)
+        for (int h = 0; h < H; h++) {
+            for (int b = 0; b < B; b++)
+                std::memcpy(&uh[(size_t)b * C], u + ((size_t)b * H + h) * C, sizeof(float) * C);
+            bf16_rows(out + (size_t)h * V, H * V, uh.data(), B, C, kv_b + ((size_t)h * (N + V) + N) * C, 0, V);
+        }
+    }
+}
