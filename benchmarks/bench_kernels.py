@@ -8,10 +8,12 @@
 3. BF16 GEMV/GEMM at attention / dense / lm_head shapes (also cycled over > caches);
 4. FP8 (e4m3 + f32 128x128 block scales, K2 Base/Instruct) at expert and dense shapes;
 5. MoE: 8 of 64 INT4 experts per token, D=7168, F=2048.
-GB/s counts weight bytes (INT4: packed + scales; FP8: codes + scale_inv). The box is shared, so each figure is the
-best and the median of --reps repeats; GB/cpu-s divides by the median CPU time of the process
-(all threads), i.e. the rate per core-second actually granted, which a loaded box hides in
-the wall-clock figures. --int4 skips the BF16 shapes; --exact adds the exact INT4 path.
+GB/s counts weight bytes (INT4: packed + scales; FP8: codes + scale_inv). The box is shared and
+its bandwidth drifts by tens of percent within seconds, so the read bandwidth is sampled right
+before and after each timed repeat, and "% of read" is the median over repeats of the kernel's
+rate over the larger of its two samples. GB/s is the best and the median of --reps repeats;
+GB/cpu-s divides by the median CPU time of the process (all threads), i.e. the rate per
+core-second actually granted, which a loaded box hides in the wall-clock figures. --int4 skips the BF16 shapes; --exact adds the exact INT4 path.
 """
 from __future__ import annotations
 
@@ -27,27 +29,39 @@ import numpy as np
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 from k2lite import cpu, ref
+from k2lite.info import ReadMeter
 from k2lite.formats import Fp8Tensor, Int4Tensor
 
 GB = 1e9
 
 
 CPU_SECONDS = []   # per timeit(): process CPU seconds per call (all threads), median
+READ_AROUND = []   # per timeit(): per repeat, the larger read-bandwidth sample around it (B/s)
+METER = None       # k2lite.info.ReadMeter, made in main()
 
 
 def timeit(fn, reps: int, inner: int):
     """Best and median wall seconds per call over reps repeats of `inner` calls; the median
-    CPU seconds per call (all threads) goes to CPU_SECONDS."""
+    CPU seconds per call (all threads) goes to CPU_SECONDS, the read bandwidth sampled around
+    each repeat to READ_AROUND."""
     fn()
-    times, cpu_times = [], []
+    times, cpu_times, reads = [], [], []
     for _ in range(reps):
+        before = METER.sample()
         c0, t0 = time.process_time(), time.perf_counter()
         for _ in range(inner):
             fn()
         times.append((time.perf_counter() - t0) / inner)
         cpu_times.append((time.process_time() - c0) / inner)
+        reads.append(max(before, METER.sample()))
     CPU_SECONDS.append(float(np.median(cpu_times)))
+    READ_AROUND.append(list(zip(times, reads)))
     return min(times), float(np.median(times))
+
+
+def frac(nbytes: float) -> float:
+    """Median over the last timeit()'s repeats of rate / read bandwidth around that repeat."""
+    return float(np.median([nbytes / t / r for t, r in READ_AROUND[-1]]))
 
 
 def rand_int4(rng, n, i, g=32):
@@ -82,15 +96,17 @@ def main():
     rng = np.random.default_rng(0)
     set_bytes = (0.25 if args.quick else 1.0) * 2**30
     rows = []
+    global METER
+    METER = ReadMeter()
 
     buf = np.ones(int(set_bytes) // 4, np.float32)
     best, med = timeit(lambda: cpu._cpu.stream_read(buf), args.reps, 2)
     bw = buf.nbytes / best / GB
     rows.append(("stream read (C++ sum)", "1x %.2f GiB" % (buf.nbytes / 2**30), 1, bw, buf.nbytes / med / GB,
-                 buf.nbytes / CPU_SECONDS[-1] / GB))
+                 buf.nbytes / CPU_SECONDS[-1] / GB, frac(buf.nbytes)))
     best, med = timeit(lambda: buf.sum(), max(2, args.reps // 2), 1)
     rows.append(("numpy buf.sum()", "", 1, buf.nbytes / best / GB, buf.nbytes / med / GB,
-                 buf.nbytes / CPU_SECONDS[-1] / GB))
+                 buf.nbytes / CPU_SECONDS[-1] / GB, frac(buf.nbytes)))
     del buf
 
     def bench(name, mats, fn, T, inner_calls=None):
@@ -105,7 +121,8 @@ def main():
         inner = inner_calls or len(mats)
         best, med = timeit(call, args.reps, inner)
         shape = mats[0].shape
-        rows.append((name, f"{shape[0]}x{shape[1]}", T, nb / best / GB, nb / med / GB, nb / CPU_SECONDS[-1] / GB))
+        rows.append((name, f"{shape[0]}x{shape[1]}", T, nb / best / GB, nb / med / GB, nb / CPU_SECONDS[-1] / GB,
+                     frac(nb)))
 
     for n, i in ((2048, 7168), (7168, 2048), (7168, 18432)):
         one = n * i
@@ -134,7 +151,7 @@ def main():
     x = rng.standard_normal((1, 7168)).astype(np.float32)
     best, med = timeit(lambda: ref.int4_matmul(x, w.packed, w.scales, 32), 1, 1)
     rows.append(("ref.int4_matmul (numpy)", "2048x7168", 1, w.nbytes / best / GB, w.nbytes / med / GB,
-                 w.nbytes / CPU_SECONDS[-1] / GB))
+                 w.nbytes / CPU_SECONDS[-1] / GB, frac(w.nbytes)))
 
     for n, i in () if args.int4 else ((1536, 7168), (12288, 1536), (576, 7168), (7168, 8192), (163840, 7168)):
         one = n * i * 2
@@ -168,7 +185,7 @@ def main():
         best, med = timeit(call, args.reps, max(4, E // 8))
         nb = per_expert * state["nexp"]
         rows.append(("moe (8 of %d, int4)" % E, f"D{D} F{F} x{state['nexp']}exp", T, nb / best / GB, nb / med / GB,
-                     nb / CPU_SECONDS[-1] / GB))
+                     nb / CPU_SECONDS[-1] / GB, frac(nb)))
 
     report(args, load0, bw, rows)
 
@@ -177,9 +194,9 @@ def report(args, load0, bw, rows):
     print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cpus, "
           f"threads={args.threads}, simd={cpu.SIMD}, int4 vnni={cpu.INT4_VNNI}, "
           f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY')}, load average {load0:.1f} -> {os.getloadavg()[0]:.1f}")
-    print(f"{'kernel':28s} {'shape':22s} {'T':>3s} {'GB/s best':>10s} {'median':>8s} {'% of bw':>8s} {'GB/cpu-s':>9s}")
-    for name, shape, T, b, m, c in rows:
-        print(f"{name:28s} {shape:22s} {T:3d} {b:10.2f} {m:8.2f} {100 * b / bw:7.0f}% {c:9.2f}")
+    print(f"{'kernel':28s} {'shape':22s} {'T':>3s} {'GB/s best':>10s} {'median':>8s} {'% of read':>9s} {'GB/cpu-s':>9s}")
+    for name, shape, T, b, m, c, f in rows:
+        print(f"{name:28s} {shape:22s} {T:3d} {b:10.2f} {m:8.2f} {100 * f:8.0f}% {c:9.2f}")
 
 
 if __name__ == "__main__":

@@ -171,23 +171,33 @@ def summary(info: ModelInfo, context: int) -> str:
 
 
 # ---------------------------------------------------------------- measurement (k2lite bench)
-def measure_bandwidth(nbytes: int = 1 << 30, repeats: int = 3) -> float:
-    """Streaming-read bandwidth in bytes/s, best of N: the native kernels' parallel sum over an
-    nbytes float32 array (same threads as the model) when built, else numpy's sum."""
-    import time
+class ReadMeter:
+    """Streaming-read bandwidth, sampled on demand: the native kernels' parallel sum over an
+    nbytes float32 array (same threads as the model) when built, else numpy's sum. On a shared
+    machine bandwidth drifts by tens of percent within seconds, so benchmarks sample it right
+    before and after each thing they time and compare the pair, not one figure per run."""
 
-    import numpy as np
-    try:
-        from ._cpu import stream_read as read
-    except ImportError:
-        read = np.sum
-    a = np.ones(max(nbytes // 4, 1), np.float32)
-    best = float("inf")
-    for _ in range(repeats + 1):           # the first pass also faults the pages in
+    def __init__(self, nbytes: int = 1 << 30):
+        import numpy as np
+        try:
+            from ._cpu import stream_read as read
+        except ImportError:
+            read = np.sum
+        self.read, self.buf = read, np.ones(max(nbytes // 4, 1), np.float32)
+        self.sample()                          # the first pass also faults the pages in
+
+    def sample(self) -> float:
+        """One pass: bytes/s."""
+        import time
         t = time.perf_counter()
-        read(a)
-        best = min(best, time.perf_counter() - t)
-    return a.nbytes / best
+        self.read(self.buf)
+        return self.buf.nbytes / (time.perf_counter() - t)
+
+
+def measure_bandwidth(nbytes: int = 1 << 30, repeats: int = 3) -> float:
+    """Streaming-read bandwidth in bytes/s, best of `repeats` passes (see ReadMeter)."""
+    meter = ReadMeter(nbytes)
+    return max(meter.sample() for _ in range(repeats))
 
 
 def bench(llm, n_prompt: int = 512, n_gen: int = 128, repeats: int = 3, seed: int = 0) -> dict:
