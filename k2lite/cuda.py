@@ -2,9 +2,19 @@
 
 Importing this module fails with ImportError unless the CUDA module was built (setup.py does
 so when nvcc is found) and a GPU is visible, so `ops.available("cuda")` means "usable here".
-No op is implemented on the GPU yet (issue 7): every op falls back to ref through ops.py.
+
+On the GPU (issue 7, first kernels): `bf16_matmul` and `int4_matmul` (src/cuda/gemv.cu), with
+ref.py's signatures: host numpy in, host float32 numpy out. Each weight array is uploaded to
+the device once, on first use, and its DeviceBuffer cached (keyed by id() and holding a
+reference to the array, so the id cannot be reused while cached: weights must not be modified
+in place afterwards; `clear_cache()` frees them). Activations are copied host -> device and
+results device -> host on every call. Every other op in ops.KERNELS (fp8_matmul, f32_matmul,
+rmsnorm, moe, attention, ...) is not defined here and falls back to ref through k2lite/ops.py;
+the composite ops there (linear, swiglu_expert, moe over these matmuls) use the GPU matmuls.
 """
 from __future__ import annotations
+
+import numpy as np
 
 from . import _cuda
 
@@ -14,3 +24,84 @@ if _cuda.device_count() == 0:
 
 def devices() -> list:
     return [_cuda.device_name(i) for i in range(_cuda.device_count())]
+
+
+# ---------------------------------------------------------------- device copies of weights
+_buffers: dict = {}     # id(array) -> (array, DeviceBuffer)
+
+
+def device_buffer(a: np.ndarray):
+    """The cached DeviceBuffer of host array `a` (uploaded on first use)."""
+    hit = _buffers.get(id(a))
+    if hit is not None and hit[0] is a:
+        return hit[1]
+    buf = _cuda.upload(a)
+    _buffers[id(a)] = (a, buf)
+    return buf
+
+
+def clear_cache() -> None:
+    """Free every cached device copy of a weight."""
+    _buffers.clear()
+
+
+def cached_bytes() -> int:
+    return sum(buf.nbytes for _, buf in _buffers.values())
+
+
+# ---------------------------------------------------------------- checks (as k2lite/cpu.py)
+def _act(a, name: str, ndim: int) -> np.ndarray:
+    a = np.ascontiguousarray(a, np.float32)
+    if a.ndim != ndim:
+        raise ValueError(f"{name}: expected {ndim} dims, got shape {a.shape}")
+    return a
+
+
+def _weight(a, name: str, dtype, shape: tuple) -> np.ndarray:
+    """Weights are uploaded as they are: dtype, layout and shape must already be right."""
+    if not isinstance(a, np.ndarray):
+        raise ValueError(f"{name}: expected a numpy array, got {type(a).__name__}")
+    if a.dtype != dtype:
+        raise ValueError(f"{name}: expected dtype {np.dtype(dtype).name}, got {a.dtype}")
+    if a.shape != shape:
+        raise ValueError(f"{name}: expected shape {shape}, got {a.shape}")
+    if not a.flags.c_contiguous:
+        raise ValueError(f"{name}: must be C-contiguous")
+    return a
+
+
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+# ---------------------------------------------------------------- linear layers
+def bf16_matmul(x: np.ndarray, w: np.ndarray) -> np.ndarray:
+    """y[T,N] = x[T,I] · w[N,I]ᵀ with w as bf16 bits."""
+    x = _act(x, "x", 2)
+    if not isinstance(w, np.ndarray) or w.ndim != 2:
+        raise ValueError("w: expected a 2-D uint16 array")
+    n, i = w.shape[0], x.shape[1]
+    _weight(w, "w", np.uint16, (n, i))
+    out = np.empty((x.shape[0], n), np.float32)
+    _cuda.bf16_matmul(out, x, device_buffer(w), n, i)
+    return out
+
+
+def int4_matmul(x: np.ndarray, packed: np.ndarray, scales: np.ndarray, group_size: int) -> np.ndarray:
+    """y[T,N] = x[T,I] · W[N,I]ᵀ, W = (codes - 8) * scale[n, i // group_size] (rounded to
+    bf16 when the scales are bf16, as compressed-tensors dequantizes)."""
+    x = _act(x, "x", 2)
+    group_size = int(group_size)
+    if group_size <= 0:
+        raise ValueError(f"group_size must be positive, got {group_size}")
+    if not isinstance(packed, np.ndarray) or packed.ndim != 2:
+        raise ValueError("packed: expected a 2-D int32 array")
+    n, i = packed.shape[0], x.shape[1]
+    _weight(packed, "packed", np.int32, (n, _cdiv(i, 8)))
+    if not isinstance(scales, np.ndarray) or scales.dtype not in (np.uint16, np.float32):
+        raise ValueError("scales: expected uint16 (bf16 bits) or float32 scales")
+    _weight(scales, "scales", scales.dtype, (n, _cdiv(i, group_size)))
+    out = np.empty((x.shape[0], n), np.float32)
+    _cuda.int4_matmul(out, x, device_buffer(packed), device_buffer(scales), n, i, group_size,
+                      bool(scales.dtype == np.float32))
+    return out
