@@ -140,6 +140,7 @@ CASES += [
     ("int4_matmul", mk_int4_matmul_f32scales, dict(T=3, I=256, N=17, g=32), 1e-10, None),
     ("int4_matmul", mk_int4_matmul, dict(T=20, I=256, N=70, g=32), INT4_TOL, None),  # T > 16
     ("int4_matmul", mk_int4_matmul, dict(T=37, I=160, N=130, g=32), INT4_TOL, None), # > 32 tokens
+    ("bf16_matmul", mk_bf16_matmul, dict(T=6, I=3 * 8192 + 16 * 5 + 7, N=9), 1e-10, None),  # column chunks
     ("moe", mk_moe, dict(T=3, D=I_ODD, F=64, E=6, K=2, fmt="bf16"), 1e-10, None),
     ("moe", mk_moe, dict(T=9, D=128, F=64, E=3, K=3, fmt="int4"), MOE_INT4_TOL, None),  # all experts busy
     ("moe", mk_moe, dict(T=2, D=160, F=160, E=4, K=2, fmt="int4"), MOE_INT4_TOL, None),  # partial blocks
