@@ -1,6 +1,6 @@
 """Decode and prefill speed on the real-width K2 slice, against the machine's bandwidth.
 
-    python benchmarks/bench_decode.py [--model /tmp/k2slice] [-p 512] [-n 16] [--threads 1 2] [--no-mmap]
+    python benchmarks/bench_decode.py [--model /tmp/k2slice] [-p 512] [-n 16] [--threads 1 2] [--no-mmap] [--repack]
 
 Writes the k2-slice random checkpoint (real K2 widths: hidden 7168, 64 heads, 32 INT4 experts
 top-8, 1 dense + 3 MoE layers, BF16 lm_head over 163840 tokens; ~8.9 GB) if the folder does not
@@ -49,16 +49,17 @@ def main():
     ap.add_argument("--threads", type=int, nargs="+", default=[1, 2])
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--no-mmap", action="store_true", help="copy weights into anonymous memory first")
+    ap.add_argument("--repack", action="store_true", help="BF16 linear weights into 16-row tiles (TiledBF16)")
     a = ap.parse_args()
     if not os.path.exists(os.path.join(a.model, "config.json")):
         subprocess.check_call([sys.executable, "-m", "k2lite.testing.random_model", a.model, "--preset", "k2-slice"])
     per_token = model_info(a.model).decode_bytes_per_token
     meter = ReadMeter()
-    print("| threads | mmap | decode tok/s | weight GB/s | read GB/s | fraction | prefill tok/s (cold) "
+    print("| threads | weights | decode tok/s | weight GB/s | read GB/s | fraction | prefill tok/s (cold) "
           "| prefill/decode per token | Python share |")
     print("| ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
     for t in a.threads:
-        llm = k2lite.load(a.model, device=a.device, threads=t, mmap=not a.no_mmap)
+        llm = k2lite.load(a.model, device=a.device, threads=t, mmap=not a.no_mmap, repack=a.repack)
         with llm.sequence() as seq:                 # cold: the first touch of every weight page
             t0 = time.perf_counter()
             seq.append(list(range(200, 264)), last_only=True)
@@ -82,7 +83,7 @@ def main():
                 fracs.append(rates[-1] / reads[-1])
             share = python_share(seq)
         decode = 1 / float(np.median(steps))
-        print(f"| {t} | {'no' if a.no_mmap else 'yes'} | {decode:.2f} | {np.median(rates) / 1e9:.1f} | "
+        print(f"| {t} | {('anonymous' if a.no_mmap else 'mmap') + (' + repack' if a.repack else '')} | {decode:.2f} | {np.median(rates) / 1e9:.1f} | "
               f"{np.median(reads) / 1e9:.1f} | {np.median(fracs):.0%} (range {min(fracs):.0%}-{max(fracs):.0%}) | "
               f"{prefill:.1f} ({cold:.1f}) | {prefill / decode:.1f}x | {share:.1%} |")
         del llm, seq

@@ -92,6 +92,18 @@ def bf16_matmul(x: np.ndarray, w: np.ndarray) -> np.ndarray:
     return out
 
 
+def bf16_tiled_matmul(x: np.ndarray, data: np.ndarray, n: int) -> np.ndarray:
+    """bf16_matmul with w in TiledBF16's layout (data[N/16, I/32, 16, 32]); see formats."""
+    x = _act(x, "x", 2)
+    n = int(n)
+    if n < 0:
+        raise ValueError(f"n: must be >= 0, got {n}")
+    _weight(data, "data", np.uint16, (-(-n // 16), -(-x.shape[1] // 32), 16, 32))
+    out = np.empty((x.shape[0], n), np.float32)
+    _cpu.bf16_tiled_matmul(out, x, data, n)
+    return out
+
+
 def int4_matmul(x: np.ndarray, packed: np.ndarray, scales: np.ndarray, group_size: int) -> np.ndarray:
     """y[T,N] = x[T,I] · W[N,I]ᵀ, W = (codes - 8) * scale[n, i // group_size]."""
     x = _act(x, "x", 2)

@@ -12,6 +12,10 @@ K2 Thinking ships its routed experts in (K2_SPEC §4):
 An FP8 matrix is an `Fp8Tensor`: DeepSeek-V3 / K2 Base / K2 Instruct block quantization,
 e4m3fn codes with one float32 `weight_scale_inv` per 128×128 block (a multiplier despite
 its name): W[r, c] = e4m3(code[r, c]) * scale_inv[r // 128, c // 128].
+
+A `TiledBF16` is a BF16 matrix repacked at load (`k2lite.load(..., repack=True)`) so a GEMV
+reads it as one sequential stream: tiles of 16 rows, each stored column chunk by column chunk
+(32 columns = 64 bytes per row), zero-padded to whole tiles and chunks.
 """
 from __future__ import annotations
 
@@ -31,6 +35,44 @@ def f32_to_bf16(x: np.ndarray) -> np.ndarray:
     u = np.ascontiguousarray(x, np.float32).view(np.uint32)
     rounded = ((u + 0x7FFF + ((u >> 16) & 1)) >> 16).astype(np.uint16)
     return np.where(np.isnan(np.asarray(x, np.float32)), np.uint16(0x7FC0), rounded)
+
+
+# ---------------------------------------------------------------- BF16 in 16-row tiles
+TILE_ROWS, TILE_COLS = 16, 32
+
+
+@dataclass
+class TiledBF16:
+    """A [out, in] BF16 matrix as data[out/16, in/32, 16, 32] (bits; both dims padded up)."""
+    data: np.ndarray        # uint16 [ceil(out/16), ceil(in/32), 16, 32]
+    shape: tuple            # (out, in)
+
+    @property
+    def nbytes(self) -> int:
+        return self.data.nbytes
+
+
+def tile_bf16(w: np.ndarray, out: np.ndarray | None = None) -> TiledBF16:
+    """uint16 [N, I] -> TiledBF16; `out` (uint16, the padded size) receives the data if given."""
+    n, i = w.shape
+    nt, ic = -(-n // TILE_ROWS), -(-i // TILE_COLS)
+    data = np.zeros((nt, ic, TILE_ROWS, TILE_COLS), np.uint16) if out is None else out.reshape(nt, ic, TILE_ROWS, TILE_COLS)
+    if out is not None:
+        data[-1] = 0
+        data[:, -1] = 0
+    for t in range(nt):     # one tile at a time: no full-size temporary
+        rows = w[t * TILE_ROWS:(t + 1) * TILE_ROWS]
+        pad = np.zeros((TILE_ROWS, ic * TILE_COLS), np.uint16)
+        pad[:rows.shape[0], :i] = rows
+        data[t] = pad.reshape(TILE_ROWS, ic, TILE_COLS).transpose(1, 0, 2)
+    return TiledBF16(data, (n, i))
+
+
+def untile_bf16(t: TiledBF16) -> np.ndarray:
+    """TiledBF16 -> uint16 [N, I]."""
+    n, i = t.shape
+    nt, ic = t.data.shape[:2]
+    return t.data.transpose(0, 2, 1, 3).reshape(nt * TILE_ROWS, ic * TILE_COLS)[:n, :i]
 
 
 # ---------------------------------------------------------------- INT4 pack-quantized

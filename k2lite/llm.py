@@ -77,7 +77,7 @@ class LLM(GenerationMixin):
 
     def __init__(self, path: str, device: str = "cpu", threads: int | None = None,
                  context: int | None = None, page_size: int = 64, max_cache_tokens: int | None = None,
-                 prefill_chunk: int = 256, mmap: bool = True):
+                 prefill_chunk: int = 256, mmap: bool = True, repack: bool = False):
         self.path = path
         self.config = Config.from_json(os.path.join(path, "config.json")) if os.path.isdir(path) else \
             Config.from_json(path)
@@ -95,9 +95,12 @@ class LLM(GenerationMixin):
             self.ops.set_threads(int(threads))
         # mmap=True (default): weights are views of the files, opening is instant and pages are
         # shared with the OS cache. mmap=False copies them into anonymous (huge-page) memory:
-        # slower to load and private, but decode streams them a little faster.
-        self.checkpoint = Checkpoint(path, use_mmap=mmap)
-        show = sys.stderr.isatty() and (not mmap or self.config.num_hidden_layers > 8)
+        # slower to load and private, but decode streams them a little faster. repack=True
+        # also copies every BF16 matrix that only linear() reads (attention projections, dense
+        # and shared MLPs, lm_head) into 16-row tiles (formats.TiledBF16), one sequential stream
+        # per tile; routed experts and kv_b_proj keep their checkpoint layout.
+        self.checkpoint = Checkpoint(path, use_mmap=mmap, repack=repack)
+        show = sys.stderr.isatty() and (not mmap or repack or self.config.num_hidden_layers > 8)
         self.weights = load_weights(self.config, self.checkpoint, _progress_bar if show else None)
         self.model = Model(self.config, self.weights, backend)
         self.context = int(context or min(self.config.max_position_embeddings, 1 << 20))

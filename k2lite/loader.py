@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import json
 import math
+import mmap
 import os
 
 import numpy as np
 
 from .config import Config
 from .errors import ModelFormatError
-from .formats import Fp8Tensor, Int4Tensor, bf16_to_f32
+from .formats import TILE_COLS, TILE_ROWS, Fp8Tensor, Int4Tensor, bf16_to_f32, tile_bf16
 from .model import MLP, Attention, Layer, MoE, Weights
 from .safetensors import DTYPES, SafetensorsFile
 
@@ -25,8 +26,8 @@ MATRIX_DTYPES = ("BF16", "F32", "F16")
 class Checkpoint:
     """All tensors of a folder: through model.safetensors.index.json, else every *.safetensors."""
 
-    def __init__(self, path: str, use_mmap: bool = True):
-        self.use_mmap = use_mmap
+    def __init__(self, path: str, use_mmap: bool = True, repack: bool = False):
+        self.use_mmap, self.repack = use_mmap, repack
         if not os.path.isdir(path):
             raise ModelFormatError(f"{path}: not a directory")
         self.path = path
@@ -133,6 +134,23 @@ def _matrix(ck: Checkpoint, prefix: str, shape, cfg: Config):
     return ck.get(prefix + ".weight", shape, MATRIX_DTYPES)
 
 
+def _tiled(ck: Checkpoint, prefix: str, w):
+    """With ck.repack, a BF16 matrix that only ever goes through linear() is copied into 16-row
+    tiles in anonymous huge-page memory (formats.TiledBF16: one sequential stream per tile for
+    the GEMV) and its file pages are unmapped; anything else is returned as it is."""
+    if not ck.repack or not isinstance(w, np.ndarray) or w.dtype != np.uint16 or w.ndim != 2:
+        return w
+    n, i = w.shape
+    nbytes = -(-n // TILE_ROWS) * TILE_ROWS * -(-i // TILE_COLS) * TILE_COLS * 2
+    buf = mmap.mmap(-1, max(nbytes, 1))
+    if hasattr(mmap, "MADV_HUGEPAGE"):
+        buf.madvise(mmap.MADV_HUGEPAGE)
+    t = tile_bf16(w, np.frombuffer(buf, np.uint16, count=nbytes // 2))
+    if ck.use_mmap:
+        ck.release(prefix + ".weight")
+    return t
+
+
 def load_weights(cfg: Config, ck: Checkpoint, progress=None) -> Weights:
     """Build model.Weights from checkpoint names, checking every shape against the config.
     progress(i, n) is called after each layer."""
@@ -146,30 +164,33 @@ def load_weights(cfg: Config, ck: Checkpoint, progress=None) -> Weights:
         def m(name, shape):
             return _matrix(ck, p + name, shape, cfg)
 
+        def lin(name, shape):   # a matrix used only by linear(): tiled when repacking
+            return _tiled(ck, p + name, m(name, shape))
+
         qr = cfg.q_lora_rank
         attn = Attention(
-            q_a_proj=m("self_attn.q_a_proj", (qr, D)) if qr else None,
+            q_a_proj=lin("self_attn.q_a_proj", (qr, D)) if qr else None,
             q_a_layernorm=_vector(ck, p + "self_attn.q_a_layernorm.weight", qr) if qr else None,
-            q_b_proj=m("self_attn.q_b_proj", (H * (N + R), qr)) if qr else None,
-            q_proj=None if qr else m("self_attn.q_proj", (H * (N + R), D)),
-            kv_a_proj_with_mqa=m("self_attn.kv_a_proj_with_mqa", (C + R, D)),
+            q_b_proj=lin("self_attn.q_b_proj", (H * (N + R), qr)) if qr else None,
+            q_proj=None if qr else lin("self_attn.q_proj", (H * (N + R), D)),
+            kv_a_proj_with_mqa=lin("self_attn.kv_a_proj_with_mqa", (C + R, D)),
             kv_a_layernorm=_vector(ck, p + "self_attn.kv_a_layernorm.weight", C),
             kv_b_proj=m("self_attn.kv_b_proj", (H * (N + Vd), C)),
-            o_proj=m("self_attn.o_proj", (D, H * Vd)))
+            o_proj=lin("self_attn.o_proj", (D, H * Vd)))
         if cfg.is_moe_layer(i):
             E, F = cfg.n_routed_experts, cfg.moe_intermediate_size
             experts = [(m(f"mlp.experts.{e}.gate_proj", (F, D)), m(f"mlp.experts.{e}.up_proj", (F, D)),
                         m(f"mlp.experts.{e}.down_proj", (D, F))) for e in range(E)]
             S = F * cfg.n_shared_experts
-            shared = MLP(m("mlp.shared_experts.gate_proj", (S, D)), m("mlp.shared_experts.up_proj", (S, D)),
-                         m("mlp.shared_experts.down_proj", (D, S))) if cfg.n_shared_experts else None
+            shared = MLP(lin("mlp.shared_experts.gate_proj", (S, D)), lin("mlp.shared_experts.up_proj", (S, D)),
+                         lin("mlp.shared_experts.down_proj", (D, S))) if cfg.n_shared_experts else None
             bias_name = p + "mlp.gate.e_score_correction_bias"
             bias = _vector(ck, bias_name, E) if (bias_name in ck or cfg.topk_method == "noaux_tc") \
                 else np.zeros(E, np.float32)
             mlp = MoE(m("mlp.gate", (E, D)), bias, experts, shared)
         else:
             Fd = cfg.intermediate_size
-            mlp = MLP(m("mlp.gate_proj", (Fd, D)), m("mlp.up_proj", (Fd, D)), m("mlp.down_proj", (D, Fd)))
+            mlp = MLP(lin("mlp.gate_proj", (Fd, D)), lin("mlp.up_proj", (Fd, D)), lin("mlp.down_proj", (D, Fd)))
         layers.append(Layer(_vector(ck, p + "input_layernorm.weight", D), attn,
                             _vector(ck, p + "post_attention_layernorm.weight", D), mlp))
         if progress:
@@ -179,5 +200,5 @@ def load_weights(cfg: Config, ck: Checkpoint, progress=None) -> Weights:
     if cfg.tie_word_embeddings and head_name + ".weight" not in ck:
         lm_head = embed
     else:
-        lm_head = _matrix(ck, head_name, (V, D), cfg)
+        lm_head = _tiled(ck, head_name, _matrix(ck, head_name, (V, D), cfg))
     return Weights(embed, layers, _vector(ck, pre + "norm.weight", D), lm_head)

@@ -16,12 +16,12 @@ import types
 import numpy as np
 
 from . import ref
-from .formats import Fp8Tensor, Int4Tensor
+from .formats import Fp8Tensor, Int4Tensor, TiledBF16
 
 # kernels a backend may provide; the composite ops below are built here from them, so the
 # choice of kernel by weight format happens in exactly one place (DeepSeek's linear())
-KERNELS = ("bf16_matmul", "int4_matmul", "fp8_matmul", "f32_matmul", "rmsnorm", "silu", "rope",
-           "moe", "softmax", "attention", "mla_decode", "mla_absorb_q", "mla_absorb_o")
+KERNELS = ("bf16_matmul", "bf16_tiled_matmul", "int4_matmul", "fp8_matmul", "f32_matmul", "rmsnorm",
+           "silu", "rope", "moe", "softmax", "attention", "mla_decode", "mla_absorb_q", "mla_absorb_o")
 _cache: dict = {}
 
 
@@ -70,6 +70,8 @@ def _compose(ns, native_moe, moe_supports=None):
             return ns.int4_matmul(x, w.packed, w.scales, w.group_size)
         if isinstance(w, Fp8Tensor):
             return ns.fp8_matmul(x, w.weight, w.scale_inv, w.block)
+        if isinstance(w, TiledBF16):
+            return ns.bf16_tiled_matmul(x, w.data, w.shape[0])
         return ns.bf16_matmul(x, w) if w.dtype == np.uint16 else ns.f32_matmul(x, w)
 
     def swiglu_expert(x, gate, up, down):

@@ -12,14 +12,22 @@ from __future__ import annotations
 
 import numpy as np
 
-from .formats import (Fp8Tensor, Int4Tensor, bf16_to_f32, dequantize_fp8, dequantize_int4,
-                      dequantize_int4_arrays)
+from .formats import (Fp8Tensor, Int4Tensor, TiledBF16, bf16_to_f32, dequantize_fp8, dequantize_int4,
+                      dequantize_int4_arrays, untile_bf16)
 
 
 # ---------------------------------------------------------------- linear layers
 def bf16_matmul(x: np.ndarray, w: np.ndarray) -> np.ndarray:
     """y[T,N] = x[T,I] · w[N,I]ᵀ with w as bf16 bits."""
     return x @ bf16_to_f32(w).T
+
+
+def bf16_tiled_matmul(x: np.ndarray, data: np.ndarray, n: int) -> np.ndarray:
+    """bf16_matmul with w in TiledBF16's layout, data[N/16, I/32, 16, 32] (padded), N = n."""
+    want = (-(-n // 16), -(-x.shape[1] // 32), 16, 32)
+    if data.shape != want:
+        raise ValueError(f"data: expected shape {want} for N={n}, I={x.shape[1]}, got {data.shape}")
+    return bf16_matmul(x, untile_bf16(TiledBF16(data, (n, x.shape[1]))))
 
 
 def int4_matmul(x: np.ndarray, packed: np.ndarray, scales: np.ndarray, group_size: int) -> np.ndarray:
@@ -44,6 +52,8 @@ def linear(x: np.ndarray, w) -> np.ndarray:
         return int4_matmul(x, w.packed, w.scales, w.group_size)
     if isinstance(w, Fp8Tensor):
         return fp8_matmul(x, w.weight, w.scale_inv, w.block)
+    if isinstance(w, TiledBF16):
+        return bf16_tiled_matmul(x, w.data, w.shape[0])
     if w.dtype == np.uint16:
         return bf16_matmul(x, w)
     return f32_matmul(x, w)
@@ -55,6 +65,8 @@ def dense(w) -> np.ndarray:
         return dequantize_int4(w)
     if isinstance(w, Fp8Tensor):
         return dequantize_fp8(w)
+    if isinstance(w, TiledBF16):
+        return bf16_to_f32(untile_bf16(w))
     return bf16_to_f32(w) if w.dtype == np.uint16 else np.asarray(w, np.float32)
 
 

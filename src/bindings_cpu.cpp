@@ -66,6 +66,16 @@ static void b_bf16_matmul(arr out, arr x, arr w) {
     bf16_matmul(op, xp, wp, T, I, N);
 }
 
+static void b_bf16_tiled_matmul(arr out, arr x, arr data, int N) {
+    const int T = x.shape(0), I = x.ndim() == 2 ? x.shape(1) : -1;
+    const float* xp = cptr<float>(x, "x", {-1, -1});
+    need(N >= 0, "N must be >= 0");
+    const uint16_t* dp = cptr<uint16_t>(data, "data", {ceil_div(N, 16), ceil_div(I, 32), 16, 32});
+    float* op = wptr<float>(out, "out", {T, N});
+    py::gil_scoped_release nogil;
+    bf16_tiled_matmul(op, xp, dp, T, I, N);
+}
+
 static void b_fp8_matmul(arr out, arr x, arr w, arr scale_inv, int bo, int bi) {
     need(bo > 0 && bi > 0, "block sizes must be positive");
     const int T = x.shape(0), I = x.ndim() == 2 ? x.shape(1) : -1, N = w.shape(0);
@@ -251,6 +261,7 @@ PYBIND11_MODULE(K2LITE_CPU_MODULE, m) {
     m.doc() = "k2lite CPU kernels (see k2lite/ref.py for the contract of each op)";
     m.def("int4_matmul", &b_int4_matmul);
     m.def("bf16_matmul", &b_bf16_matmul);
+    m.def("bf16_tiled_matmul", &b_bf16_tiled_matmul);
     m.def("fp8_matmul", &b_fp8_matmul);
     m.def("moe", &b_moe);
     m.def("mla_decode", &b_mla_decode);

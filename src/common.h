@@ -81,6 +81,8 @@ void fp8_rows(float* y, int ldy, const float* x, int T, int I, const uint8_t* w,
 void int4_matmul(float* out, const float* x, const int32_t* packed, const void* scales,
                  bool scales_f32, int T, int I, int N, int group);
 void bf16_matmul(float* out, const float* x, const uint16_t* w, int T, int I, int N);
+// w in formats.TiledBF16's layout: data[ceil(N/16)][ceil(I/32)][16][32] bf16 bits (bf16_tiled.cpp)
+void bf16_tiled_matmul(float* out, const float* x, const uint16_t* data, int T, int I, int N);
 void fp8_matmul(float* out, const float* x, const uint8_t* w, const float* scale_inv, int T, int I,
                 int N, int bo, int bi);
 

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from k2lite import ops, ref
-from k2lite.formats import Fp8Tensor, f32_to_bf16, quantize_fp8, quantize_int4
+from k2lite.formats import Fp8Tensor, f32_to_bf16, quantize_fp8, quantize_int4, tile_bf16
 
 BACKENDS = [b for b in ("cpu", "cuda")]
 SEEDS = (0, 1, 2)
@@ -80,6 +80,10 @@ def mk_mla(rng, B, H, C, R, page, P):
             float(1 / np.sqrt(C + R)))
 
 
+def mk_bf16_tiled_matmul(rng, T, I, N):
+    return (f32(rng, T, I), tile_bf16(f32_to_bf16(f32(rng, N, I))).data, N)
+
+
 def mk_mla_absorb_q(rng, B, H, N, V, C):
     return (f32(rng, B, H, N), f32_to_bf16(f32(rng, H * (N + V), C)))
 
@@ -141,6 +145,11 @@ CASES += [
     ("int4_matmul", mk_int4_matmul, dict(T=20, I=256, N=70, g=32), INT4_TOL, None),  # T > 16
     ("int4_matmul", mk_int4_matmul, dict(T=37, I=160, N=130, g=32), INT4_TOL, None), # > 32 tokens
     ("bf16_matmul", mk_bf16_matmul, dict(T=6, I=3 * 8192 + 16 * 5 + 7, N=9), 1e-10, None),  # column chunks
+    ("bf16_tiled_matmul", mk_bf16_tiled_matmul, dict(T=1, I=261, N=37), 1e-10, None),
+    ("bf16_tiled_matmul", mk_bf16_tiled_matmul, dict(T=3, I=32, N=16), 1e-10, None),
+    ("bf16_tiled_matmul", mk_bf16_tiled_matmul, dict(T=16, I=1000, N=100), 1e-10, None),
+    ("bf16_tiled_matmul", mk_bf16_tiled_matmul, dict(T=7, I=7, N=1), 1e-10, None),
+    ("bf16_tiled_matmul", mk_bf16_tiled_matmul, dict(T=5, I=2 * 8192 + 77, N=33), 1e-10, None),  # chunks
     ("moe", mk_moe, dict(T=3, D=I_ODD, F=64, E=6, K=2, fmt="bf16"), 1e-10, None),
     ("moe", mk_moe, dict(T=9, D=128, F=64, E=3, K=3, fmt="int4"), MOE_INT4_TOL, None),  # all experts busy
     ("moe", mk_moe, dict(T=2, D=160, F=160, E=4, K=2, fmt="int4"), MOE_INT4_TOL, None),  # partial blocks
@@ -315,6 +324,8 @@ def _bad_cases():
         "int4_noncontig_weight": ("int4_matmul", (x[:, :128], packed[:, ::2], scales[:, ::2], g)),
         "bf16_wrong_dtype": ("bf16_matmul", (xb, wb.astype(np.int16))),
         "bf16_wrong_shape": ("bf16_matmul", (xb[:, :32], wb)),
+        "bf16_tiled_shape": ("bf16_tiled_matmul", (xb[:, :32], tile_bf16(wb).data, wb.shape[0])),
+        "bf16_tiled_rows": ("bf16_tiled_matmul", (xb, tile_bf16(wb).data, wb.shape[0] + 16)),
         "moe_idx_high": ("moe", (mx, experts, idx + 4, wts)),
         "moe_idx_negative": ("moe", (mx, experts, idx - 4, wts)),
         "moe_weights_shape": ("moe", (mx, experts, idx, wts[:, :1])),
