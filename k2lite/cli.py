@@ -36,7 +36,15 @@ def main():
     """k2lite: a small, readable inference engine for Kimi K2 (DeepSeek-V3 architecture)."""
 
 
+WEIGHTS = click.option(
+    "--weights", type=click.Choice(["mmap", "load", "repack"]), default="mmap", show_default=True,
+    help="mmap: map the checkpoint (instant, shared with the page cache); load: copy into "
+         "anonymous memory; repack: map, but copy BF16 linear weights into 16-row tiles "
+         "(fastest decode, costs their size in RAM).")
+
+
 def model_options(f):
+    f = WEIGHTS(f)
     f = click.option("--threads", "-t", type=click.IntRange(1), help="CPU threads for the kernels.")(f)
     f = click.option("--device", type=click.Choice(["cpu", "cuda", "ref"]), default="cpu", show_default=True)(f)
     return click.option("--model", "-m", "model", help="Checkpoint folder (default: the bundled k2-nano).")(f)
@@ -56,9 +64,13 @@ def sampling_options(f):
     return f
 
 
-def load_model(model, device="cpu", threads=None):
+def weight_mode(weights: str) -> dict:
+    return {"mmap": dict(), "load": dict(mmap=False), "repack": dict(repack=True)}[weights]
+
+
+def load_model(model, device="cpu", threads=None, weights="mmap"):
     from .llm import default_model_dir, load
-    return load(model or default_model_dir(), device=device, threads=threads)
+    return load(model or default_model_dir(), device=device, threads=threads, **weight_mode(weights))
 
 
 def sampling(kw) -> dict:
@@ -104,12 +116,12 @@ def show_chat(stream, tty: bool, reasoning: bool):
 @click.option("--chat/--raw", "chat", default=None, help="Apply the chat template (default: chat "
               "for released Kimi checkpoints, raw for base models such as k2-nano).")
 @click.option("--json", "as_json", is_flag=True, help="Print one OpenAI-shaped JSON object.")
-def generate(prompt, model, device, threads, chat, as_json, **kw):
+def generate(prompt, model, device, threads, weights, chat, as_json, **kw):
     """Complete PROMPT (or stdin), streaming the text as it is produced."""
     if prompt is None and not sys.stdin.isatty():
         prompt = sys.stdin.read()
     prompt = prompt or DEFAULT_PROMPT
-    llm = load_model(model, device, threads)
+    llm = load_model(model, device, threads, weights)
     chat = llm.is_chat_model if chat is None else chat
     if kw["system"] and not chat:
         raise click.UsageError("--system needs --chat")
@@ -139,9 +151,9 @@ def generate(prompt, model, device, threads, chat, as_json, **kw):
 @main.command()
 @model_options
 @sampling_options
-def chat(model, device, threads, **kw):
+def chat(model, device, threads, weights, **kw):
     """Interactive multi-turn chat. /reset clears the history, /exit quits, Ctrl-C stops an answer."""
-    llm = load_model(model, device, threads)
+    llm = load_model(model, device, threads, weights)
     start = [{"role": "system", "content": kw["system"]}] if kw["system"] else []
     messages = list(start)
     tty = sys.stdout.isatty()
@@ -197,11 +209,12 @@ def info(path, context):
               help="Size of the bandwidth probe array.")
 @click.option("--device", type=click.Choice(["cpu", "cuda", "ref"]), default="cpu", show_default=True)
 @click.option("--threads", "-t", type=click.IntRange(1))
-def bench(path, n_prompt, n_gen, repeats, bw_bytes, device, threads):
+@WEIGHTS
+def bench(path, n_prompt, n_gen, repeats, bw_bytes, device, threads, weights):
     """Prompt-processing and generation tokens/s (llama-bench), with memory-bandwidth use."""
     from .info import bench as run_bench, human, measure_bandwidth, model_info
     mi = model_info(path)
-    llm = load_model(path, device, threads)
+    llm = load_model(path, device, threads, weights)
     results = run_bench(llm, n_prompt, n_gen, repeats)
     name = os.path.basename(os.path.normpath(path))
     click.echo("| model | size | params | backend | threads | test | t/s |")
@@ -275,13 +288,14 @@ def convert(src, dst, experts, group, qat_grid, shard_size, no_resume):
 @click.option("--cache-tokens", type=click.IntRange(1), help="KV cache size in tokens (default max-batch x context).")
 @click.option("--max-queue", type=click.IntRange(0), help="Requests that may wait for cache; beyond: HTTP 429.")
 @click.option("--default-max-tokens", type=click.IntRange(1), help="Answer limit when a request sets none.")
-def serve(model, device, threads, host, port, max_batch, context, cache_tokens, max_queue, default_max_tokens):
+def serve(model, device, threads, weights, host, port, max_batch, context, cache_tokens, max_queue,
+          default_max_tokens):
     """OpenAI-compatible server: /v1/chat/completions, /v1/completions, /v1/models, /health."""
     from .llm import default_model_dir
     from .server import serve as run
     run(model or default_model_dir(), host=host, port=port, max_batch=max_batch, context=context,
         device=device, threads=threads, cache_tokens=cache_tokens, max_queue=max_queue,
-        default_max_tokens=default_max_tokens)
+        default_max_tokens=default_max_tokens, **weight_mode(weights))
 
 
 if __name__ == "__main__":

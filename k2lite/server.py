@@ -608,16 +608,17 @@ class Server(ThreadingHTTPServer):
 def serve(model, host: str = "127.0.0.1", port: int = 8000, max_batch: int = 8, context: int | None = None,
           *, device: str = "cpu", threads: int | None = None, cache_tokens: int | None = None,
           max_queue: int | None = None, model_name: str | None = None, thinking: bool | None = None,
-          default_max_tokens: int | None = None, block: bool = True) -> Server:
+          default_max_tokens: int | None = None, block: bool = True, **load_kw) -> Server:
     """Serve `model` (a checkpoint folder or a loaded LLM). block=False returns the started Server
-    (`.url`, `.scheduler`, `.stop()`); block=True serves until Ctrl-C."""
+    (`.url`, `.scheduler`, `.stop()`); block=True serves until Ctrl-C. load_kw (mmap=, repack=)
+    go to k2lite.load."""
     if isinstance(model, str):
         from .config import Config
         from .llm import load
         ctx = int(context or min(Config.from_json(model).max_position_embeddings, 1 << 20))
         # Room for max_batch whole contexts at most; the pool grows only as pages are used.
         llm = load(model, device=device, threads=threads, context=ctx,
-                   max_cache_tokens=cache_tokens or max_batch * ctx)
+                   max_cache_tokens=cache_tokens or max_batch * ctx, **load_kw)
     else:
         llm = model
         if context:

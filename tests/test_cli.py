@@ -26,6 +26,15 @@ def test_generate_raw_streams_the_same_text_as_the_library(text_model, text_llm)
     assert "Generation: " in r.stderr and "tokens-per-sec" in r.stderr and "Peak memory:" in r.stderr
 
 
+@pytest.mark.parametrize("weights", ["load", "repack"])
+def test_generate_weight_modes_give_the_same_text(text_model, weights):  # noqa: F811
+    args = ("generate", "Hello", "-m", text_model, "-n", 8, "--temperature", 0, "-t", 1)
+    base = run(*args)
+    r = run(*args, "--weights", weights)
+    assert r.exit_code == 0 and base.exit_code == 0, r.output
+    assert r.stdout == base.stdout
+
+
 def test_generate_json_is_openai_shaped(text_model, text_llm):  # noqa: F811
     r = run("generate", "-m", text_model, "-n", 4, "--temperature", 0, "-t", 1, "--json", input="")
     assert r.exit_code == 0, r.output
