@@ -5,7 +5,8 @@
 1. bandwidth: a parallel C++ sum over a 1 GiB float32 buffer (k2lite._cpu.stream_read);
 2. INT4 GEMV/GEMM at K2 expert shapes, cycling through enough experts (~1 GiB) that every call
    reads its weights from DRAM, not cache;
-3. BF16 GEMV/GEMM at attention / dense / lm_head shapes (also cycled over > caches);
+3. BF16 GEMV/GEMM at attention / dense / lm_head shapes (also cycled over > caches), row-major
+   and in the 16-row tiles of the repack=True load mode;
 4. FP8 (e4m3 + f32 128x128 block scales, K2 Base/Instruct) at expert and dense shapes;
 5. MoE: 8 of 64 INT4 experts per token, D=7168, F=2048.
 GB/s counts weight bytes (INT4: packed + scales; FP8: codes + scale_inv). The box is shared and
@@ -30,7 +31,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 from k2lite import cpu, ref
 from k2lite.info import ReadMeter
-from k2lite.formats import Fp8Tensor, Int4Tensor
+from k2lite.formats import Fp8Tensor, Int4Tensor, tile_bf16
 
 GB = 1e9
 
@@ -162,7 +163,12 @@ def main():
         for T in ((1, 4, 16) if n < 100000 else (1,)):
             bench("bf16_matmul", mats, lambda x, w: cpu.bf16_matmul(x, w), T,
                   inner_calls=max(len(mats), 2))
+        tiled = [tile_bf16(m) for m in mats]       # the repack=True layout
         del mats
+        for T in ((1, 4) if n < 100000 else (1,)):
+            bench("bf16_tiled_matmul", tiled, lambda x, w: cpu.bf16_tiled_matmul(x, w.data, w.shape[0]), T,
+                  inner_calls=max(len(tiled), 2))
+        del tiled
 
     # MoE: 64 experts of K2 shape, 8 chosen per token
     E, D, F = (16 if args.quick else 64), 7168, 2048
