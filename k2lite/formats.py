@@ -43,9 +43,13 @@ TILE_ROWS, TILE_COLS = 16, 32
 
 @dataclass
 class TiledBF16:
-    """A [out, in] BF16 matrix as data[out/16, in/32, 16, 32] (bits; both dims padded up)."""
+    """A [out, in] BF16 matrix as data[out/16, in/32, 16, 32] (bits; both dims padded up).
+    rows: the same matrix row-major when it stays mapped from the checkpoint anyway; linear()
+    then uses the tiles for single tokens (decode) and the rows for batches (prefill, batched
+    decode), where the row-major kernels are faster."""
     data: np.ndarray        # uint16 [ceil(out/16), ceil(in/32), 16, 32]
     shape: tuple            # (out, in)
+    rows: np.ndarray | None = None
 
     @property
     def nbytes(self) -> int:
@@ -56,10 +60,12 @@ def tile_bf16(w: np.ndarray, out: np.ndarray | None = None) -> TiledBF16:
     """uint16 [N, I] -> TiledBF16; `out` (uint16, the padded size) receives the data if given."""
     n, i = w.shape
     nt, ic = -(-n // TILE_ROWS), -(-i // TILE_COLS)
-    data = np.zeros((nt, ic, TILE_ROWS, TILE_COLS), np.uint16) if out is None else out.reshape(nt, ic, TILE_ROWS, TILE_COLS)
-    if out is not None:
-        data[-1] = 0
-        data[:, -1] = 0
+    if out is None:     # 64-byte aligned: each row's 32-column chunk is one cache line
+        raw = np.zeros(nt * ic * TILE_ROWS * TILE_COLS + 32, np.uint16)
+        out = raw[(-raw.ctypes.data % 64) // 2:][:nt * ic * TILE_ROWS * TILE_COLS]
+    data = out.reshape(nt, ic, TILE_ROWS, TILE_COLS)
+    data[-1] = 0
+    data[:, -1] = 0
     for t in range(nt):     # one tile at a time: no full-size temporary
         rows = w[t * TILE_ROWS:(t + 1) * TILE_ROWS]
         pad = np.zeros((TILE_ROWS, ic * TILE_COLS), np.uint16)

@@ -137,7 +137,9 @@ def _matrix(ck: Checkpoint, prefix: str, shape, cfg: Config):
 def _tiled(ck: Checkpoint, prefix: str, w):
     """With ck.repack, a BF16 matrix that only ever goes through linear() is copied into 16-row
     tiles in anonymous huge-page memory (formats.TiledBF16: one sequential stream per tile for
-    the GEMV) and its file pages are unmapped; anything else is returned as it is."""
+    the single-token GEMV); when mapped, its file pages are dropped from our mapping but the
+    view is kept for batches, which fault them back from the page cache. Anything else is
+    returned as it is."""
     if not ck.repack or not isinstance(w, np.ndarray) or w.dtype != np.uint16 or w.ndim != 2:
         return w
     n, i = w.shape
@@ -146,8 +148,9 @@ def _tiled(ck: Checkpoint, prefix: str, w):
     if hasattr(mmap, "MADV_HUGEPAGE"):
         buf.madvise(mmap.MADV_HUGEPAGE)
     t = tile_bf16(w, np.frombuffer(buf, np.uint16, count=nbytes // 2))
-    if ck.use_mmap:
+    if ck.use_mmap:                 # batches read the mapped rows (see TiledBF16.rows)
         ck.release(prefix + ".weight")
+        t.rows = w
     return t
 
 

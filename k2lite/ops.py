@@ -71,6 +71,8 @@ def _compose(ns, native_moe, moe_supports=None):
         if isinstance(w, Fp8Tensor):
             return ns.fp8_matmul(x, w.weight, w.scale_inv, w.block)
         if isinstance(w, TiledBF16):
+            if x.shape[0] > 1 and w.rows is not None:
+                return ns.bf16_matmul(x, w.rows)
             return ns.bf16_tiled_matmul(x, w.data, w.shape[0])
         return ns.bf16_matmul(x, w) if w.dtype == np.uint16 else ns.f32_matmul(x, w)
 

@@ -43,13 +43,15 @@ static void tile_t1(float* acc_out, const float* xd, const uint16_t* tile, int c
     for (int r = 0; r < TR; r++) acc_out[r] = _mm512_reduce_add_ps(acc[r]);
 }
 
-// TT tokens x 4 rows (r0..r0+3 of the tile), chunks [c0, c1); sums into s[t*TR + r].
+// 4 rows (r0..r0+3) x TT tokens over chunks [c0, c1) (in L1: see tile_many); the 16
+// accumulators live in acc_mem[r*4 + t] between calls.
 template <int TT>
-static void tile_tt(float* s, const float* xd, size_t ldx, const uint16_t* tile, int r0, int c0, int c1) {
+static void sub_block(__m512* acc_mem, const float* xd, size_t ldx, const uint16_t* tile, int r0, int c0,
+                      int c1) {
     const __m512i hi = _mm512_set1_epi32((int)0xFFFF0000u);
     __m512 acc[4][TT];
     for (int r = 0; r < 4; r++)
-        for (int t = 0; t < TT; t++) acc[r][t] = _mm512_setzero_ps();
+        for (int t = 0; t < TT; t++) acc[r][t] = acc_mem[r * 4 + t];
     for (int c = c0; c < c1; c += TC) {
         __m512 xe[TT], xo[TT];
         for (int t = 0; t < TT; t++) {
@@ -57,8 +59,6 @@ static void tile_tt(float* s, const float* xd, size_t ldx, const uint16_t* tile,
             xo[t] = _mm512_loadu_ps(xd + t * ldx + c + 16);
         }
         const uint16_t* wp = tile + (size_t)c * TR + TC * r0;
-        if (r0 == 0)      // the first sub-tile pulls whole chunks (4 ahead) for the other three
-            for (int l = 0; l < TR; l++) _mm_prefetch((const char*)(wp + 4 * TC * TR + TC * l), _MM_HINT_T0);
         for (int r = 0; r < 4; r++) {
             const __m512i v = _mm512_loadu_si512(wp + TC * r);
             const __m512 we = _mm512_castsi512_ps(_mm512_slli_epi32(v, 16));
@@ -68,43 +68,83 @@ static void tile_tt(float* s, const float* xd, size_t ldx, const uint16_t* tile,
         }
     }
     for (int r = 0; r < 4; r++)
-        for (int t = 0; t < TT; t++) s[t * TR + r0 + r] += _mm512_reduce_add_ps(acc[r][t]);
+        for (int t = 0; t < TT; t++) acc_mem[r * 4 + t] = acc[r][t];
+}
+
+// One token, all 16 rows, chunks [c0, c1); accumulators in acc_mem[r] between calls.
+static void token_block(__m512* acc_mem, const float* xd, const uint16_t* tile, int c0, int c1) {
+    const __m512i hi = _mm512_set1_epi32((int)0xFFFF0000u);
+    __m512 acc[TR];
+    for (int r = 0; r < TR; r++) acc[r] = acc_mem[r];
+    for (int c = c0; c < c1; c += TC) {
+        const __m512 xe = _mm512_loadu_ps(xd + c), xo = _mm512_loadu_ps(xd + c + 16);
+        const uint16_t* wp = tile + (size_t)c * TR;
+        for (int r = 0; r < TR; r++) {
+            const __m512i v = _mm512_loadu_si512(wp + TC * r);
+            acc[r] = _mm512_fmadd_ps(_mm512_castsi512_ps(_mm512_slli_epi32(v, 16)), xe, acc[r]);
+            acc[r] = _mm512_fmadd_ps(_mm512_castsi512_ps(_mm512_and_si512(v, hi)), xo, acc[r]);
+        }
+    }
+    for (int r = 0; r < TR; r++) acc_mem[r] = acc[r];
+}
+
+// One tile, T > 1 tokens, in blocks of 16 chunks (16 KB of the tile): token 0 reads the block
+// from memory in order (all 16 rows per chunk, as for one token), then the other tokens reuse
+// it from L1 in (4-row, 4-token) register tiles, each widened weight vector feeding 4 tokens.
+// Partial sums wait in acc_mem between blocks: 16 vectors for token 0, then 16 per (4-row,
+// 4-token) tile. (4-row tiles straight from memory touch a quarter of each 1 KB chunk per
+// pass and ran at a third of the bandwidth.)
+static void tile_many(float* s, const float* xd, int Ip, const uint16_t* tile, int T, __m512* acc_mem) {
+    const int CB = 16 * TC, ntt = ceil_div(T - 1, 4);
+    __m512* acc0 = acc_mem;
+    __m512* accs = acc_mem + TR;
+    for (size_t i = 0; i < (size_t)TR + (size_t)16 * ntt * 4; i++) acc_mem[i] = _mm512_setzero_ps();
+    for (int c0 = 0; c0 < Ip; c0 += CB) {
+        const int c1 = c0 + CB < Ip ? c0 + CB : Ip;
+        token_block(acc0, xd, tile, c0, c1);
+        for (int q = 0; q < ntt; q++) {
+            const int t0 = 1 + 4 * q, tt = T - t0 < 4 ? T - t0 : 4;
+            const float* xt = xd + (size_t)t0 * Ip;
+            for (int r0 = 0; r0 < TR; r0 += 4) {
+                __m512* a = accs + ((size_t)(r0 / 4) * ntt + q) * 16;
+                if (tt == 1) sub_block<1>(a, xt, Ip, tile, r0, c0, c1);
+                else if (tt == 2) sub_block<2>(a, xt, Ip, tile, r0, c0, c1);
+                else if (tt == 3) sub_block<3>(a, xt, Ip, tile, r0, c0, c1);
+                else sub_block<4>(a, xt, Ip, tile, r0, c0, c1);
+            }
+        }
+    }
+    for (int r = 0; r < TR; r++) s[r] = _mm512_reduce_add_ps(acc0[r]);
+    for (int r0 = 0; r0 < TR; r0 += 4)
+        for (int q = 0; q < ntt; q++)
+            for (int r = 0; r < 4; r++)
+                for (int t = 0; t < 4 && 1 + 4 * q + t < T; t++)
+                    s[(size_t)(1 + 4 * q + t) * TR + r0 + r] =
+                        _mm512_reduce_add_ps(accs[((size_t)(r0 / 4) * ntt + q) * 16 + r * 4 + t]);
 }
 #endif
 
-// Sums of one tile for tokens [t0, t0+tt) (tt <= 4) over chunks [c0, c1), added into s[t*TR + r].
-// few: a small batch (decode), where the tile streams from DRAM: one whole-tile pass per token
-// (the later passes hit L2) beats 4-row sub-tiles, which touch a quarter of each 1 KB chunk
-// per pass (measured 11 vs 29 GB/s at T = 4). Many tokens (prefill) are compute-bound: the
-// 4 x 4 register tiles reuse each widened weight four times.
-static void tile_sums(float* s, const float* xd, size_t ldx, const uint16_t* tile, int tt, int c0, int c1,
-                      bool few) {
+// s[t*TR + r] = the tile's row r times token t, for all T tokens.
+static void tile_sums(float* s, const float* xd, int Ip, const uint16_t* tile, int T, void* scratch) {
 #ifdef K2_AVX512
-    if (tt == 1 || few) {
-        for (int t = 0; t < tt; t++) {
-            float part[TR];
-            tile_t1(part, xd + t * ldx, tile, c0, c1);
-            for (int r = 0; r < TR; r++) s[t * TR + r] += part[r];
-        }
+    if (T == 1) {
+        tile_t1(s, xd, tile, 0, Ip);
         return;
     }
-    for (int r0 = 0; r0 < TR; r0 += 4) {
-        if (tt == 2) tile_tt<2>(s, xd, ldx, tile, r0, c0, c1);
-        else if (tt == 3) tile_tt<3>(s, xd, ldx, tile, r0, c0, c1);
-        else tile_tt<4>(s, xd, ldx, tile, r0, c0, c1);
-    }
+    tile_many(s, xd, Ip, tile, T, (__m512*)scratch);
 #else
-    (void)few;
-    for (int t = 0; t < tt; t++)
-        for (int c = c0; c < c1; c += TC)
-            for (int r = 0; r < TR; r++) {
+    (void)scratch;
+    for (int t = 0; t < T; t++)
+        for (int r = 0; r < TR; r++) {
+            float sum = 0.f;
+            for (int c = 0; c < Ip; c += TC) {
                 const uint16_t* w = tile + (size_t)c * TR + TC * r;
-                const float* xc = xd + t * ldx + c;
-                float sum = 0.f;
+                const float* xc = xd + (size_t)t * Ip + c;
                 for (int k = 0; k < TC / 2; k++)
                     sum += bf16_to_f32(w[2 * k]) * xc[k] + bf16_to_f32(w[2 * k + 1]) * xc[TC / 2 + k];
-                s[t * TR + r] += sum;
             }
+            s[(size_t)t * TR + r] = sum;
+        }
 #endif
 }
 
@@ -112,22 +152,17 @@ void bf16_tiled_matmul(float* out, const float* x, const uint16_t* data, int T, 
     const int Ip = ceil_div(I, TC) * TC, ntiles = ceil_div(N, TR);
     std::vector<float> xd((size_t)T * Ip);
     deinterleave_x(xd.data(), x, T, I, Ip);
-    // several tokens over long rows: column chunks of <= 8192 so a tile's chunk (256 KB)
-    // stays in L2 while every token tile passes over it
-    const int nk = T > 1 ? ceil_div(Ip, 8192) : 1;
-    const int KC = ceil_div(ceil_div(Ip, nk), TC) * TC;
     #pragma omp parallel
     {
         std::vector<float> s((size_t)T * TR);
+        // 64-byte aligned scratch for tile_many's vector accumulators
+        std::vector<float> scratch(((size_t)TR + (size_t)64 * ceil_div(T > 1 ? T - 1 : 1, 4)) * 16 + 16);
+        void* sp = (void*)(((uintptr_t)scratch.data() + 63) & ~(uintptr_t)63);
         #pragma omp for schedule(dynamic, 1)
         for (int it = 0; it < ntiles; it++) {
             const uint16_t* tile = data + (size_t)it * TR * Ip;
             const int nr = N - it * TR < TR ? N - it * TR : TR;
-            std::fill(s.begin(), s.end(), 0.f);
-            for (int c0 = 0; c0 < Ip; c0 += KC)
-                for (int t0 = 0; t0 < T; t0 += 4)
-                    tile_sums(&s[(size_t)t0 * TR], xd.data() + (size_t)t0 * Ip, Ip, tile,
-                              T - t0 < 4 ? T - t0 : 4, c0, c0 + KC < Ip ? c0 + KC : Ip, T <= 4);
+            tile_sums(s.data(), xd.data(), Ip, tile, T, sp);
             for (int t = 0; t < T; t++)
                 for (int r = 0; r < nr; r++) out[(size_t)t * N + it * TR + r] = s[(size_t)t * TR + r];
         }
