@@ -10,7 +10,6 @@
 // once per call de-interleaved to match: per chunk, 16 even columns then 16 odd ones.
 #include "common.h"
 #include <vector>
-#include <algorithm>
 
 static const int TR = 16, TC = 32;   // tile rows, chunk columns
 
@@ -26,23 +25,6 @@ static void deinterleave_x(float* xd, const float* x, int T, int I, int Ip) {
 }
 
 #ifdef K2_AVX512
-// One token, the tile's 16 rows, chunks [c0, c1): one accumulator per row.
-static void tile_t1(float* acc_out, const float* xd, const uint16_t* tile, int c0, int c1) {
-    const __m512i hi = _mm512_set1_epi32((int)0xFFFF0000u);
-    __m512 acc[TR];
-    for (int r = 0; r < TR; r++) acc[r] = _mm512_setzero_ps();
-    for (int c = c0; c < c1; c += TC) {
-        const __m512 xe = _mm512_loadu_ps(xd + c), xo = _mm512_loadu_ps(xd + c + 16);
-        const uint16_t* wp = tile + (size_t)c * TR;
-        for (int r = 0; r < TR; r++) {
-            const __m512i v = _mm512_loadu_si512(wp + TC * r);
-            acc[r] = _mm512_fmadd_ps(_mm512_castsi512_ps(_mm512_slli_epi32(v, 16)), xe, acc[r]);
-            acc[r] = _mm512_fmadd_ps(_mm512_castsi512_ps(_mm512_and_si512(v, hi)), xo, acc[r]);
-        }
-    }
-    for (int r = 0; r < TR; r++) acc_out[r] = _mm512_reduce_add_ps(acc[r]);
-}
-
 // 4 rows (r0..r0+3) x TT tokens over chunks [c0, c1) (in L1: see tile_many); the 16
 // accumulators live in acc_mem[r*4 + t] between calls.
 template <int TT>
@@ -127,11 +109,14 @@ static void tile_many(float* s, const float* xd, int Ip, const uint16_t* tile, i
 // s[t*TR + r] = the tile's row r times token t, for all T tokens.
 static void tile_sums(float* s, const float* xd, int Ip, const uint16_t* tile, int T, void* scratch) {
 #ifdef K2_AVX512
-    if (T == 1) {
-        tile_t1(s, xd, tile, 0, Ip);
+    __m512* acc = (__m512*)scratch;
+    if (T == 1) {                 // decode: the whole tile in one pass, one accumulator per row
+        for (int r = 0; r < TR; r++) acc[r] = _mm512_setzero_ps();
+        token_block(acc, xd, tile, 0, Ip);
+        for (int r = 0; r < TR; r++) s[r] = _mm512_reduce_add_ps(acc[r]);
         return;
     }
-    tile_many(s, xd, Ip, tile, T, (__m512*)scratch);
+    tile_many(s, xd, Ip, tile, T, acc);
 #else
     (void)scratch;
     for (int t = 0; t < T; t++)
