@@ -20,6 +20,7 @@ import numpy as np
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 from . import _cpu, ref  # noqa: E402
+from .checks import activation as _act, cdiv as _cdiv, int4_args, weight as _weight  # noqa: E402
 from .formats import Fp8Tensor, Int4Tensor
 
 SIMD = _cpu.simd
@@ -49,35 +50,10 @@ def get_int4_exact() -> bool:
 
 
 # ---------------------------------------------------------------- checks
-def _act(a, name: str, ndim: int, dtype=np.float32) -> np.ndarray:
-    """An activation: converted to a C-contiguous array of dtype (cheap, small)."""
-    a = np.ascontiguousarray(a, dtype)
-    if a.ndim != ndim:
-        raise ValueError(f"{name}: expected {ndim} dims, got shape {a.shape}")
-    return a
-
-
-def _weight(a, name: str, dtype, shape: tuple) -> np.ndarray:
-    """A weight: used in place (no copy), so dtype, layout and shape must already be right."""
-    if not isinstance(a, np.ndarray):
-        raise ValueError(f"{name}: expected a numpy array, got {type(a).__name__}")
-    if a.dtype != dtype:
-        raise ValueError(f"{name}: expected dtype {np.dtype(dtype).name}, got {a.dtype}")
-    if a.shape != shape:
-        raise ValueError(f"{name}: expected shape {shape}, got {a.shape}")
-    if not a.flags.c_contiguous:
-        raise ValueError(f"{name}: must be C-contiguous (weights are not copied)")
-    return a
-
-
 def _scales(s, name: str, shape: tuple) -> np.ndarray:
     if not isinstance(s, np.ndarray) or s.dtype not in (np.uint16, np.float32):
         raise ValueError(f"{name}: expected uint16 (bf16 bits) or float32 scales")
     return _weight(s, name, s.dtype, shape)
-
-
-def _cdiv(a: int, b: int) -> int:
-    return -(-a // b)
 
 
 # ---------------------------------------------------------------- linear layers
@@ -106,15 +82,7 @@ def bf16_tiled_matmul(x: np.ndarray, data: np.ndarray, n: int) -> np.ndarray:
 
 def int4_matmul(x: np.ndarray, packed: np.ndarray, scales: np.ndarray, group_size: int) -> np.ndarray:
     """y[T,N] = x[T,I] · W[N,I]ᵀ, W = (codes - 8) * scale[n, i // group_size]."""
-    x = _act(x, "x", 2)
-    group_size = int(group_size)
-    if group_size <= 0:
-        raise ValueError(f"group_size must be positive, got {group_size}")
-    if not isinstance(packed, np.ndarray) or packed.ndim != 2:
-        raise ValueError("packed: expected a 2-D int32 array")
-    n, i = packed.shape[0], x.shape[1]
-    _weight(packed, "packed", np.int32, (n, _cdiv(i, 8)))
-    _scales(scales, "scales", (n, _cdiv(i, group_size)))
+    x, n, group_size = int4_args(x, packed, scales, group_size)
     out = np.empty((x.shape[0], n), np.float32)
     _cpu.int4_matmul(out, x, packed, scales, group_size)
     return out

@@ -17,6 +17,7 @@ from __future__ import annotations
 import numpy as np
 
 from . import _cuda
+from .checks import activation as _act, int4_args, weight as _weight
 
 if _cuda.device_count() == 0:
     raise ImportError("k2lite._cuda is built but no CUDA device is visible")
@@ -49,29 +50,6 @@ def cached_bytes() -> int:
     return sum(buf.nbytes for _, buf in _buffers.values())
 
 
-# ---------------------------------------------------------------- checks (as k2lite/cpu.py)
-def _act(a, name: str, ndim: int) -> np.ndarray:
-    a = np.ascontiguousarray(a, np.float32)
-    if a.ndim != ndim:
-        raise ValueError(f"{name}: expected {ndim} dims, got shape {a.shape}")
-    return a
-
-
-def _weight(a, name: str, dtype, shape: tuple) -> np.ndarray:
-    """Weights are uploaded as they are: dtype, layout and shape must already be right."""
-    if not isinstance(a, np.ndarray):
-        raise ValueError(f"{name}: expected a numpy array, got {type(a).__name__}")
-    if a.dtype != dtype:
-        raise ValueError(f"{name}: expected dtype {np.dtype(dtype).name}, got {a.dtype}")
-    if a.shape != shape:
-        raise ValueError(f"{name}: expected shape {shape}, got {a.shape}")
-    if not a.flags.c_contiguous:
-        raise ValueError(f"{name}: must be C-contiguous")
-    return a
-
-
-def _cdiv(a: int, b: int) -> int:
-    return -(-a // b)
 
 
 # ---------------------------------------------------------------- linear layers
@@ -90,17 +68,8 @@ def bf16_matmul(x: np.ndarray, w: np.ndarray) -> np.ndarray:
 def int4_matmul(x: np.ndarray, packed: np.ndarray, scales: np.ndarray, group_size: int) -> np.ndarray:
     """y[T,N] = x[T,I] · W[N,I]ᵀ, W = (codes - 8) * scale[n, i // group_size] (rounded to
     bf16 when the scales are bf16, as compressed-tensors dequantizes)."""
-    x = _act(x, "x", 2)
-    group_size = int(group_size)
-    if group_size <= 0:
-        raise ValueError(f"group_size must be positive, got {group_size}")
-    if not isinstance(packed, np.ndarray) or packed.ndim != 2:
-        raise ValueError("packed: expected a 2-D int32 array")
-    n, i = packed.shape[0], x.shape[1]
-    _weight(packed, "packed", np.int32, (n, _cdiv(i, 8)))
-    if not isinstance(scales, np.ndarray) or scales.dtype not in (np.uint16, np.float32):
-        raise ValueError("scales: expected uint16 (bf16 bits) or float32 scales")
-    _weight(scales, "scales", scales.dtype, (n, _cdiv(i, group_size)))
+    x, n, group_size = int4_args(x, packed, scales, group_size)
+    i = x.shape[1]
     out = np.empty((x.shape[0], n), np.float32)
     _cuda.int4_matmul(out, x, device_buffer(packed), device_buffer(scales), n, i, group_size,
                       bool(scales.dtype == np.float32))

@@ -1,0 +1,46 @@
+"""Argument checks shared by the native backends (cpu.py, cuda.py): one-line ValueErrors that
+name the argument, raised before any pointer reaches C++ or CUDA."""
+from __future__ import annotations
+
+import numpy as np
+
+
+def activation(a, name: str, ndim: int, dtype=np.float32) -> np.ndarray:
+    """An activation: converted to a C-contiguous array of dtype (cheap, small)."""
+    a = np.ascontiguousarray(a, dtype)
+    if a.ndim != ndim:
+        raise ValueError(f"{name}: expected {ndim} dims, got shape {a.shape}")
+    return a
+
+
+def weight(a, name: str, dtype, shape: tuple) -> np.ndarray:
+    """A weight: used in place (no copy), so dtype, layout and shape must already be right."""
+    if not isinstance(a, np.ndarray):
+        raise ValueError(f"{name}: expected a numpy array, got {type(a).__name__}")
+    if a.dtype != dtype:
+        raise ValueError(f"{name}: expected dtype {np.dtype(dtype).name}, got {a.dtype}")
+    if a.shape != shape:
+        raise ValueError(f"{name}: expected shape {shape}, got {a.shape}")
+    if not a.flags.c_contiguous:
+        raise ValueError(f"{name}: must be C-contiguous (weights are not copied)")
+    return a
+
+
+def cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def int4_args(x, packed, scales, group_size) -> tuple:
+    """int4_matmul's arguments checked: (x as float32 [T, I], N, group_size)."""
+    x = activation(x, "x", 2)
+    group_size = int(group_size)
+    if group_size <= 0:
+        raise ValueError(f"group_size must be positive, got {group_size}")
+    if not isinstance(packed, np.ndarray) or packed.ndim != 2:
+        raise ValueError("packed: expected a 2-D int32 array")
+    n, i = packed.shape[0], x.shape[1]
+    weight(packed, "packed", np.int32, (n, cdiv(i, 8)))
+    if not isinstance(scales, np.ndarray) or scales.dtype not in (np.uint16, np.float32):
+        raise ValueError("scales: expected uint16 (bf16 bits) or float32 scales")
+    weight(scales, "scales", scales.dtype, (n, cdiv(i, group_size)))
+    return x, n, group_size
