@@ -8,9 +8,10 @@ ref.py's signatures: host numpy in, host float32 numpy out. Each weight array is
 the device once, on first use, and its DeviceBuffer cached (keyed by id() and holding a
 reference to the array, so the id cannot be reused while cached: weights must not be modified
 in place afterwards; `clear_cache()` frees them). Activations are copied host -> device and
-results device -> host on every call. Every other op in ops.KERNELS (fp8_matmul, f32_matmul,
-rmsnorm, moe, attention, ...) is not defined here and falls back to ref through k2lite/ops.py;
-the composite ops there (linear, swiglu_expert, moe over these matmuls) use the GPU matmuls.
+results device -> host on every call. Every other op in ops.KERNELS (fp8_matmul, rmsnorm,
+attention, mla_decode, ...) is not defined here: k2lite/ops.py takes it from the cpu backend
+when that is built (else ref), and the fused moe too, so routed experts run on the CPU; the
+composite ops (linear, swiglu_expert) use the GPU matmuls.
 """
 from __future__ import annotations
 

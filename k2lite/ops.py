@@ -42,16 +42,22 @@ def _module(name: str):
 
 
 def get(name: str | None = None) -> types.SimpleNamespace:
-    """Op table for backend `name` (None: the default), ref filling any gaps."""
+    """Op table for backend `name` (None: the default). Gaps in the cuda backend are filled by
+    the cpu backend's kernels when it is built (host ops at native speed, inputs validated),
+    every other gap by ref."""
     name = name or DEFAULT
     if name not in _cache:
         mod = _module(name)
+        host = _module("cpu") if name == "cuda" and available("cpu") else ref
         ns = types.SimpleNamespace(name=name)
         for op in KERNELS:
-            setattr(ns, op, getattr(mod, op, None) or getattr(ref, op))
-        if hasattr(mod, "set_threads"):
-            ns.set_threads = mod.set_threads
-        _compose(ns, getattr(mod, "moe", None), getattr(mod, "moe_supports", None))
+            setattr(ns, op, getattr(mod, op, None) or getattr(host, op, None) or getattr(ref, op))
+        if hasattr(mod, "set_threads") or hasattr(host, "set_threads"):
+            ns.set_threads = getattr(mod, "set_threads", None) or host.set_threads
+        if hasattr(mod, "moe"):
+            _compose(ns, mod.moe, getattr(mod, "moe_supports", None))
+        else:   # cuda without its own moe: the host's fused moe (routed experts on the CPU)
+            _compose(ns, getattr(host, "moe", None), getattr(host, "moe_supports", None))
         _cache[name] = ns
     return _cache[name]
 
