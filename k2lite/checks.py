@@ -44,3 +44,23 @@ def int4_args(x, packed, scales, group_size) -> tuple:
         raise ValueError("scales: expected uint16 (bf16 bits) or float32 scales")
     weight(scales, "scales", scales.dtype, (n, cdiv(i, group_size)))
     return x, n, group_size
+
+
+def block_sizes(block) -> tuple:
+    """An FP8 weight_block_size: (bo, bi), both positive."""
+    try:
+        bo, bi = (int(b) for b in block)
+    except (TypeError, ValueError):
+        raise ValueError(f"block: expected (bo, bi), got {block!r}") from None
+    if bo <= 0 or bi <= 0:
+        raise ValueError(f"block sizes must be positive, got {(bo, bi)}")
+    return bo, bi
+
+
+def fp8_weight(codes, scale_inv, block, name: str, shape: tuple) -> tuple:
+    """Checks an FP8 matrix (codes [N, I] uint8, scale_inv float32 [ceil(N/bo), ceil(I/bi)]):
+    (codes, scale_inv, bo, bi)."""
+    bo, bi = block_sizes(block)
+    weight(codes, name + ".weight", np.uint8, shape)
+    weight(scale_inv, name + ".scale_inv", np.float32, (cdiv(shape[0], bo), cdiv(shape[1], bi)))
+    return codes, scale_inv, bo, bi

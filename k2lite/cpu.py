@@ -20,7 +20,8 @@ import numpy as np
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 from . import _cpu, ref  # noqa: E402
-from .checks import activation as _act, cdiv as _cdiv, int4_args, weight as _weight  # noqa: E402
+from .checks import activation as _act, cdiv as _cdiv, fp8_weight as _fp8_weight, int4_args  # noqa: E402
+from .checks import weight as _weight  # noqa: E402
 from .formats import Fp8Tensor, Int4Tensor
 
 SIMD = _cpu.simd
@@ -86,24 +87,6 @@ def int4_matmul(x: np.ndarray, packed: np.ndarray, scales: np.ndarray, group_siz
     out = np.empty((x.shape[0], n), np.float32)
     _cpu.int4_matmul(out, x, packed, scales, group_size)
     return out
-
-
-def _block(block) -> tuple:
-    try:
-        bo, bi = (int(b) for b in block)
-    except (TypeError, ValueError):
-        raise ValueError(f"block: expected (bo, bi), got {block!r}") from None
-    if bo <= 0 or bi <= 0:
-        raise ValueError(f"block sizes must be positive, got {(bo, bi)}")
-    return bo, bi
-
-
-def _fp8_weight(weight, scale_inv, block, name: str, shape: tuple) -> tuple:
-    """Checks an FP8 matrix (codes [N, I] uint8, scale_inv float32 [ceil(N/bo), ceil(I/bi)])."""
-    bo, bi = _block(block)
-    _weight(weight, name + ".weight", np.uint8, shape)
-    _weight(scale_inv, name + ".scale_inv", np.float32, (_cdiv(shape[0], bo), _cdiv(shape[1], bi)))
-    return weight, scale_inv, bo, bi
 
 
 def fp8_matmul(x: np.ndarray, weight: np.ndarray, scale_inv: np.ndarray, block: tuple) -> np.ndarray:

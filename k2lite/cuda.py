@@ -18,7 +18,8 @@ from __future__ import annotations
 import numpy as np
 
 from . import _cuda
-from .checks import activation as _act, int4_args, weight as _weight
+from .checks import activation as _act, fp8_weight, int4_args, weight as _weight
+from .formats import Fp8Tensor, dequantize_fp8, f32_to_bf16
 
 if _cuda.device_count() == 0:
     raise ImportError("k2lite._cuda is built but no CUDA device is visible")
@@ -74,4 +75,23 @@ def int4_matmul(x: np.ndarray, packed: np.ndarray, scales: np.ndarray, group_siz
     out = np.empty((x.shape[0], n), np.float32)
     _cuda.int4_matmul(out, x, device_buffer(packed), device_buffer(scales), n, i, group_size,
                       bool(scales.dtype == np.float32))
+    return out
+
+
+def fp8_matmul(x: np.ndarray, weight: np.ndarray, scale_inv: np.ndarray, block: tuple) -> np.ndarray:
+    """FP8 block-quantized weights (K2 Base / Instruct): dequantized on first use to BF16 on the
+    device (one host pass, the host copy dropped after upload), then the BF16 GEMV. Each
+    dequantized weight is rounded to bf16 (relative error <= 2^-9 per weight). No native FP8
+    kernel yet."""
+    x = _act(x, "x", 2)
+    if not isinstance(weight, np.ndarray) or weight.ndim != 2:
+        raise ValueError("weight: expected a 2-D uint8 array of e4m3fn codes")
+    n, i = weight.shape[0], x.shape[1]
+    _, _, bo, bi = fp8_weight(weight, scale_inv, block, "fp8", (n, i))
+    hit = _buffers.get(id(weight))
+    if hit is None or hit[0] is not weight:
+        w16 = f32_to_bf16(dequantize_fp8(Fp8Tensor(weight, scale_inv, (n, i), (bo, bi))))
+        hit = _buffers[id(weight)] = (weight, _cuda.upload(w16))
+    out = np.empty((x.shape[0], n), np.float32)
+    _cuda.bf16_matmul(out, x, hit[1], n, i)
     return out

@@ -170,6 +170,12 @@ CASES += [
 ]
 
 
+def fp8_tol(name):
+    """FP8 NMSE bound: exact decoding on ref/cpu; the cuda backend dequantizes FP8 weights to
+    bf16 on the device (k2lite/cuda.py), 2^-9 relative per weight."""
+    return 2e-5 if name == "cuda" else 1e-10
+
+
 def case_id(c):
     return f"{c[0]}-" + "_".join(f"{k}{v}" for k, v in c[2].items())
 
@@ -180,6 +186,8 @@ def case_id(c):
 def test_op(name, case, seed):
     op, build, params, tol, atol = case
     be = backend(name)
+    if op == "fp8_matmul":
+        tol, atol = max(tol, fp8_tol(name)), (atol if name != "cuda" else None)
     args = build(np.random.default_rng(seed), **params)
     want = getattr(ref, op)(*args)
     got = getattr(be, op)(*args)
@@ -238,7 +246,7 @@ def test_linear_dispatch(name):
     rng = np.random.default_rng(5)
     x, w = f32(rng, 2, 64), f32(rng, 8, 64)
     for wt, tol in ((quantize_int4(w), INT4_TOL), (f32_to_bf16(w), 1e-10), (w, 1e-10),
-                    (quantize_fp8(w), 1e-10)):
+                    (quantize_fp8(w), fp8_tol(name))):
         assert nmse(be.linear(x, wt), ref.linear(x, wt)) < tol
 
 
@@ -258,7 +266,7 @@ def test_fp8_nan_codes(name):
     nan_rows = np.isnan(want).all(axis=0)
     assert sorted(np.flatnonzero(nan_rows)) == [3, 29, 30]
     assert np.array_equal(np.isnan(got), np.isnan(want))
-    assert nmse(got[:, ~nan_rows], want[:, ~nan_rows]) < 1e-10
+    assert nmse(got[:, ~nan_rows], want[:, ~nan_rows]) < fp8_tol(name)
 
 
 @pytest.mark.parametrize("name", BACKENDS)
@@ -288,7 +296,7 @@ def test_readonly_and_noncontiguous(name):
     w.flags.writeable = False
     s.flags.writeable = False
     xs = np.asfortranarray(x.astype(np.float64))
-    assert nmse(be.fp8_matmul(xs, w, s, block), ref.fp8_matmul(x, w, s, block)) < 1e-10
+    assert nmse(be.fp8_matmul(xs, w, s, block), ref.fp8_matmul(x, w, s, block)) < fp8_tol(name)
 
 
 # ---------------------------------------------------------------- bad inputs raise ValueError
