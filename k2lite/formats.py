@@ -66,11 +66,15 @@ def tile_bf16(w: np.ndarray, out: np.ndarray | None = None) -> TiledBF16:
     data = out.reshape(nt, ic, TILE_ROWS, TILE_COLS)
     data[-1] = 0
     data[:, -1] = 0
-    for t in range(nt):     # one tile at a time: no full-size temporary
-        rows = w[t * TILE_ROWS:(t + 1) * TILE_ROWS]
-        pad = np.zeros((TILE_ROWS, ic * TILE_COLS), np.uint16)
-        pad[:rows.shape[0], :i] = rows
-        data[t] = pad.reshape(TILE_ROWS, ic, TILE_COLS).transpose(1, 0, 2)
+    slab = 64              # tiles per step: a few MB of temporary, never a full-size copy
+    for t0 in range(0, nt, slab):
+        t1 = min(nt, t0 + slab)
+        rows = w[t0 * TILE_ROWS:t1 * TILE_ROWS]
+        if rows.shape != ((t1 - t0) * TILE_ROWS, ic * TILE_COLS):     # edge: zero-pad
+            pad = np.zeros(((t1 - t0) * TILE_ROWS, ic * TILE_COLS), np.uint16)
+            pad[:rows.shape[0], :i] = rows
+            rows = pad
+        data[t0:t1] = rows.reshape(t1 - t0, TILE_ROWS, ic, TILE_COLS).transpose(0, 2, 1, 3)
     return TiledBF16(data, (n, i))
 
 
