@@ -84,13 +84,14 @@ void bf16_rows(float* y, int ldy, const float* x, int T, int I, const uint16_t* 
     const int I16 = I / 16 * 16;
     const int nk = T > 1 ? ceil_div(I16, 8192) : 1;
     const int KC = nk > 1 ? ceil_div(ceil_div(I16, nk), 16) * 16 : I16;
-    for (int k0 = 0; k0 < I16 || k0 == 0; k0 += KC) {
+    int k0 = 0;
+    do {    // at least one pass, which also zeroes y when I < 16 (the scalar tail adds)
         const int K = I16 - k0 < KC ? I16 - k0 : KC;
         int n = n0;
         for (; n + 4 <= n1; n += 4) bf16_tiles<4>(y + n, ldy, x, T, I, k0, K, w + (size_t)n * I, k0 > 0);
         for (; n < n1; n++) bf16_tiles<1>(y + n, ldy, x, T, I, k0, K, w + (size_t)n * I, k0 > 0);
-        if (KC == 0) break;
-    }
+        k0 += KC;
+    } while (k0 < I16);
     if (I % 16) bf16_rows_scalar(y, ldy, x, T, I, w, n0, n1, I16);
 #else
     for (int n = n0; n < n1; n++)

@@ -70,8 +70,8 @@ static void token_block(__m512* acc_mem, const float* xd, const uint16_t* tile, 
     for (int r = 0; r < TR; r++) acc_mem[r] = acc[r];
 }
 
-// One tile, T > 1 tokens, in blocks of 16 chunks (16 KB of the tile): token 0 reads the block
-// from memory in order (all 16 rows per chunk, as for one token), then the other tokens reuse
+// One tile, all T tokens, in blocks of 16 chunks (16 KB of the tile): token 0 reads the block
+// from memory in order (all 16 rows per chunk; alone, that is the whole decode path), then the other tokens reuse
 // it from L1 in (4-row, 4-token) register tiles, each widened weight vector feeding 4 tokens.
 // Partial sums wait in acc_mem between blocks: 16 vectors for token 0, then 16 per (4-row,
 // 4-token) tile. (4-row tiles straight from memory touch a quarter of each 1 KB chunk per
@@ -109,14 +109,7 @@ static void tile_many(float* s, const float* xd, int Ip, const uint16_t* tile, i
 // s[t*TR + r] = the tile's row r times token t, for all T tokens.
 static void tile_sums(float* s, const float* xd, int Ip, const uint16_t* tile, int T, void* scratch) {
 #ifdef K2_AVX512
-    __m512* acc = (__m512*)scratch;
-    if (T == 1) {                 // decode: the whole tile in one pass, one accumulator per row
-        for (int r = 0; r < TR; r++) acc[r] = _mm512_setzero_ps();
-        token_block(acc, xd, tile, 0, Ip);
-        for (int r = 0; r < TR; r++) s[r] = _mm512_reduce_add_ps(acc[r]);
-        return;
-    }
-    tile_many(s, xd, Ip, tile, T, acc);
+    tile_many(s, xd, Ip, tile, T, (__m512*)scratch);
 #else
     (void)scratch;
     for (int t = 0; t < T; t++)
@@ -141,7 +134,7 @@ void bf16_tiled_matmul(float* out, const float* x, const uint16_t* data, int T, 
     {
         std::vector<float> s((size_t)T * TR);
         // 64-byte aligned scratch for tile_many's vector accumulators
-        std::vector<float> scratch(((size_t)TR + (size_t)64 * ceil_div(T > 1 ? T - 1 : 1, 4)) * 16 + 16);
+        std::vector<float> scratch(((size_t)TR + (size_t)64 * ceil_div(T - 1, 4)) * 16 + 16);
         void* sp = (void*)(((uintptr_t)scratch.data() + 63) & ~(uintptr_t)63);
         #pragma omp for schedule(dynamic, 1)
         for (int it = 0; it < ntiles; it++) {

@@ -20,6 +20,16 @@ static void mat_rows(float* y, int ldy, const float* xp, int T, int I, const Exp
 
 static inline float silu_mul(float g, float u) { return g / (1.f + std::exp(-g)) * u; }
 
+// o[0..n) = Σ_k w[k] · y[slot[k] * ldy + 0..n), in k order (one token's expert outputs).
+static void weighted_sum(float* o, int n, const float* w, const int* slot, int K, const float* y, size_t ldy) {
+    for (int d = 0; d < n; d++) o[d] = 0.f;
+    for (int k = 0; k < K; k++) {
+        const float* ys = y + (size_t)slot[k] * ldy;
+        #pragma omp simd
+        for (int d = 0; d < n; d++) o[d] += w[k] * ys[d];
+    }
+}
+
 static uint8_t* align64(std::vector<uint8_t>& v, size_t bytes) {
     v.resize(bytes + 64);
     return (uint8_t*)(((uintptr_t)v.data() + 63) & ~(uintptr_t)63);
@@ -76,16 +86,8 @@ static void moe_q8(float* out, const float* x, const float* weights, const Exper
                 int4_rows_q8(&y[(size_t)p0 * RD] - r0, RD, &hs[p0], nt, F, (const int32_t*)e.q[2],
                              (const uint16_t*)e.s[2], group, r0, r1);
             }
-            for (int t = 0; t < T; t++) {
-                float* o = out + (size_t)t * D + r0;
-                for (int d = 0; d < nr; d++) o[d] = 0.f;
-                for (int k = 0; k < K; k++) {
-                    const float w = weights[(size_t)t * K + k];
-                    const float* ys = &y[(size_t)pos[t * K + k] * RD];
-                    #pragma omp simd
-                    for (int d = 0; d < nr; d++) o[d] += w * ys[d];
-                }
-            }
+            for (int t = 0; t < T; t++)
+                weighted_sum(out + (size_t)t * D + r0, nr, weights + (size_t)t * K, &pos[t * K], K, y.data(), RD);
         }
     }
 }
@@ -149,15 +151,7 @@ void moe(float* out, const float* x, const int32_t* lidx, const float* weights,
         }
         // phase 3: out[t] = Σ_k w[t,k] y[slot(t,k)]
         #pragma omp for schedule(static)
-        for (int t = 0; t < T; t++) {
-            float* o = out + (size_t)t * D;
-            for (int d = 0; d < D; d++) o[d] = 0.f;
-            for (int k = 0; k < K; k++) {
-                const float w = weights[(size_t)t * K + k];
-                const float* ys = &y[(size_t)pos[t * K + k] * D];
-                #pragma omp simd
-                for (int d = 0; d < D; d++) o[d] += w * ys[d];
-            }
-        }
+        for (int t = 0; t < T; t++)
+            weighted_sum(out + (size_t)t * D, D, weights + (size_t)t * K, &pos[t * K], K, y.data(), D);
     }
 }
