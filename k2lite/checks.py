@@ -30,6 +30,22 @@ def cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
 
+def group_scales(s, name: str, shape: tuple) -> np.ndarray:
+    """INT4 group scales: bf16 bits (uint16) or float32, used in place."""
+    if not isinstance(s, np.ndarray) or s.dtype not in (np.uint16, np.float32):
+        raise ValueError(f"{name}: expected uint16 (bf16 bits) or float32 scales")
+    return weight(s, name, s.dtype, shape)
+
+
+def bf16_args(x, w) -> np.ndarray:
+    """bf16_matmul's arguments checked: x as float32 [T, I] (w: uint16 [N, I], in place)."""
+    x = activation(x, "x", 2)
+    if not isinstance(w, np.ndarray) or w.ndim != 2:
+        raise ValueError("w: expected a 2-D uint16 array")
+    weight(w, "w", np.uint16, (w.shape[0], x.shape[1]))
+    return x
+
+
 def int4_args(x, packed, scales, group_size) -> tuple:
     """int4_matmul's arguments checked: (x as float32 [T, I], N, group_size)."""
     x = activation(x, "x", 2)
@@ -40,9 +56,7 @@ def int4_args(x, packed, scales, group_size) -> tuple:
         raise ValueError("packed: expected a 2-D int32 array")
     n, i = packed.shape[0], x.shape[1]
     weight(packed, "packed", np.int32, (n, cdiv(i, 8)))
-    if not isinstance(scales, np.ndarray) or scales.dtype not in (np.uint16, np.float32):
-        raise ValueError("scales: expected uint16 (bf16 bits) or float32 scales")
-    weight(scales, "scales", scales.dtype, (n, cdiv(i, group_size)))
+    group_scales(scales, "scales", (n, cdiv(i, group_size)))
     return x, n, group_size
 
 
@@ -55,6 +69,15 @@ def block_sizes(block) -> tuple:
     if bo <= 0 or bi <= 0:
         raise ValueError(f"block sizes must be positive, got {(bo, bi)}")
     return bo, bi
+
+
+def fp8_args(x, codes, scale_inv, block) -> tuple:
+    """fp8_matmul's arguments checked: (x as float32 [T, I], N, bo, bi)."""
+    x = activation(x, "x", 2)
+    if not isinstance(codes, np.ndarray) or codes.ndim != 2:
+        raise ValueError("weight: expected a 2-D uint8 array of e4m3fn codes")
+    _, _, bo, bi = fp8_weight(codes, scale_inv, block, "fp8", (codes.shape[0], x.shape[1]))
+    return x, codes.shape[0], bo, bi
 
 
 def fp8_weight(codes, scale_inv, block, name: str, shape: tuple) -> tuple:

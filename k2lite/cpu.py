@@ -20,8 +20,8 @@ import numpy as np
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 from . import _cpu, ref  # noqa: E402
-from .checks import activation as _act, cdiv as _cdiv, fp8_weight as _fp8_weight, int4_args  # noqa: E402
-from .checks import weight as _weight  # noqa: E402
+from .checks import activation as _act, bf16_args, cdiv as _cdiv, fp8_args, int4_args  # noqa: E402
+from .checks import fp8_weight as _fp8_weight, group_scales as _group_scales, weight as _weight  # noqa: E402
 from .formats import Fp8Tensor, Int4Tensor
 
 SIMD = _cpu.simd
@@ -51,19 +51,10 @@ def get_int4_exact() -> bool:
 
 
 # ---------------------------------------------------------------- checks
-def _scales(s, name: str, shape: tuple) -> np.ndarray:
-    if not isinstance(s, np.ndarray) or s.dtype not in (np.uint16, np.float32):
-        raise ValueError(f"{name}: expected uint16 (bf16 bits) or float32 scales")
-    return _weight(s, name, s.dtype, shape)
-
-
 # ---------------------------------------------------------------- linear layers
 def bf16_matmul(x: np.ndarray, w: np.ndarray) -> np.ndarray:
     """y[T,N] = x[T,I] · w[N,I]ᵀ with w as bf16 bits."""
-    x = _act(x, "x", 2)
-    if not isinstance(w, np.ndarray) or w.ndim != 2:
-        raise ValueError("w: expected a 2-D uint16 array")
-    _weight(w, "w", np.uint16, (w.shape[0], x.shape[1]))
+    x = bf16_args(x, w)
     out = np.empty((x.shape[0], w.shape[0]), np.float32)
     _cpu.bf16_matmul(out, x, w)
     return out
@@ -75,7 +66,7 @@ def bf16_tiled_matmul(x: np.ndarray, data: np.ndarray, n: int) -> np.ndarray:
     n = int(n)
     if n < 0:
         raise ValueError(f"n: must be >= 0, got {n}")
-    _weight(data, "data", np.uint16, (-(-n // 16), -(-x.shape[1] // 32), 16, 32))
+    _weight(data, "data", np.uint16, (_cdiv(n, 16), _cdiv(x.shape[1], 32), 16, 32))
     out = np.empty((x.shape[0], n), np.float32)
     _cpu.bf16_tiled_matmul(out, x, data, n)
     return out
@@ -92,11 +83,8 @@ def int4_matmul(x: np.ndarray, packed: np.ndarray, scales: np.ndarray, group_siz
 def fp8_matmul(x: np.ndarray, weight: np.ndarray, scale_inv: np.ndarray, block: tuple) -> np.ndarray:
     """y[T,N] = x[T,I] · W[N,I]ᵀ, W = e4m3(weight) * scale_inv[n // bo, i // bi], decoded
     inside the kernel (the dequantized matrix is never formed)."""
-    x = _act(x, "x", 2)
-    if not isinstance(weight, np.ndarray) or weight.ndim != 2:
-        raise ValueError("weight: expected a 2-D uint8 array of e4m3fn codes")
-    _, _, bo, bi = _fp8_weight(weight, scale_inv, block, "fp8", (weight.shape[0], x.shape[1]))
-    out = np.empty((x.shape[0], weight.shape[0]), np.float32)
+    x, n, bo, bi = fp8_args(x, weight, scale_inv, block)
+    out = np.empty((x.shape[0], n), np.float32)
     _cpu.fp8_matmul(out, x, weight, scale_inv, bo, bi)
     return out
 
@@ -164,7 +152,7 @@ def _expert_mats(e, d: int, fmt: int, group: int | None):
             raise ValueError(f"{name}: expected shape {shape}, got {tuple(w.shape)}")
         if fmt == FMT_INT4:
             _weight(w.packed, name + ".packed", np.int32, (shape[0], _cdiv(shape[1], 8)))
-            _scales(w.scales, name + ".scales", (shape[0], _cdiv(shape[1], group)))
+            _group_scales(w.scales, name + ".scales", (shape[0], _cdiv(shape[1], group)))
             mats.append((w.packed, w.scales))
         elif fmt == FMT_FP8:
             mats.append(_fp8_weight(w.weight, w.scale_inv, w.block, name, shape))

@@ -18,7 +18,7 @@ from __future__ import annotations
 import numpy as np
 
 from . import _cuda
-from .checks import activation as _act, fp8_weight, int4_args, weight as _weight
+from .checks import bf16_args, fp8_args, int4_args
 from .formats import Fp8Tensor, dequantize_fp8, f32_to_bf16
 
 if _cuda.device_count() == 0:
@@ -52,16 +52,11 @@ def cached_bytes() -> int:
     return sum(buf.nbytes for _, buf in _buffers.values())
 
 
-
-
 # ---------------------------------------------------------------- linear layers
 def bf16_matmul(x: np.ndarray, w: np.ndarray) -> np.ndarray:
     """y[T,N] = x[T,I] · w[N,I]ᵀ with w as bf16 bits."""
-    x = _act(x, "x", 2)
-    if not isinstance(w, np.ndarray) or w.ndim != 2:
-        raise ValueError("w: expected a 2-D uint16 array")
+    x = bf16_args(x, w)
     n, i = w.shape[0], x.shape[1]
-    _weight(w, "w", np.uint16, (n, i))
     out = np.empty((x.shape[0], n), np.float32)
     _cuda.bf16_matmul(out, x, device_buffer(w), n, i)
     return out
@@ -83,11 +78,8 @@ def fp8_matmul(x: np.ndarray, weight: np.ndarray, scale_inv: np.ndarray, block: 
     device (one host pass, the host copy dropped after upload), then the BF16 GEMV. Each
     dequantized weight is rounded to bf16 (relative error <= 2^-9 per weight). No native FP8
     kernel yet."""
-    x = _act(x, "x", 2)
-    if not isinstance(weight, np.ndarray) or weight.ndim != 2:
-        raise ValueError("weight: expected a 2-D uint8 array of e4m3fn codes")
-    n, i = weight.shape[0], x.shape[1]
-    _, _, bo, bi = fp8_weight(weight, scale_inv, block, "fp8", (n, i))
+    x, n, bo, bi = fp8_args(x, weight, scale_inv, block)
+    i = x.shape[1]
     hit = _buffers.get(id(weight))
     if hit is None or hit[0] is not weight:
         w16 = f32_to_bf16(dequantize_fp8(Fp8Tensor(weight, scale_inv, (n, i), (bo, bi))))
