@@ -47,10 +47,10 @@ class Sequence:
         if len(ids) == 1:
             logits = model.forward(ids, cache, [self.state], decode=True)
         else:   # chunked prefill bounds the [heads, chunk, context] score matrix
-            chunks = range(0, len(ids), step)
+            starts = range(0, len(ids), step)
             logits = [model.forward(ids[i:i + step], cache, [self.state], decode=False,
-                                    last_only=last_only)
-                      for i in chunks]
+                                    last_only=last_only, head=not last_only or i == starts[-1])
+                      for i in starts]
             logits = logits[-1] if last_only else np.concatenate(logits)
         self.tokens.extend(int(t) for t in ids)
         return logits

@@ -213,12 +213,13 @@ class Model:
 
     # ------------------------------------------------------------ the whole step
     def forward(self, tokens, cache: PagedKVCache, seqs: list, decode: bool,
-                trace: Callable | None = None, last_only: bool = False) -> np.ndarray:
+                trace: Callable | None = None, last_only: bool = False, head: bool = True):
         """Run new tokens through the model; returns logits f32 [T, vocab].
         decode=False: tokens[T] all belong to seqs[0] (prefill or multi-token append).
         decode=True:  tokens[B] is one new token for each of seqs[B].
         last_only: logits of the last token only ([1, vocab]); a prefill for generation needs
-        no more, and lm_head over 163840 tokens is the largest matmul of the model."""
+        no more, and lm_head over 163840 tokens is the largest matmul of the model.
+        head=False: only fill the cache, return None (a prefill chunk before the last one)."""
         cfg, ops, w = self.config, self.ops, self.weights
         tokens = np.asarray(tokens, np.int64)
         if decode:
@@ -237,5 +238,7 @@ class Model:
             if trace:
                 trace("hidden", i, x)
         cache.advance(seqs, positions)
+        if not head:
+            return None
         x = x[-1:] if last_only else x
         return ops.linear(ops.rmsnorm(x, w.norm, cfg.rms_norm_eps), w.lm_head)

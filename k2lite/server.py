@@ -186,7 +186,9 @@ class Scheduler:
         pre = next((r for r in self.live if r.fed < len(r.prompt)), None)
         if pre is not None:    # chunked, so a long prompt delays the running answers one chunk at most
             chunk = pre.prompt[pre.fed:pre.fed + self.llm.prefill_chunk]
-            logits = self.model.forward(chunk, self.cache, [pre.state], decode=False, last_only=True)
+            last = pre.fed + len(chunk) == len(pre.prompt)
+            logits = self.model.forward(chunk, self.cache, [pre.state], decode=False, last_only=True,
+                                        head=last)         # earlier chunks only fill the cache
             pre.fed += len(chunk)
             if pre.fed == len(pre.prompt):
                 self._emit(pre, self._sample(pre, logits[-1]))
