@@ -169,6 +169,8 @@ CASES += [
     ("moe", mk_moe, dict(T=2, D=160, F=160, E=4, K=2, fmt="int4"), MOE_INT4_TOL, None),  # partial blocks
     ("mla_decode", mk_mla, dict(B=1, H=4, C=64, R=16, page=16, P=8), 1e-10, 1e-5),
     ("mla_decode", mk_mla, dict(B=3, H=11, C=96, R=16, page=7, P=30), 1e-10, 1e-5),
+    ("mla_decode", mk_mla, dict(B=1, H=16, C=512, R=64, page=100, P=8), 1e-10, 1e-5),  # split-KV
+    ("mla_decode", mk_mla, dict(B=2, H=11, C=40, R=9, page=90, P=14), 1e-10, 1e-5),    # tails, split
     ("attention", mk_attention, dict(T=1, S=9, H=3, Dk=24, Dv=20, off=8), 1e-10, 1e-5),
     ("attention", mk_attention, dict(T=13, S=13, H=4, Dk=40, Dv=24, off=0), 1e-10, 1e-5),
     ("attention", mk_attention, dict(T=5, S=21, H=2, Dk=16, Dv=16, off=16), 1e-10, 1e-5),
