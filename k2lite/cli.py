@@ -39,8 +39,8 @@ def main():
 WEIGHTS = click.option(
     "--weights", type=click.Choice(["mmap", "load", "repack"]), default="mmap", show_default=True,
     help="mmap: map the checkpoint (instant, shared with the page cache); load: copy into "
-         "anonymous memory; repack: copy BF16 linear weights and INT4 experts into 16-row "
-         "tiles (fastest decode, needs RAM for the whole model).")
+         "anonymous memory; repack: map, but copy BF16 linear weights into 16-row tiles "
+         "(fastest decode, costs their size in RAM).")
 
 
 def model_options(f):

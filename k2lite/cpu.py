@@ -22,7 +22,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 from . import _cpu, ref  # noqa: E402
 from .checks import activation as _act, bf16_args, cdiv as _cdiv, fp8_args, int4_args  # noqa: E402
 from .checks import fp8_weight as _fp8_weight, group_scales as _group_scales, weight as _weight  # noqa: E402
-from .formats import Fp8Tensor, Int4Tensor, TiledInt4, tiled_int4_shape
+from .formats import Fp8Tensor, Int4Tensor
 
 SIMD = _cpu.simd
 
@@ -80,20 +80,6 @@ def int4_matmul(x: np.ndarray, packed: np.ndarray, scales: np.ndarray, group_siz
     return out
 
 
-def int4_tiled_matmul(x: np.ndarray, data: np.ndarray, n: int) -> np.ndarray:
-    """int4_matmul with W in TiledInt4's layout (data[N/16, I/128, 1152]); see formats."""
-    x = _act(x, "x", 2)
-    n = int(n)
-    if n < 0:
-        raise ValueError(f"n: must be >= 0, got {n}")
-    if x.shape[1] % 32:
-        raise ValueError(f"x: a TiledInt4 needs an input dim that is a multiple of 32, got {x.shape[1]}")
-    _weight(data, "data", np.uint8, tiled_int4_shape((n, x.shape[1])))
-    out = np.empty((x.shape[0], n), np.float32)
-    _cpu.int4_tiled_matmul(out, x, data, n)
-    return out
-
-
 def fp8_matmul(x: np.ndarray, weight: np.ndarray, scale_inv: np.ndarray, block: tuple) -> np.ndarray:
     """y[T,N] = x[T,I] · W[N,I]ᵀ, W = e4m3(weight) * scale_inv[n // bo, i // bi], decoded
     inside the kernel (the dequantized matrix is never formed)."""
@@ -138,7 +124,7 @@ FMT_BF16, FMT_INT4, FMT_FP8 = 0, 1, 2   # src/common.h MoeFormat
 
 
 def _fmt(w) -> int:
-    if isinstance(w, (Int4Tensor, TiledInt4)):
+    if isinstance(w, Int4Tensor):
         return FMT_INT4
     if isinstance(w, Fp8Tensor):
         return FMT_FP8
@@ -146,29 +132,25 @@ def _fmt(w) -> int:
 
 
 def moe_supports(w) -> bool:
-    """Expert formats the fused moe takes: INT4 (as stored or tiled), FP8 and BF16 bits."""
-    return isinstance(w, (Int4Tensor, TiledInt4, Fp8Tensor)) or getattr(w, "dtype", None) == np.uint16
+    """Expert formats the fused moe takes: INT4, FP8 (Fp8Tensor) and BF16 bits."""
+    return isinstance(w, (Int4Tensor, Fp8Tensor)) or getattr(w, "dtype", None) == np.uint16
 
 
-def _expert_mats(e, d: int, fmt: int, group: int | None, kind=None):
-    """(gate, up, down) -> what _cpu.moe takes: bf16 arrays, (packed, scales) pairs, TiledInt4
-    data arrays (kind TiledInt4) or (weight, scale_inv, bo, bi) tuples."""
+def _expert_mats(e, d: int, fmt: int, group: int | None):
+    """(gate, up, down) -> what _cpu.moe takes: bf16 arrays, (packed, scales) pairs or
+    (weight, scale_inv, bo, bi) tuples."""
     if not isinstance(e, (tuple, list)) or len(e) != 3:
         raise ValueError("each expert must be (gate_proj, up_proj, down_proj)")
     f = e[0].shape[0]
     shapes = ((f, d), (f, d), (d, f))
     mats = []
     for w, shape, name in zip(e, shapes, ("gate_proj", "up_proj", "down_proj")):
-        if _fmt(w) != fmt or (fmt == FMT_INT4 and (w.group_size != group or type(w) is not kind)):
+        if _fmt(w) != fmt or (fmt == FMT_INT4 and w.group_size != group):
             raise ValueError(f"{name}: all experts must share one format"
-                             + (f" ({kind.__name__}, group {group})" if fmt == FMT_INT4 else ""))
+                             + (f" (Int4Tensor, group {group})" if fmt == FMT_INT4 else ""))
         if fmt != FMT_BF16 and tuple(w.shape) != shape:
             raise ValueError(f"{name}: expected shape {shape}, got {tuple(w.shape)}")
-        if kind is TiledInt4:
-            if shape[1] % 32:
-                raise ValueError(f"{name}: a TiledInt4 needs an input dim that is a multiple of 32")
-            mats.append(_weight(w.data, name + ".data", np.uint8, tiled_int4_shape(shape)))
-        elif fmt == FMT_INT4:
+        if fmt == FMT_INT4:
             _weight(w.packed, name + ".packed", np.int32, (shape[0], _cdiv(shape[1], 8)))
             _group_scales(w.scales, name + ".scales", (shape[0], _cdiv(shape[1], group)))
             mats.append((w.packed, w.scales))
@@ -200,13 +182,13 @@ def moe(x: np.ndarray, experts: list, idx: np.ndarray, weights: np.ndarray) -> n
     first = experts[int(used[0])][0]
     fmt = _fmt(first)
     group = first.group_size if fmt == FMT_INT4 else 0
-    kind = type(first)
-    mats = [_expert_mats(experts[int(e)], d, fmt, group, kind) for e in used]
-    f = first.shape[0]
-    if any(experts[int(e)][0].shape[0] != f for e in used):
-        raise ValueError("experts: all experts must share one intermediate size")
+    mats = [_expert_mats(experts[int(e)], d, fmt, group) for e in used]
+    f = mats[0][0][0].shape[0] if fmt != FMT_BF16 else mats[0][0].shape[0]
+    for m in mats:
+        if (m[0][0] if fmt != FMT_BF16 else m[0]).shape[0] != f:
+            raise ValueError("experts: all experts must share one intermediate size")
     out = np.empty_like(x)
-    _cpu.moe(out, x, mats, local, weights, fmt, int(group), f if kind is TiledInt4 else -1)
+    _cpu.moe(out, x, mats, local, weights, fmt, int(group))
     return out
 
 

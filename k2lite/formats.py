@@ -15,10 +15,7 @@ its name): W[r, c] = e4m3(code[r, c]) * scale_inv[r // 128, c // 128].
 
 A `TiledBF16` is a BF16 matrix repacked at load (`k2lite.load(..., repack=True)`) so a GEMV
 reads it as one sequential stream: tiles of 16 rows, each stored column chunk by column chunk
-(32 columns = 64 bytes per row), zero-padded to whole tiles and chunks. A `TiledInt4` is the
-same idea for an INT4 matrix with bf16 scales: 16-row tiles stored 128-column block by block,
-each block the 16 rows' 64 code bytes (as packed in the checkpoint) then their 4 bf16 scales
-(one per 32 columns, so any group size that is a multiple of 32 becomes 32).
+(32 columns = 64 bytes per row), zero-padded to whole tiles and chunks.
 """
 from __future__ import annotations
 
@@ -159,78 +156,6 @@ def quantize_int4(w: np.ndarray, group_size: int = 32, qat_grid: bool = False) -
     lo = -7 if qat_grid else -8
     q = np.clip(np.round(g / safe[:, :, None]), lo, 7).astype(np.int8).reshape(out, n)
     return Int4Tensor(pack_int4(q), scale_bits, (out, n), group_size)
-
-
-# ---------------------------------------------------------------- INT4 in 16-row tiles
-INT4_BLOCK_COLS = 128                                      # columns per block: 64 code bytes a row
-INT4_BLOCK_BYTES = TILE_ROWS * 64 + TILE_ROWS * 4 * 2      # 1152: codes, then bf16 scales
-
-
-@dataclass
-class TiledInt4:
-    """An Int4Tensor (bf16 scales) as data[out/16, in/128, 1152] bytes (both dims padded up
-    with zero codes and scales): per (tile, block) 16 x 64 code bytes then 16 x 4 bf16 scales.
-    group_size is 32 whatever the source's was (its scales are repeated)."""
-    data: np.ndarray        # uint8 [ceil(out/16), ceil(in/128), INT4_BLOCK_BYTES]
-    shape: tuple            # (out, in)
-    group_size: int = 32
-
-    @property
-    def nbytes(self) -> int:
-        return self.data.nbytes
-
-
-def tiled_int4_shape(shape) -> tuple:
-    return -(-shape[0] // TILE_ROWS), -(-shape[1] // INT4_BLOCK_COLS), INT4_BLOCK_BYTES
-
-
-def can_tile_int4(t) -> bool:
-    """Tiling keeps an INT4 matrix exact when its scales are bf16 and its groups (and input
-    dim) are whole multiples of 32 columns."""
-    return (isinstance(t, Int4Tensor) and np.asarray(t.scales).dtype == np.uint16
-            and t.group_size % 32 == 0 and t.shape[1] % 32 == 0)
-
-
-def tile_int4(t: Int4Tensor, out: np.ndarray | None = None) -> TiledInt4:
-    """Int4Tensor -> TiledInt4; `out` (uint8, the tiled size) receives the data if given."""
-    if not can_tile_int4(t):
-        raise ValueError("tile_int4: needs bf16 scales and an input dim and group size that "
-                         f"are multiples of 32 (got {np.asarray(t.scales).dtype}, shape {t.shape}, "
-                         f"group {t.group_size})")
-    n, i = t.shape
-    nt, nb, bb = tiled_int4_shape(t.shape)
-    if out is None:
-        raw = np.empty(nt * nb * bb + 64, np.uint8)
-        out = raw[-raw.ctypes.data % 64:][:nt * nb * bb]
-    data = out.reshape(nt, nb, bb)
-    codes = np.asarray(t.packed).view(np.uint8)             # [n, i/2]: 2 columns per byte
-    scales = np.asarray(t.scales)
-    rep = t.group_size // 32
-    slab = 64              # tiles per step, as tile_bf16
-    for t0 in range(0, nt, slab):
-        t1 = min(nt, t0 + slab)
-        r0, r1, rows = t0 * TILE_ROWS, min(n, t1 * TILE_ROWS), (t1 - t0) * TILE_ROWS
-        c = np.zeros((rows, nb * 64), np.uint8)
-        c[:r1 - r0, :i // 2] = codes[r0:r1, :i // 2]
-        s = np.zeros((rows, nb * 4), np.uint16)
-        s[:r1 - r0, :i // 32] = np.repeat(scales[r0:r1], rep, axis=1)[:, :i // 32]
-        data[t0:t1, :, :TILE_ROWS * 64] = (c.reshape(t1 - t0, TILE_ROWS, nb, 64).transpose(0, 2, 1, 3)
-                                           .reshape(t1 - t0, nb, TILE_ROWS * 64))
-        data[t0:t1, :, TILE_ROWS * 64:] = (s.reshape(t1 - t0, TILE_ROWS, nb, 4).transpose(0, 2, 1, 3)
-                                           .reshape(t1 - t0, nb, TILE_ROWS * 4).view(np.uint8))
-    return TiledInt4(data, (n, i))
-
-
-def untile_int4(t: TiledInt4) -> Int4Tensor:
-    """TiledInt4 -> the equivalent Int4Tensor with group size 32."""
-    n, i = t.shape
-    nt, nb, _ = t.data.shape
-    codes = t.data[:, :, :TILE_ROWS * 64].reshape(nt, nb, TILE_ROWS, 64).transpose(0, 2, 1, 3)
-    scales = np.ascontiguousarray(t.data[:, :, TILE_ROWS * 64:]).view(np.uint16)
-    scales = scales.reshape(nt, nb, TILE_ROWS, 4).transpose(0, 2, 1, 3)
-    packed = np.ascontiguousarray(codes.reshape(nt * TILE_ROWS, nb * 64)[:n, :i // 2]).view(np.int32)
-    return Int4Tensor(packed, np.ascontiguousarray(scales.reshape(nt * TILE_ROWS, nb * 4)[:n, :i // 32]),
-                      (n, i), 32)
 
 
 # ---------------------------------------------------------------- FP8 e4m3fn, 128×128 blocks

@@ -97,10 +97,8 @@ class LLM(GenerationMixin):
         # shared with the OS cache. mmap=False copies them into anonymous (huge-page) memory:
         # slower to load and private, but decode streams them a little faster. repack=True
         # also copies every BF16 matrix that only linear() reads (attention projections, dense
-        # and shared MLPs, lm_head) and the INT4 routed experts into 16-row tiles
-        # (formats.TiledBF16 / TiledInt4) in anonymous memory, one sequential stream per tile:
-        # RAM for the whole model (K2 Thinking: ~590 GB), the fastest decode. kv_b_proj and
-        # FP8 weights keep their checkpoint layout.
+        # and shared MLPs, lm_head) into 16-row tiles (formats.TiledBF16), one sequential stream
+        # per tile; routed experts and kv_b_proj keep their checkpoint layout.
         self.checkpoint = Checkpoint(path, use_mmap=mmap, repack=repack)
         show = sys.stderr.isatty() and (not mmap or repack or self.config.num_hidden_layers > 8)
         self.weights = load_weights(self.config, self.checkpoint, _progress_bar if show else None)

@@ -16,8 +16,7 @@ import numpy as np
 
 from .config import Config
 from .errors import ModelFormatError
-from .formats import (TILE_COLS, TILE_ROWS, Fp8Tensor, Int4Tensor, bf16_to_f32, can_tile_int4, tile_bf16,
-                      tile_int4, tiled_int4_shape)
+from .formats import TILE_COLS, TILE_ROWS, Fp8Tensor, Int4Tensor, bf16_to_f32, tile_bf16
 from .model import MLP, Attention, Layer, MoE, Weights
 from .safetensors import DTYPES, SafetensorsFile
 
@@ -135,37 +134,20 @@ def _matrix(ck: Checkpoint, prefix: str, shape, cfg: Config):
     return ck.get(prefix + ".weight", shape, MATRIX_DTYPES)
 
 
-def _anonymous(nbytes: int) -> mmap.mmap:
-    """Zeroed private memory, huge pages where the kernel allows (what repacked tiles live in)."""
-    buf = mmap.mmap(-1, max(nbytes, 1))
-    if hasattr(mmap, "MADV_HUGEPAGE"):
-        buf.madvise(mmap.MADV_HUGEPAGE)
-    return buf
-
-
 def _tiled(ck: Checkpoint, prefix: str, w):
-    """With ck.repack, a matrix that only goes through linear() or the fused moe is copied
-    into 16-row tiles in anonymous huge-page memory: one sequential stream per tile for a
-    single token's GEMV, and 16 rows sharing each activation load (formats.TiledBF16,
-    TiledInt4). BF16: when mapped, its file pages are dropped from our mapping but the view is
-    kept for batches, which fault them back from the page cache (the row-major BF16 kernels
-    are faster for T > 1). INT4 routed experts keep only the tiles (the tiled kernel is as fast
-    for batches), so their file pages leave our mapping for good. Anything else is returned as
-    it is."""
-    if not ck.repack:
-        return w
-    if can_tile_int4(w):
-        shape = tiled_int4_shape(w.shape)
-        t = tile_int4(w, np.frombuffer(_anonymous(math.prod(shape)), np.uint8))
-        if ck.use_mmap:
-            ck.release(prefix + ".weight_packed")
-            ck.release(prefix + ".weight_scale")
-        return t
-    if not isinstance(w, np.ndarray) or w.dtype != np.uint16 or w.ndim != 2:
+    """With ck.repack, a BF16 matrix that only ever goes through linear() is copied into 16-row
+    tiles in anonymous huge-page memory (formats.TiledBF16: one sequential stream per tile for
+    the single-token GEMV); when mapped, its file pages are dropped from our mapping but the
+    view is kept for batches, which fault them back from the page cache. Anything else is
+    returned as it is."""
+    if not ck.repack or not isinstance(w, np.ndarray) or w.dtype != np.uint16 or w.ndim != 2:
         return w
     n, i = w.shape
     nbytes = -(-n // TILE_ROWS) * TILE_ROWS * -(-i // TILE_COLS) * TILE_COLS * 2
-    t = tile_bf16(w, np.frombuffer(_anonymous(nbytes), np.uint16, count=nbytes // 2))
+    buf = mmap.mmap(-1, max(nbytes, 1))
+    if hasattr(mmap, "MADV_HUGEPAGE"):
+        buf.madvise(mmap.MADV_HUGEPAGE)
+    t = tile_bf16(w, np.frombuffer(buf, np.uint16, count=nbytes // 2))
     if ck.use_mmap:                 # batches read the mapped rows (see TiledBF16.rows)
         ck.release(prefix + ".weight")
         t.rows = w
@@ -185,7 +167,7 @@ def load_weights(cfg: Config, ck: Checkpoint, progress=None) -> Weights:
         def m(name, shape):
             return _matrix(ck, p + name, shape, cfg)
 
-        def lin(name, shape):   # a matrix used only by linear() / moe(): tiled when repacking
+        def lin(name, shape):   # a matrix used only by linear(): tiled when repacking
             return _tiled(ck, p + name, m(name, shape))
 
         qr = cfg.q_lora_rank
@@ -200,9 +182,8 @@ def load_weights(cfg: Config, ck: Checkpoint, progress=None) -> Weights:
             o_proj=lin("self_attn.o_proj", (D, H * Vd)))
         if cfg.is_moe_layer(i):
             E, F = cfg.n_routed_experts, cfg.moe_intermediate_size
-            experts = [tuple(lin(f"mlp.experts.{e}.{name}", shape) for name, shape in
-                             (("gate_proj", (F, D)), ("up_proj", (F, D)), ("down_proj", (D, F))))
-                       for e in range(E)]
+            experts = [(m(f"mlp.experts.{e}.gate_proj", (F, D)), m(f"mlp.experts.{e}.up_proj", (F, D)),
+                        m(f"mlp.experts.{e}.down_proj", (D, F))) for e in range(E)]
             S = F * cfg.n_shared_experts
             shared = MLP(lin("mlp.shared_experts.gate_proj", (S, D)), lin("mlp.shared_experts.up_proj", (S, D)),
                          lin("mlp.shared_experts.down_proj", (D, S))) if cfg.n_shared_experts else None

@@ -16,11 +16,11 @@ import types
 import numpy as np
 
 from . import ref
-from .formats import Fp8Tensor, Int4Tensor, TiledBF16, TiledInt4
+from .formats import Fp8Tensor, Int4Tensor, TiledBF16
 
 # kernels a backend may provide; the composite ops below are built here from them, so the
 # choice of kernel by weight format happens in exactly one place (DeepSeek's linear())
-KERNELS = ("bf16_matmul", "bf16_tiled_matmul", "int4_matmul", "int4_tiled_matmul", "fp8_matmul", "f32_matmul", "rmsnorm",
+KERNELS = ("bf16_matmul", "bf16_tiled_matmul", "int4_matmul", "fp8_matmul", "f32_matmul", "rmsnorm",
            "silu", "rope", "moe", "softmax", "attention", "mla_decode", "mla_absorb_q", "mla_absorb_o")
 _cache: dict = {}
 
@@ -63,7 +63,7 @@ def get(name: str | None = None) -> types.SimpleNamespace:
 
 
 def _native_int4_bf16(w) -> bool:
-    return isinstance(w, (Int4Tensor, TiledInt4)) or getattr(w, "dtype", None) == np.uint16
+    return isinstance(w, Int4Tensor) or getattr(w, "dtype", None) == np.uint16
 
 
 def _compose(ns, native_moe, moe_supports=None):
@@ -80,8 +80,6 @@ def _compose(ns, native_moe, moe_supports=None):
             if x.shape[0] > 1 and w.rows is not None:
                 return ns.bf16_matmul(x, w.rows)
             return ns.bf16_tiled_matmul(x, w.data, w.shape[0])
-        if isinstance(w, TiledInt4):
-            return ns.int4_tiled_matmul(x, w.data, w.shape[0])
         return ns.bf16_matmul(x, w) if w.dtype == np.uint16 else ns.f32_matmul(x, w)
 
     def swiglu_expert(x, gate, up, down):

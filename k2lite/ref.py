@@ -12,8 +12,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from .formats import (Fp8Tensor, Int4Tensor, TiledBF16, TiledInt4, bf16_to_f32, dequantize_fp8, dequantize_int4,
-                      dequantize_int4_arrays, tiled_int4_shape, untile_bf16, untile_int4)
+from .formats import (Fp8Tensor, Int4Tensor, TiledBF16, bf16_to_f32, dequantize_fp8, dequantize_int4,
+                      dequantize_int4_arrays, untile_bf16)
 
 
 # ---------------------------------------------------------------- linear layers
@@ -36,15 +36,6 @@ def int4_matmul(x: np.ndarray, packed: np.ndarray, scales: np.ndarray, group_siz
     return x @ dequantize_int4_arrays(packed, scales, x.shape[1], group_size).T
 
 
-def int4_tiled_matmul(x: np.ndarray, data: np.ndarray, n: int) -> np.ndarray:
-    """int4_matmul with W in TiledInt4's layout, data[N/16, I/128, 1152] (padded), N = n."""
-    want = tiled_int4_shape((n, x.shape[1]))
-    if data.shape != want:
-        raise ValueError(f"data: expected shape {want} for N={n}, I={x.shape[1]}, got {data.shape}")
-    w = untile_int4(TiledInt4(data, (n, x.shape[1])))
-    return int4_matmul(x, w.packed, w.scales, w.group_size)
-
-
 def fp8_matmul(x: np.ndarray, weight: np.ndarray, scale_inv: np.ndarray, block: tuple) -> np.ndarray:
     """y[T,N] = x[T,I] · W[N,I]ᵀ, W = e4m3(weight) * scale_inv[n // bo, i // bi]."""
     t = Fp8Tensor(weight, scale_inv, weight.shape, tuple(block))
@@ -63,8 +54,6 @@ def linear(x: np.ndarray, w) -> np.ndarray:
         return fp8_matmul(x, w.weight, w.scale_inv, w.block)
     if isinstance(w, TiledBF16):
         return bf16_tiled_matmul(x, w.data, w.shape[0])
-    if isinstance(w, TiledInt4):
-        return int4_tiled_matmul(x, w.data, w.shape[0])
     if w.dtype == np.uint16:
         return bf16_matmul(x, w)
     return f32_matmul(x, w)
@@ -78,8 +67,6 @@ def dense(w) -> np.ndarray:
         return dequantize_fp8(w)
     if isinstance(w, TiledBF16):
         return bf16_to_f32(untile_bf16(w))
-    if isinstance(w, TiledInt4):
-        return dequantize_int4(untile_int4(w))
     return bf16_to_f32(w) if w.dtype == np.uint16 else np.asarray(w, np.float32)
 
 

@@ -76,17 +76,6 @@ static void b_bf16_tiled_matmul(arr out, arr x, arr data, int N) {
     bf16_tiled_matmul(op, xp, dp, T, I, N);
 }
 
-static void b_int4_tiled_matmul(arr out, arr x, arr data, int N) {
-    const int T = x.shape(0), I = x.ndim() == 2 ? x.shape(1) : -1;
-    const float* xp = cptr<float>(x, "x", {-1, -1});
-    need(N >= 0, "N must be >= 0");
-    need(I % 32 == 0, "tiled int4: the input dim must be a multiple of 32");
-    const uint8_t* dp = cptr<uint8_t>(data, "data", {ceil_div(N, 16), ceil_div(I, 128), 1152});
-    float* op = wptr<float>(out, "out", {T, N});
-    py::gil_scoped_release nogil;
-    int4_tiled_matmul(op, xp, dp, T, I, N);
-}
-
 static void b_fp8_matmul(arr out, arr x, arr w, arr scale_inv, int bo, int bi) {
     need(bo > 0 && bi > 0, "block sizes must be positive");
     const int T = x.shape(0), I = x.ndim() == 2 ? x.shape(1) : -1, N = w.shape(0);
@@ -101,8 +90,7 @@ static void b_fp8_matmul(arr out, arr x, arr w, arr scale_inv, int bo, int bi) {
 // experts: list of (gate, up, down) for the used experts only; each matrix is a bf16 array
 // (fmt 0), a (packed, scales) pair (fmt 1, INT4) or a (weight, scale_inv, bo, bi) tuple
 // (fmt 2, FP8). lidx[T,K] holds positions in that list.
-// TiledInt4 experts come as (data, data, data) with fmt 1, group 32 and their F as tiled_f.
-static void b_moe(arr out, arr x, py::list experts, arr lidx, arr weights, int fmt, int group, int tiled_f) {
+static void b_moe(arr out, arr x, py::list experts, arr lidx, arr weights, int fmt, int group) {
     need(fmt >= MOE_BF16 && fmt <= MOE_FP8, "moe: unknown expert format");
     const bool int4 = fmt == MOE_INT4;
     const float* xp = cptr<float>(x, "x", {-1, -1});
@@ -121,17 +109,7 @@ static void b_moe(arr out, arr x, py::list experts, arr lidx, arr weights, int f
         need(e.size() == 3, "each expert must be (gate, up, down)");
         for (int m = 0; m < 3; m++) {
             // gate/up: [F, D]; down: [D, F]
-            if (int4 && py::isinstance<arr>(e[m])) {   // TiledInt4 data (group 32)
-                need(tiled_f > 0 && group == 32, "tiled int4 experts need F and group 32");
-                F = tiled_f;
-                const int rows = m < 2 ? F : D, cols = m < 2 ? D : F;
-                need(cols % 32 == 0, "tiled int4: the input dim must be a multiple of 32");
-                mats[u].q[m] = cptr<uint8_t>(e[m].cast<arr>(), "tiled",
-                                             {ceil_div(rows, 16), ceil_div(cols, 128), 1152});
-                mats[u].s[m] = nullptr;
-                mats[u].s_f32[m] = false;
-                mats[u].tiled = true;
-            } else if (int4) {
+            if (int4) {
                 py::tuple ps = e[m].cast<py::tuple>();
                 need(ps.size() == 2, "int4 matrix must be (packed, scales)");
                 arr pk = ps[0].cast<arr>(), sc = ps[1].cast<arr>();
@@ -140,7 +118,6 @@ static void b_moe(arr out, arr x, py::list experts, arr lidx, arr weights, int f
                 mats[u].q[m] = cptr<int32_t>(pk, "packed", {rows, ceil_div(cols, 8)});
                 mats[u].s[m] = scale_ptr(sc, "scales", rows, ceil_div(cols, group), mats[u].s_f32[m]);
                 need(mats[u].s_f32[m] == mats[0].s_f32[0], "experts: all scales must share one dtype");
-                mats[u].tiled = false;
             } else if (fmt == MOE_FP8) {
                 py::tuple ws = e[m].cast<py::tuple>();
                 need(ws.size() == 4, "fp8 matrix must be (weight, scale_inv, bo, bi)");
@@ -154,7 +131,6 @@ static void b_moe(arr out, arr x, py::list experts, arr lidx, arr weights, int f
                 mats[u].s_f32[m] = true;
                 mats[u].block[m][0] = bo;
                 mats[u].block[m][1] = bi;
-                mats[u].tiled = false;
             } else {
                 arr w = e[m].cast<arr>();
                 if (F < 0) F = w.shape(0);
@@ -162,9 +138,7 @@ static void b_moe(arr out, arr x, py::list experts, arr lidx, arr weights, int f
                 mats[u].q[m] = cptr<uint16_t>(w, "w", {rows, cols});
                 mats[u].s[m] = nullptr;
                 mats[u].s_f32[m] = false;
-                mats[u].tiled = false;
             }
-            need(mats[u].tiled == mats[0].tiled, "experts: mixed tiled and untiled int4 matrices");
         }
     }
     if (U == 0 || T == 0) {
@@ -288,10 +262,8 @@ PYBIND11_MODULE(K2LITE_CPU_MODULE, m) {
     m.def("int4_matmul", &b_int4_matmul);
     m.def("bf16_matmul", &b_bf16_matmul);
     m.def("bf16_tiled_matmul", &b_bf16_tiled_matmul);
-    m.def("int4_tiled_matmul", &b_int4_tiled_matmul);
     m.def("fp8_matmul", &b_fp8_matmul);
-    m.def("moe", &b_moe, py::arg("out"), py::arg("x"), py::arg("experts"), py::arg("lidx"),
-          py::arg("weights"), py::arg("fmt"), py::arg("group"), py::arg("tiled_f") = -1);
+    m.def("moe", &b_moe);
     m.def("mla_decode", &b_mla_decode);
     m.def("mla_absorb_q", &b_mla_absorb_q);
     m.def("mla_absorb_o", &b_mla_absorb_o);

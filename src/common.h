@@ -67,16 +67,6 @@ void int4_quant_x(void* xq, const float* x, int ncols);
 void int4_rows_q8(float* y, int ldy, const void* const* xq, int T, int I, const int32_t* packed,
                   const uint16_t* scales, int group, int n0, int n1);
 
-// The same over formats.TiledInt4 data[ceil(N/16)][ceil(I/128)][1152] (16-row tiles, scales per
-// 32 columns); n0 a multiple of 16.
-void int4_tiles_q8(float* y, int ldy, const void* const* xq, int T, int I, const uint8_t* data,
-                   int n0, int n1);
-// Without VNNI (or in exact mode): rows n0..n1 (n0 a multiple of 16) of a TiledInt4, tile by
-// tile unpacked into the checkpoint layout and run through int4_rows; xp from int4_prep_x
-// with group 32 (int4_tiled.cpp).
-void int4_tiled_rows(float* y, int ldy, const float* xp, int T, int I, const uint8_t* data,
-                     int n0, int n1);
-
 // ---------------------------------------------------------------- BF16 rows (bf16_matmul.cpp)
 // y[t*ldy + n] = Σ_i x[t,i] w[n,i] for t < T, n0 <= n < n1; w is bf16 bits [N, I].
 void bf16_rows(float* y, int ldy, const float* x, int T, int I, const uint16_t* w, int n0, int n1);
@@ -95,19 +85,15 @@ void bf16_matmul(float* out, const float* x, const uint16_t* w, int T, int I, in
 void bf16_tiled_matmul(float* out, const float* x, const uint16_t* data, int T, int I, int N);
 void fp8_matmul(float* out, const float* x, const uint8_t* w, const float* scale_inv, int T, int I,
                 int N, int bo, int bi);
-// w in formats.TiledInt4's layout (int4_tiled.cpp)
-void int4_tiled_matmul(float* out, const float* x, const uint8_t* data, int T, int I, int N);
 
-// One expert's three matrices: for INT4 q = packed int32 and s = scales, or with `tiled` q =
-// TiledInt4 data and s = null (group 32); for BF16 q = bits, s = null; for FP8 q = e4m3 codes,
-// s = float32 scale_inv, block = (bo, bi).
+// One expert's three matrices: for INT4 q = packed int32 and s = scales; for BF16 q = bits,
+// s = null; for FP8 q = e4m3 codes, s = float32 scale_inv, block = (bo, bi).
 enum MoeFormat { MOE_BF16 = 0, MOE_INT4 = 1, MOE_FP8 = 2 };
 struct ExpertMats {
     const void* q[3];   // gate, up, down
     const void* s[3];
     bool s_f32[3];
     int block[3][2];    // FP8 only
-    bool tiled;         // INT4 only
 };
 void moe(float* out, const float* x, const int32_t* lidx, const float* weights,
          const ExpertMats* experts, int n_used, int fmt, int group, int T, int D, int F, int K);

@@ -191,9 +191,9 @@ def test_open_full_size_k2_layout_reads_nothing(tmp_path):
                          ids=["no-mmap", "repack", "no-mmap-repack"])
 @pytest.mark.parametrize("device", ["ref", "cpu"])
 def test_load_modes_agree(tiny_model, kw, device):
-    """Copying weights into anonymous memory, and repacking linear-only BF16 matrices and the
-    INT4 routed experts into 16-row tiles, change where bytes live, not the results."""
-    from k2lite.formats import TiledBF16, TiledInt4
+    """Copying weights into anonymous memory, and repacking linear-only BF16 matrices into
+    16-row tiles, change where bytes live, not the results."""
+    from k2lite.formats import TiledBF16
     if device == "cpu" and not k2lite.ops.available("cpu"):
         pytest.skip("native CPU module not built")
     ids = [1, 5, 9, 200, 3, 7]
@@ -201,8 +201,6 @@ def test_load_modes_agree(tiny_model, kw, device):
     llm = k2lite.load(tiny_model, device=device, **kw)
     tiled = isinstance(llm.weights.lm_head, TiledBF16) and isinstance(llm.weights.layers[0].self_attn.o_proj, TiledBF16)
     assert tiled == bool(kw.get("repack"))
-    moe = next(layer.mlp for layer in llm.weights.layers if hasattr(layer.mlp, "experts"))
-    assert all(isinstance(m, TiledInt4) == bool(kw.get("repack")) for e in moe.experts for m in e)
     assert not isinstance(llm.weights.layers[0].self_attn.kv_b_proj, TiledBF16)   # absorbed ops read rows
     got = llm.logits(ids)
     assert np.abs(got - want).max() <= 1e-5 * np.abs(want).max()

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from k2lite import ops, ref
-from k2lite.formats import Fp8Tensor, Int4Tensor, f32_to_bf16, quantize_fp8, quantize_int4, tile_bf16, tile_int4
+from k2lite.formats import Fp8Tensor, f32_to_bf16, quantize_fp8, quantize_int4, tile_bf16
 
 BACKENDS = [b for b in ("cpu", "cuda")]
 SEEDS = (0, 1, 2)
@@ -36,10 +36,6 @@ def f32(rng, *shape, s=1.0):
 def mk_int4_matmul(rng, T, I, N, g):
     q = quantize_int4(f32(rng, N, I), g)
     return (f32(rng, T, I), q.packed, q.scales, g)
-
-
-def mk_int4_tiled_matmul(rng, T, I, N, g):
-    return (f32(rng, T, I), tile_int4(quantize_int4(f32(rng, N, I), g)).data, N)
 
 
 def mk_int4_matmul_f32scales(rng, T, I, N, g):
@@ -70,8 +66,6 @@ def mk_moe(rng, T, D, F, E, K, fmt):
         w = f32(rng, n, i, s=0.1)
         if fmt == "fp8":
             return quantize_fp8(w, ((128, 128), (64, 32), (32, 64))[rng.integers(3)])   # any mix
-        if fmt == "int4_tiled":                                    # the repack=True layout
-            return tile_int4(quantize_int4(w, 64 if i % 64 == 0 and rng.integers(2) else 32))
         return quantize_int4(w) if fmt == "int4" else f32_to_bf16(w)
     experts = [(mat(F, D), mat(F, D), mat(D, F)) for _ in range(E)]
     idx = np.stack([rng.choice(E, K, replace=False) for _ in range(T)]).astype(np.int32)
@@ -126,8 +120,6 @@ for T in (1, 3, 16):
         ("bf16_matmul", mk_bf16_matmul, dict(T=T, I=I_ODD, N=37), 1e-10, None),
         ("bf16_matmul", mk_bf16_matmul, dict(T=T, I=I_ODD + 5, N=19), 1e-10, None),   # SIMD tail
         ("moe", mk_moe, dict(T=T, D=I_ODD, F=96, E=12, K=4, fmt="int4"), MOE_INT4_TOL, None),
-        ("moe", mk_moe, dict(T=T, D=I_ODD, F=96, E=12, K=4, fmt="int4_tiled"), MOE_INT4_TOL, None),
-        ("int4_tiled_matmul", mk_int4_tiled_matmul, dict(T=T, I=I_ODD, N=37, g=32), INT4_TOL, None),
         ("moe", mk_moe, dict(T=T, D=I_ODD, F=96, E=12, K=4, fmt="fp8"), 1e-10, None),
     ]
 # FP8: I = 3 blocks + 40 (partial column block), N crossing row blocks, square and odd blocks
@@ -152,12 +144,6 @@ CASES += [
     ("int4_matmul", mk_int4_matmul_f32scales, dict(T=3, I=256, N=17, g=32), 1e-10, None),
     ("int4_matmul", mk_int4_matmul, dict(T=20, I=256, N=70, g=32), INT4_TOL, None),  # T > 16
     ("int4_matmul", mk_int4_matmul, dict(T=37, I=160, N=130, g=32), INT4_TOL, None), # > 32 tokens
-    ("int4_tiled_matmul", mk_int4_tiled_matmul, dict(T=3, I=320, N=16, g=64), INT4_TOL, None),  # partial block
-    ("int4_tiled_matmul", mk_int4_tiled_matmul, dict(T=5, I=512, N=33, g=128), INT4_TOL, None),
-    ("int4_tiled_matmul", mk_int4_tiled_matmul, dict(T=37, I=160, N=70, g=32), INT4_TOL, None),  # > 32 tokens
-    ("int4_tiled_matmul", mk_int4_tiled_matmul, dict(T=2, I=96, N=17, g=32), INT4_TOL, None),  # one partial block
-    ("moe", mk_moe, dict(T=2, D=160, F=160, E=4, K=2, fmt="int4_tiled"), MOE_INT4_TOL, None),  # partial blocks
-    ("moe", mk_moe, dict(T=40, D=128, F=64, E=3, K=3, fmt="int4_tiled"), MOE_INT4_TOL, None),  # > 32 tokens
     ("bf16_matmul", mk_bf16_matmul, dict(T=6, I=3 * 8192 + 16 * 5 + 7, N=9), 1e-10, None),  # column chunks
     ("bf16_tiled_matmul", mk_bf16_tiled_matmul, dict(T=1, I=261, N=37), 1e-10, None),
     ("bf16_tiled_matmul", mk_bf16_tiled_matmul, dict(T=3, I=32, N=16), 1e-10, None),
@@ -215,8 +201,7 @@ def test_op(name, case, seed):
 
 
 @pytest.mark.parametrize("seed", SEEDS, ids=lambda s: f"s{s}")
-@pytest.mark.parametrize("case", [c for c in CASES if c[0] in ("int4_matmul", "int4_tiled_matmul", "moe")],
-                         ids=case_id)
+@pytest.mark.parametrize("case", [c for c in CASES if c[0] in ("int4_matmul", "moe")], ids=case_id)
 def test_int4_exact_path(case, seed):
     """With set_int4_exact(True) the CPU INT4 ops reproduce ref (fp32 activations, bf16-rounded
     weights) on every path; the fast path must stay well inside its tolerance."""
@@ -243,13 +228,7 @@ def test_int4_batch_invariant():
     full = cpu.int4_matmul(x, packed, scales, g)
     for i in (0, 5, 36):
         assert np.array_equal(full[i:i + 1], cpu.int4_matmul(x[i:i + 1], packed, scales, g))
-    # the repack=True tiles give the same bits as the checkpoint rows, for any token count
-    tiled = tile_int4(Int4Tensor(packed, scales, (45, 640), g))
-    for t in (1, 5, 37):
-        assert np.array_equal(full[:t], cpu.int4_tiled_matmul(x[:t], tiled.data, 45))
     x, experts, idx, wts = mk_moe(rng, 9, 256, 96, 12, 4, "int4")
-    tiled = [tuple(tile_int4(m) for m in e) for e in experts]
-    assert np.array_equal(cpu.moe(x, experts, idx, wts), cpu.moe(x, tiled, idx, wts))
     threads = cpu.get_threads()
     try:
         outs = []
@@ -268,8 +247,7 @@ def test_linear_dispatch(name):
     be = backend(name)
     rng = np.random.default_rng(5)
     x, w = f32(rng, 2, 64), f32(rng, 8, 64)
-    for wt, tol in ((quantize_int4(w), INT4_TOL), (tile_int4(quantize_int4(w)), INT4_TOL),
-                    (tile_bf16(f32_to_bf16(w)), 1e-10), (f32_to_bf16(w), 1e-10), (w, 1e-10),
+    for wt, tol in ((quantize_int4(w), INT4_TOL), (f32_to_bf16(w), 1e-10), (w, 1e-10),
                     (quantize_fp8(w), fp8_tol(name))):
         assert nmse(be.linear(x, wt), ref.linear(x, wt)) < tol
 
@@ -337,8 +315,6 @@ def _bad_cases():
     mfx, mfe, mfi, mfw = mk_moe(rng, 2, 64, 32, 4, 2, "fp8")
     mixed = list(mfe)
     mixed[1] = (mfe[1][0], mfe[1][1], f32_to_bf16(f32(rng, 64, 32)))
-    tiled = [tuple(tile_int4(m) for m in e) for e in experts]
-    half_tiled = [tiled[0]] + list(experts[1:])
     bad_block = [(e[0], e[1], Fp8Tensor(e[2].weight, e[2].scale_inv, e[2].shape, (0, 128))) for e in mfe]
     return {
         "fp8_wrong_shape": ("fp8_matmul", (xf[:, :100], wf, sf, bf)),
@@ -360,11 +336,6 @@ def _bad_cases():
         "bf16_wrong_shape": ("bf16_matmul", (xb[:, :32], wb)),
         "bf16_tiled_shape": ("bf16_tiled_matmul", (xb[:, :32], tile_bf16(wb).data, wb.shape[0])),
         "bf16_tiled_rows": ("bf16_tiled_matmul", (xb, tile_bf16(wb).data, wb.shape[0] + 16)),
-        "int4_tiled_rows": ("int4_tiled_matmul", (x, tile_int4(quantize_int4(f32(rng, 8, 256))).data, 24)),
-        "int4_tiled_cols": ("int4_tiled_matmul", (x[:, :250], tile_int4(quantize_int4(f32(rng, 8, 256))).data, 8)),
-        "int4_tiled_dtype": ("int4_tiled_matmul", (x, tile_int4(quantize_int4(f32(rng, 8, 256))).data.view(np.int8), 8)),
-        "moe_tiled_mixed": ("moe", (mx, half_tiled, np.array([[0, 1], [1, 2]], np.int32), wts)),
-        "moe_tiled_wrong_dim": ("moe", (mx[:, :32], tiled, idx, wts)),
         "moe_idx_high": ("moe", (mx, experts, idx + 4, wts)),
         "moe_idx_negative": ("moe", (mx, experts, idx - 4, wts)),
         "moe_weights_shape": ("moe", (mx, experts, idx, wts[:, :1])),

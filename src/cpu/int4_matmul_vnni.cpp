@@ -83,12 +83,9 @@ void int4_quant_x(void* xq, const float* x, int ncols) {
 // 32 columns (row stride lds); a block's 4 scales are one 8-byte broadcast, and vpshufb moves
 // scale k into the high half of the 4 lanes of 128-bit lane k. A partial last block reads
 // zero-padded copies of its weight bytes and scales (never past the end of a row).
-// Strides: row r's block b is at wb + r*ldw + b*wbs (bytes) with its scales at sc + r*lds +
-// b*sbs (bf16 units): (I/2, 64, I/32, 4) for the checkpoint's rows, (64, 1152, 4, 576) inside
-// a TiledInt4 tile.
 template <int RB, int TT, bool PF>
 static void q8_tile(float* y, int ldy, const Q8Block* const* xt, int I, const uint8_t* wb,
-                    size_t ldw, size_t wbs, const uint16_t* sc, size_t lds, size_t sbs) {
+                    size_t ldw, const uint16_t* sc, size_t lds) {
     const __m512i m4 = _mm512_set1_epi8(0x0F);
     const __m512i sh = _mm512_set_epi8(
         7, 6, -1, -1, 7, 6, -1, -1, 7, 6, -1, -1, 7, 6, -1, -1,
@@ -104,9 +101,9 @@ static void q8_tile(float* y, int ldy, const Q8Block* const* xt, int I, const ui
         const int cols = I - 128 * nfull;
         for (int r = 0; r < RB; r++) {
             std::memset(tw[r], 0, 64);
-            std::memcpy(tw[r], wb + r * ldw + wbs * nfull, cols / 2);
+            std::memcpy(tw[r], wb + r * ldw + 64 * (size_t)nfull, cols / 2);
             std::memset(ts[r], 0, 8);
-            std::memcpy(ts[r], sc + r * lds + sbs * nfull, cols / 32 * 2);
+            std::memcpy(ts[r], sc + r * lds + 4 * (size_t)nfull, cols / 32 * 2);
         }
     }
     __m512 acc[RB][TT];
@@ -117,8 +114,8 @@ static void q8_tile(float* y, int ldy, const Q8Block* const* xt, int I, const ui
         __m512i lo[RB], hi[RB];
         __m512 ws[RB];
         for (int r = 0; r < RB; r++) {
-            const uint8_t* wp = full ? wb + r * ldw + wbs * b : tw[r];
-            const uint16_t* sp = full ? sc + r * lds + sbs * b : ts[r];
+            const uint8_t* wp = full ? wb + r * ldw + 64 * (size_t)b : tw[r];
+            const uint16_t* sp = full ? sc + r * lds + 4 * (size_t)b : ts[r];
             if (PF) {   // bytes two tiles ahead (past n1 too: a prefetch never faults). mmap'd
                         // weights sit on 4 KiB pages, where the hardware prefetchers stop
                 _mm_prefetch((const char*)wp + PFD, _MM_HINT_T1);
@@ -149,13 +146,13 @@ static void q8_tile(float* y, int ldy, const Q8Block* const* xt, int I, const ui
 
 template <int RB>
 static void q8_tiles(float* y, int ldy, const Q8Block* const* xt, int T, int I, const uint8_t* wb,
-                     size_t ldw, size_t wbs, const uint16_t* sc, size_t lds, size_t sbs, bool pf) {
+                     size_t ldw, const uint16_t* sc, size_t lds, bool pf) {
     for (int t0 = 0; t0 < T; t0 += 4) {
         float* yt = y + (size_t)t0 * ldy;
         const int tt = T - t0 < 4 ? T - t0 : 4;
         const bool p = pf && t0 == 0;     // prefetch during the first token tile only
-#define K2_Q8(TT) (p ? q8_tile<RB, TT, true>(yt, ldy, xt + t0, I, wb, ldw, wbs, sc, lds, sbs) \
-                     : q8_tile<RB, TT, false>(yt, ldy, xt + t0, I, wb, ldw, wbs, sc, lds, sbs))
+#define K2_Q8(TT) (p ? q8_tile<RB, TT, true>(yt, ldy, xt + t0, I, wb, ldw, sc, lds) \
+                     : q8_tile<RB, TT, false>(yt, ldy, xt + t0, I, wb, ldw, sc, lds))
         if (tt == 1) K2_Q8(1);
         else if (tt == 2) K2_Q8(2);
         else if (tt == 3) K2_Q8(3);
@@ -187,77 +184,15 @@ void int4_rows_q8(float* y, int ldy, const void* const* xq, int T, int I, const 
         int n = n0;
         for (; n + 4 <= n1; n += 4) {
             const uint16_t* sc = rows_sc(n, 4, ld);
-            q8_tiles<4>(yc + n, ldy, xt + c0, tc, I, w + n * ldw, ldw, 64, sc, ld, 4, group == 32);
+            q8_tiles<4>(yc + n, ldy, xt + c0, tc, I, w + n * ldw, ldw, sc, ld, group == 32);
         }
         for (; n < n1; n++) {
             const uint16_t* sc = rows_sc(n, 1, ld);
-            q8_tiles<1>(yc + n, ldy, xt + c0, tc, I, w + n * ldw, ldw, 64, sc, ld, 4, false);
-        }
-    }
-}
-
-// ---------------------------------------------------------------- TiledInt4 (formats.py)
-// A tile is 16 rows stored 128-column block by block: 16 x 64 code bytes, then 16 x 4 bf16
-// scales (1152 bytes), so one token's pass over a tile is a single sequential stream and each
-// x block is loaded once for 16 rows (the row-major path: 4 row streams plus a scale stream,
-// x reloaded every 4 rows).
-static const int TILE_R = 16, TILE_B = 1152;
-
-static void q8_tile16(float* s, const Q8Block* x, const uint8_t* tile, int nb) {
-    const __m512i m4 = _mm512_set1_epi8(0x0F);
-    const __m512i sh = _mm512_set_epi8(
-        7, 6, -1, -1, 7, 6, -1, -1, 7, 6, -1, -1, 7, 6, -1, -1,
-        5, 4, -1, -1, 5, 4, -1, -1, 5, 4, -1, -1, 5, 4, -1, -1,
-        3, 2, -1, -1, 3, 2, -1, -1, 3, 2, -1, -1, 3, 2, -1, -1,
-        1, 0, -1, -1, 1, 0, -1, -1, 1, 0, -1, -1, 1, 0, -1, -1);
-    __m512 acc[TILE_R];
-    for (int r = 0; r < TILE_R; r++) acc[r] = _mm512_setzero_ps();
-    for (int b = 0; b < nb; b++) {
-        const Q8Block& X = x[b];
-        const __m512i xl = _mm512_load_si512(X.lo), xh = _mm512_load_si512(X.hi);
-        const __m512i bias = _mm512_load_si512(X.bias);
-        const __m512 xs = _mm512_load_ps(X.xs);
-        const uint8_t* blk = tile + (size_t)b * TILE_B;
-        for (int r = 0; r < TILE_R; r++) {
-            const __m512i w = _mm512_load_si512(blk + 64 * r);
-            int64_t s4;
-            std::memcpy(&s4, blk + TILE_R * 64 + 8 * r, 8);
-            const __m512 ws = _mm512_castsi512_ps(_mm512_shuffle_epi8(_mm512_set1_epi64(s4), sh));
-            __m512i d = _mm512_dpbusd_epi32(bias, _mm512_and_si512(w, m4), xl);
-            d = _mm512_dpbusd_epi32(d, _mm512_and_si512(_mm512_srli_epi16(w, 4), m4), xh);
-            acc[r] = _mm512_fmadd_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(d), xs), ws, acc[r]);
-        }
-    }
-    for (int r = 0; r < TILE_R; r++) s[r] = _mm512_reduce_add_ps(acc[r]);
-}
-
-void int4_tiles_q8(float* y, int ldy, const void* const* xq, int T, int I, const uint8_t* data,
-                   int n0, int n1) {
-    const Q8Block* const* xt = (const Q8Block* const*)xq;
-    const int nb = ceil_div(I, 128);
-    const size_t tb = (size_t)nb * TILE_B;
-    float s[32 * TILE_R];
-    // token chunks of 32 outside, as int4_rows_q8: the tiles of n0..n1 stay in L2 meanwhile.
-    // Token 0 streams each tile from memory in order (alone, the whole decode path); the
-    // other tokens then read it from L2 in (4-row, 4-token) register tiles.
-    for (int c0 = 0; c0 < T; c0 += 32) {
-        const int tc = T - c0 < 32 ? T - c0 : 32;
-        for (int n = n0; n < n1; n += TILE_R) {
-            const uint8_t* tile = data + (size_t)(n / TILE_R) * tb;
-            const int first = c0 == 0 ? 1 : 0;
-            if (first) q8_tile16(s, xt[0], tile, nb);
-            for (int r = 0; r < TILE_R; r += 4)
-                q8_tiles<4>(s + first * TILE_R + r, TILE_R, xt + c0 + first, tc - first, 128 * nb,
-                            tile + 64 * r, 64, TILE_B, (const uint16_t*)(tile + TILE_R * 64) + 4 * r, 4,
-                            TILE_B / 2, false);
-            const int nr = n1 - n < TILE_R ? n1 - n : TILE_R;
-            for (int t = 0; t < tc; t++)
-                for (int r = 0; r < nr; r++) y[(size_t)(c0 + t) * ldy + n + r] = s[t * TILE_R + r];
+            q8_tiles<1>(yc + n, ldy, xt + c0, tc, I, w + n * ldw, ldw, sc, ld, false);
         }
     }
 }
 #else
 void int4_quant_x(void*, const float*, int) {}
 void int4_rows_q8(float*, int, const void* const*, int, int, const int32_t*, const uint16_t*, int, int, int) {}
-void int4_tiles_q8(float*, int, const void* const*, int, int, const uint8_t*, int, int) {}
 #endif

@@ -3,8 +3,7 @@
 // grouped by expert so each expert's weights stream from memory once for all its tokens.
 // Three parallel phases: gate/up rows + SwiGLU, down rows, then a per-token weighted sum in
 // k order (deterministic, and a token that picks an expert twice simply gets two slots).
-// INT4 experts with bf16 scales take moe_q8 (int8 activations, VNNI, a single barrier), in
-// the checkpoint's rows or repacked into 16-row tiles (formats.TiledInt4, group 32).
+// INT4 experts with bf16 scales take moe_q8 (int8 activations, VNNI, a single barrier).
 #include "common.h"
 #include <vector>
 
@@ -13,21 +12,10 @@ static void mat_rows(float* y, int ldy, const float* xp, int T, int I, const Exp
     if (fmt == MOE_FP8)
         fp8_rows(y, ldy, xp, T, I, (const uint8_t*)e.q[m], (const float*)e.s[m], e.block[m][0],
                  e.block[m][1], n0, n1);
-    else if (fmt == MOE_INT4 && e.tiled)
-        int4_tiled_rows(y, ldy, xp, T, I, (const uint8_t*)e.q[m], n0, n1);
     else if (fmt == MOE_INT4)
         int4_rows(y, ldy, xp, T, I, (const int32_t*)e.q[m], e.s[m], e.s_f32[m], group, n0, n1);
     else
         bf16_rows(y, ldy, xp, T, I, (const uint16_t*)e.q[m], n0, n1);
-}
-
-// rows n0..n1 of expert matrix m on int8 activations, in its layout (tiled or checkpoint rows)
-static void rows_q8(float* y, int ldy, const void* const* xq, int T, int I, const ExpertMats& e, int m,
-                    int group, int n0, int n1) {
-    if (e.tiled)
-        int4_tiles_q8(y, ldy, xq, T, I, (const uint8_t*)e.q[m], n0, n1);
-    else
-        int4_rows_q8(y, ldy, xq, T, I, (const int32_t*)e.q[m], (const uint16_t*)e.s[m], group, n0, n1);
 }
 
 static inline float silu_mul(float g, float u) { return g / (1.f + std::exp(-g)) * u; }
@@ -77,8 +65,10 @@ static void moe_q8(float* out, const float* x, const float* weights, const Exper
             const int p0 = start[u], nt = start[u + 1] - p0;
             if (nt == 0) continue;
             const ExpertMats& e = experts[u];
-            rows_q8(g.data() - r0, RF, &xs[p0], nt, D, e, 0, group, r0, r1);
-            rows_q8(h.data() - r0, RF, &xs[p0], nt, D, e, 1, group, r0, r1);
+            int4_rows_q8(g.data() - r0, RF, &xs[p0], nt, D, (const int32_t*)e.q[0],
+                         (const uint16_t*)e.s[0], group, r0, r1);
+            int4_rows_q8(h.data() - r0, RF, &xs[p0], nt, D, (const int32_t*)e.q[1],
+                         (const uint16_t*)e.s[1], group, r0, r1);
             for (int t = 0; t < nt; t++) {
                 float* ht = &h[(size_t)t * RF];
                 const float* gt = &g[(size_t)t * RF];
@@ -93,7 +83,8 @@ static void moe_q8(float* out, const float* x, const float* weights, const Exper
                 const int p0 = start[u], nt = start[u + 1] - p0;
                 if (nt == 0) continue;
                 const ExpertMats& e = experts[u];
-                rows_q8(&y[(size_t)p0 * RD] - r0, RD, &hs[p0], nt, F, e, 2, group, r0, r1);
+                int4_rows_q8(&y[(size_t)p0 * RD] - r0, RD, &hs[p0], nt, F, (const int32_t*)e.q[2],
+                             (const uint16_t*)e.s[2], group, r0, r1);
             }
             for (int t = 0; t < T; t++)
                 weighted_sum(out + (size_t)t * D + r0, nr, weights + (size_t)t * K, &pos[t * K], K, y.data(), RD);
