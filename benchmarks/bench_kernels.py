@@ -4,11 +4,11 @@
 
 1. bandwidth: a parallel C++ sum over a 1 GiB float32 buffer (k2lite._cpu.stream_read);
 2. INT4 GEMV/GEMM at K2 expert shapes, cycling through enough experts (~1 GiB) that every call
-   reads its weights from DRAM, not cache; as stored and in the 16-row tiles of repack=True;
+   reads its weights from DRAM, not cache;
 3. BF16 GEMV/GEMM at attention / dense / lm_head shapes (also cycled over > caches), row-major
    and in the 16-row tiles of the repack=True load mode;
 4. FP8 (e4m3 + f32 128x128 block scales, K2 Base/Instruct) at expert and dense shapes;
-5. MoE: 8 of 64 INT4 experts per token, D=7168, F=2048, as stored and tiled.
+5. MoE: 8 of 64 INT4 experts per token, D=7168, F=2048.
 GB/s counts weight bytes (INT4: packed + scales; FP8: codes + scale_inv). The box is shared and
 its bandwidth drifts by tens of percent within seconds, so the read bandwidth is sampled right
 before and after each timed repeat, and "% of read" is the median over repeats of the kernel's
@@ -31,7 +31,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 from k2lite import cpu, ref
 from k2lite.info import ReadMeter
-from k2lite.formats import Fp8Tensor, Int4Tensor, tile_bf16, tile_int4
+from k2lite.formats import Fp8Tensor, Int4Tensor, tile_bf16
 
 GB = 1e9
 
@@ -146,11 +146,7 @@ def main():
             cpu.set_int4_exact(True)
             bench("int4_matmul (exact path)", mats, lambda x, w: cpu.int4_matmul(x, w.packed, w.scales, w.group_size), 1)
             cpu.set_int4_exact(False)
-        tiled = [tile_int4(m) for m in mats]       # the repack=True layout
         del mats
-        for T in (1, 4, 16):
-            bench("int4_tiled_matmul", tiled, lambda x, w: cpu.int4_tiled_matmul(x, w.data, w.shape[0]), T)
-        del tiled
     # the numpy reference, for scale (one small call)
     w = rand_int4(rng, 2048, 7168)
     x = rng.standard_normal((1, 7168)).astype(np.float32)
@@ -178,8 +174,7 @@ def main():
     E, D, F = (16 if args.quick else 64), 7168, 2048
     experts = [(rand_int4(rng, F, D), rand_int4(rng, F, D), rand_int4(rng, D, F)) for _ in range(E)]
     per_expert = sum(m.nbytes for m in experts[0])
-    runs = [("int4", experts), ("int4 tiled", [tuple(tile_int4(m) for m in e) for e in experts])]
-    for (kind, experts), T in ((r, T) for r in runs for T in (1, 4, 16)):
+    for T in (1, 4, 16):
         x = rng.standard_normal((T, D)).astype(np.float32)
         wts = rng.random((T, 8)).astype(np.float32)
         state = {"i": 0}
@@ -195,7 +190,7 @@ def main():
             cpu.moe(x, experts, idx, wts)
         best, med = timeit(call, args.reps, max(4, E // 8))
         nb = per_expert * state["nexp"]
-        rows.append(("moe (8 of %d, %s)" % (E, kind), f"D{D} F{F} x{state['nexp']}exp", T, nb / best / GB, nb / med / GB,
+        rows.append(("moe (8 of %d, int4)" % E, f"D{D} F{F} x{state['nexp']}exp", T, nb / best / GB, nb / med / GB,
                      nb / CPU_SECONDS[-1] / GB, frac(nb)))
 
     report(args, load0, bw, rows)
