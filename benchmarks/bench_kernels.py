@@ -154,7 +154,8 @@ def main():
     rows.append(("ref.int4_matmul (numpy)", "2048x7168", 1, w.nbytes / best / GB, w.nbytes / med / GB,
                  w.nbytes / CPU_SECONDS[-1] / GB, frac(w.nbytes)))
 
-    for n, i in () if args.int4 else ((1536, 7168), (12288, 1536), (576, 7168), (7168, 8192), (163840, 7168)):
+    for n, i in () if args.int4 else ((1536, 7168), (12288, 1536), (576, 7168), (7168, 8192), (18432, 7168),
+                                      (163840, 7168)):
         one = n * i * 2
         count = max(2, int(set_bytes // one)) if one < set_bytes else 1
         if one > 2.5 * 2**30 and args.quick:

@@ -68,8 +68,11 @@ void int4_rows_q8(float* y, int ldy, const void* const* xq, int T, int I, const 
                   const uint16_t* scales, int group, int n0, int n1);
 
 // ---------------------------------------------------------------- BF16 rows (bf16_matmul.cpp)
-// y[t*ldy + n] = Σ_i x[t,i] w[n,i] for t < T, n0 <= n < n1; w is bf16 bits [N, I].
-void bf16_rows(float* y, int ldy, const float* x, int T, int I, const uint16_t* w, int n0, int n1);
+// y[t*ldy + n] = Σ_i x[t,i] w[n,i] for t < T, n0 <= n < n1; w is bf16 bits [N, I]; xd is x
+// prepared by bf16_prep_x (same size: on the AVX-512 path each 32-column chunk de-interleaved,
+// even columns then odd ones; a copy elsewhere).
+void bf16_prep_x(float* xd, const float* x, int T, int I);
+void bf16_rows(float* y, int ldy, const float* xd, int T, int I, const uint16_t* w, int n0, int n1);
 
 // ---------------------------------------------------------------- FP8 rows (fp8_matmul.cpp)
 // y[t*ldy + n] = Σ_i x[t,i] W[n,i] for t < T, n0 <= n < n1, W[n,i] = e4m3fn(w[n,i]) *

@@ -1,6 +1,27 @@
 // BF16 matmul: y[T,N] = x[T,I] · w[N,I]ᵀ with w as bf16 bits. Widening bf16 -> fp32 is a
 // 16-bit shift, so products are exact and sums fp32, as ref.bf16_matmul.
+// On the AVX-512 path a 64-byte load holds 32 columns of a row, dword k = columns 2k (low
+// half) and 2k+1 (high half): `v << 16` is the even columns as fp32 and `v & 0xFFFF0000` the
+// odd ones, two plain ALU ops per 32 weights (a zero-extending 16->32 widen is a cross-lane
+// shuffle, and took twice the ops). x is prepared to match once per call (bf16_prep_x): per
+// 32-column chunk its 16 even columns, then its 16 odd ones.
 #include "common.h"
+#include <vector>
+
+void bf16_prep_x(float* xd, const float* x, int T, int I) {
+#ifdef K2_AVX512
+    const int I32 = I / 32 * 32;
+    for (int t = 0; t < T; t++) {
+        const float* xt = x + (size_t)t * I;
+        float* o = xd + (size_t)t * I;
+        for (int c = 0; c < I32; c += 32)
+            for (int k = 0; k < 16; k++) { o[c + k] = xt[c + 2 * k]; o[c + 16 + k] = xt[c + 2 * k + 1]; }
+        for (int i = I32; i < I; i++) o[i] = xt[i];       // the tail stays in order (scalar loop)
+    }
+#else
+    std::memcpy(xd, x, sizeof(float) * (size_t)T * I);
+#endif
+}
 
 // ---------------------------------------------------------------- scalar
 static void bf16_rows_scalar(float* y, int ldy, const float* x, int T, int I, const uint16_t* w,
@@ -19,31 +40,32 @@ static void bf16_rows_scalar(float* y, int ldy, const float* x, int T, int I, co
 
 // ---------------------------------------------------------------- AVX-512
 #ifdef K2_AVX512
-static inline __m512 load_bf16x16(const uint16_t* p) {
-    __m512i v = _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i*)p));
-    return _mm512_castsi512_ps(_mm512_slli_epi32(v, 16));
-}
-
-// Register tile of RB rows x TT tokens over 16 columns a step: x vectors are loaded once and
-// reused by RB rows, each widened weight vector by TT tokens (RB·TT independent FMA chains).
-// PF: software prefetch into L2 of the same columns 8 rows ahead, one line per row per 64 B
+// Register tile of RB rows x TT tokens over 32 columns a step: x vectors are loaded once and
+// reused by RB rows, each widened weight vector by TT tokens (2·RB·TT FMAs per step).
+// PF: software prefetch into L2 of the same columns 8 rows ahead, one line per row
 // (mmap'd weights sit on 4 KiB pages, where the hardware prefetchers stop; past the last row
 // a prefetch never faults). The INT4 and FP8 kernels do the same.
 template <int RB, int TT, bool PF>
 static void bf16_tile(float* y, int ldy, const float* x, size_t ldx, int K, const uint16_t* w, size_t ldw,
                       bool add) {
+    const __m512i hi = _mm512_set1_epi32((int)0xFFFF0000u);
     __m512 acc[RB][TT];
     for (int r = 0; r < RB; r++)
         for (int t = 0; t < TT; t++) acc[r][t] = _mm512_setzero_ps();
-    const int K16 = K / 16 * 16;
-    for (int i = 0; i < K16; i += 16) {
-        __m512 xv[TT];
-        for (int t = 0; t < TT; t++) xv[t] = _mm512_loadu_ps(x + (size_t)t * ldx + i);
-        if (PF && (i & 31) == 0)
+    for (int i = 0; i < K; i += 32) {
+        __m512 xe[TT], xo[TT];
+        for (int t = 0; t < TT; t++) {
+            xe[t] = _mm512_loadu_ps(x + (size_t)t * ldx + i);
+            xo[t] = _mm512_loadu_ps(x + (size_t)t * ldx + i + 16);
+        }
+        if (PF)
             for (int r = 0; r < RB; r++) _mm_prefetch((const char*)(w + (r + 8) * ldw + i), _MM_HINT_T1);
         for (int r = 0; r < RB; r++) {
-            __m512 wv = load_bf16x16(w + r * ldw + i);
-            for (int t = 0; t < TT; t++) acc[r][t] = _mm512_fmadd_ps(wv, xv[t], acc[r][t]);
+            const __m512i v = _mm512_loadu_si512(w + r * ldw + i);
+            const __m512 we = _mm512_castsi512_ps(_mm512_slli_epi32(v, 16));
+            const __m512 wo = _mm512_castsi512_ps(_mm512_and_si512(v, hi));
+            for (int t = 0; t < TT; t++)
+                acc[r][t] = _mm512_fmadd_ps(wo, xo[t], _mm512_fmadd_ps(we, xe[t], acc[r][t]));
         }
     }
     for (int r = 0; r < RB; r++)
@@ -76,36 +98,38 @@ static void bf16_tiles(float* y, int ldy, const float* x, int T, int I, int k0, 
 }
 #endif
 
-void bf16_rows(float* y, int ldy, const float* x, int T, int I, const uint16_t* w, int n0, int n1) {
+void bf16_rows(float* y, int ldy, const float* xd, int T, int I, const uint16_t* w, int n0, int n1) {
 #ifdef K2_AVX512
     // Several tokens over long rows (dense down_proj, I = 18432): columns in chunks of at most
     // 8192, so the rows' chunk stays in L2 while every token tile passes over it (whole rows
     // would be 590 KB per 16 rows, evicted by the x stream: 45 -> 90+ GMAC/s at T = 256).
-    const int I16 = I / 16 * 16;
-    const int nk = T > 1 ? ceil_div(I16, 8192) : 1;
-    const int KC = nk > 1 ? ceil_div(ceil_div(I16, nk), 16) * 16 : I16;
+    const int I32 = I / 32 * 32;
+    const int nk = T > 1 ? ceil_div(I32, 8192) : 1;
+    const int KC = nk > 1 ? ceil_div(ceil_div(I32, nk), 32) * 32 : I32;
     int k0 = 0;
-    do {    // at least one pass, which also zeroes y when I < 16 (the scalar tail adds)
-        const int K = I16 - k0 < KC ? I16 - k0 : KC;
+    do {    // at least one pass, which also zeroes y when I < 32 (the scalar tail adds)
+        const int K = I32 - k0 < KC ? I32 - k0 : KC;
         int n = n0;
-        for (; n + 4 <= n1; n += 4) bf16_tiles<4>(y + n, ldy, x, T, I, k0, K, w + (size_t)n * I, k0 > 0);
-        for (; n < n1; n++) bf16_tiles<1>(y + n, ldy, x, T, I, k0, K, w + (size_t)n * I, k0 > 0);
+        for (; n + 4 <= n1; n += 4) bf16_tiles<4>(y + n, ldy, xd, T, I, k0, K, w + (size_t)n * I, k0 > 0);
+        for (; n < n1; n++) bf16_tiles<1>(y + n, ldy, xd, T, I, k0, K, w + (size_t)n * I, k0 > 0);
         k0 += KC;
-    } while (k0 < I16);
-    if (I % 16) bf16_rows_scalar(y, ldy, x, T, I, w, n0, n1, I16);
+    } while (k0 < I32);
+    if (I % 32) bf16_rows_scalar(y, ldy, xd, T, I, w, n0, n1, I32);
 #else
     for (int n = n0; n < n1; n++)
         for (int t = 0; t < T; t++) y[(size_t)t * ldy + n] = 0.f;
-    bf16_rows_scalar(y, ldy, x, T, I, w, n0, n1, 0);
+    bf16_rows_scalar(y, ldy, xd, T, I, w, n0, n1, 0);
 #endif
 }
 
 // ---------------------------------------------------------------- op: rows split over threads
 void bf16_matmul(float* out, const float* x, const uint16_t* w, int T, int I, int N) {
+    std::vector<float> xd((size_t)T * I);
+    bf16_prep_x(xd.data(), x, T, I);
     const int block = 16;   // rows per work item; dynamic chunks ride out a busy core
     #pragma omp parallel for schedule(dynamic, 4)
     for (int n0 = 0; n0 < N; n0 += block) {
         int n1 = n0 + block < N ? n0 + block : N;
-        bf16_rows(out, N, x, T, I, w, n0, n1);
+        bf16_rows(out, N, xd.data(), T, I, w, n0, n1);
     }
 }

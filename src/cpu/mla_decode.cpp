@@ -416,8 +416,7 @@ void mla_absorb_o(float* out, const float* u, const uint16_t* kv_b, int B, int H
         std::vector<float> uh((size_t)B * C);
         #pragma omp for schedule(dynamic, 1)
         for (int h = 0; h < H; h++) {
-            for (int b = 0; b < B; b++)
-                std::memcpy(&uh[(size_t)b * C], u + ((size_t)b * H + h) * C, sizeof(float) * C);
+            for (int b = 0; b < B; b++) bf16_prep_x(&uh[(size_t)b * C], u + ((size_t)b * H + h) * C, 1, C);
             bf16_rows(out + (size_t)h * V, H * V, uh.data(), B, C, kv_b + ((size_t)h * (N + V) + N) * C, 0, V);
         }
     }

@@ -113,11 +113,12 @@ void moe(float* out, const float* x, const int32_t* lidx, const float* weights,
     const int nbf = ceil_div(F, RB), nbd = ceil_div(D, RB);
     #pragma omp parallel
     {
-        // gather x per slot, prepared for the first matmul (de-interleaved on the INT4 path)
+        // gather x per slot, prepared for the first matmul (de-interleaved for the SIMD kernels)
         #pragma omp for schedule(static)
         for (int p = 0; p < S; p++) {
             const float* xt = x + (size_t)slot_tok[p] * D;
             if (int4) int4_prep_x(&xs[(size_t)p * D], xt, 1, D, group, experts[0].s_f32[0]);
+            else if (fmt == MOE_BF16) bf16_prep_x(&xs[(size_t)p * D], xt, 1, D);
             else std::memcpy(&xs[(size_t)p * D], xt, sizeof(float) * D);
         }
         // phase 1: gate and up rows of each expert block, then h = silu(g) * u on that block
@@ -139,6 +140,7 @@ void moe(float* out, const float* x, const int32_t* lidx, const float* weights,
         #pragma omp for schedule(static)
         for (int p = 0; p < S; p++) {
             if (int4) int4_prep_x(&hp[(size_t)p * F], &h[(size_t)p * F], 1, F, group, experts[0].s_f32[2]);
+            else if (fmt == MOE_BF16) bf16_prep_x(&hp[(size_t)p * F], &h[(size_t)p * F], 1, F);
             else std::memcpy(&hp[(size_t)p * F], &h[(size_t)p * F], sizeof(float) * F);
         }
         // phase 2: down rows
