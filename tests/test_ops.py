@@ -162,6 +162,8 @@ CASES += [
     ("attention", mk_attention, dict(T=5, S=21, H=2, Dk=16, Dv=16, off=16), 1e-10, 1e-5),
     ("mla_absorb_q", mk_mla_absorb_q, dict(B=1, H=5, N=12, V=7, C=40), 1e-10, None),
     ("mla_absorb_q", mk_mla_absorb_q, dict(B=3, H=2, N=16, V=16, C=33), 1e-10, None),
+    ("mla_absorb_q", mk_mla_absorb_q, dict(B=2, H=3, N=20, V=8, C=300), 1e-10, None),   # 128-col blocks + tail
+    ("mla_absorb_q", mk_mla_absorb_q, dict(B=1, H=2, N=128, V=128, C=512), 1e-10, None), # K2 head shape
     ("mla_absorb_o", mk_mla_absorb_o, dict(B=1, H=5, N=12, V=7, C=40), 1e-10, None),
     ("mla_absorb_o", mk_mla_absorb_o, dict(B=3, H=4, N=16, V=19, C=37), 1e-10, None),
     ("attention", mk_attention, dict(T=37, S=40, H=3, Dk=33, Dv=19, off=3), 1e-10, 1e-5),
