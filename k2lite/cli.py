@@ -45,7 +45,7 @@ WEIGHTS = click.option(
 
 def model_options(f):
     f = WEIGHTS(f)
-    f = click.option("--threads", "-t", type=click.IntRange(1), help="CPU threads for the kernels.")(f)
+    f = click.option("--threads", "-t", type=click.IntRange(1), help="CPU threads for the kernels (default: physical cores, or OMP_NUM_THREADS).")(f)
     f = click.option("--device", type=click.Choice(["cpu", "cuda", "ref"]), default="cpu", show_default=True)(f)
     return click.option("--model", "-m", "model", help="Checkpoint folder (default: the bundled k2-nano).")(f)
 

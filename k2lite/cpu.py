@@ -27,6 +27,24 @@ from .formats import Fp8Tensor, Int4Tensor
 SIMD = _cpu.simd
 
 
+def physical_cores(sysfs: str = "/sys/devices/system/cpu") -> int:
+    """Cores this process may run on, SMT siblings counted once (Linux sysfs topology), else the
+    CPUs it may use. Decode is memory-bound: a second hyperthread on a core adds no bandwidth,
+    only contention, so this is the default thread count."""
+    try:
+        cpus = sorted(os.sched_getaffinity(0))
+    except AttributeError:
+        cpus = list(range(os.cpu_count() or 1))
+    cores = set()
+    for c in cpus:
+        try:
+            with open(f"{sysfs}/cpu{c}/topology/thread_siblings_list") as f:
+                cores.add(f.read().strip())
+        except OSError:
+            return max(1, len(cpus))
+    return max(1, len(cores))
+
+
 def set_threads(n: int) -> None:
     """OpenMP threads used by every kernel (omp_set_num_threads)."""
     _cpu.set_threads(int(n))
@@ -34,6 +52,10 @@ def set_threads(n: int) -> None:
 
 def get_threads() -> int:
     return _cpu.get_threads()
+
+
+if "OMP_NUM_THREADS" not in os.environ:     # the user's OpenMP setting wins
+    set_threads(physical_cores())
 
 
 # INT4 ops with bf16 scales run on int8-quantized activations where the CPU has AVX512-VNNI

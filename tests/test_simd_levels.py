@@ -36,3 +36,27 @@ def test_level_passes_op_table_and_model(level):
     probe = subprocess.run([sys.executable, "-c", "from k2lite import _cpu; print(_cpu.simd)"],
                            env=env, capture_output=True, text=True)
     assert probe.stdout.strip() == level
+
+
+def test_default_threads_are_physical_cores(tmp_path, monkeypatch):
+    """Default thread count: one per physical core this process may use (SMT siblings once),
+    unless OMP_NUM_THREADS says otherwise."""
+    from k2lite import cpu
+    for c, siblings in enumerate(["0,2", "1,3", "0,2", "1,3", "4"]):   # 2 SMT cores + 1 single
+        d = tmp_path / f"cpu{c}" / "topology"
+        d.mkdir(parents=True)
+        (d / "thread_siblings_list").write_text(siblings + "\n")
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1, 2, 3, 4})
+    assert cpu.physical_cores(str(tmp_path)) == 3
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 2})        # one core's two threads
+    assert cpu.physical_cores(str(tmp_path)) == 1
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 7})        # no topology for cpu7
+    assert cpu.physical_cores(str(tmp_path)) == 2
+    env = {k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"}
+    code = "from k2lite import cpu; print(cpu.get_threads(), cpu.physical_cores())"
+    got = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    threads, cores = got.stdout.split()
+    assert threads == cores
+    got = subprocess.run([sys.executable, "-c", code], env={**env, "OMP_NUM_THREADS": "1"},
+                         capture_output=True, text=True, check=True)
+    assert got.stdout.split()[0] == "1"
