@@ -158,12 +158,15 @@ def mla_decode(q_latent: np.ndarray, q_pe: np.ndarray, pool: np.ndarray, page_ta
     q_latent[B,H,C] (q_nope already folded through W_UK), q_pe[B,H,R] (rotated),
     pool[P, page, C+R] one layer's pages (latent c then rotated k_pe per token),
     page_table[B, maxpages] page ids, lengths[B] tokens cached (the new one included).
-    Returns u[B,H,C] = Σ_t softmax_t(scale·(q_latent·c_t + q_pe·k_pe_t)) · c_t."""
+    Returns u[B,H,C] = Σ_t softmax_t(scale·(q_latent·c_t + q_pe·k_pe_t)) · c_t (zeros for an
+    empty sequence)."""
     B, H, C = q_latent.shape
     page = pool.shape[1]
     out = np.zeros((B, H, C), np.float32)
     for b in range(B):
         n = int(lengths[b])
+        if n == 0:
+            continue
         pages = page_table[b, :(n + page - 1) // page]
         kv = pool[pages].reshape(-1, pool.shape[2])[:n]                      # [S, C+R]
         c, k_pe = kv[:, :C], kv[:, C:]

@@ -285,6 +285,18 @@ def test_fp8_moe_dispatch(name):
 
 
 @pytest.mark.parametrize("name", BACKENDS)
+def test_mla_decode_empty_sequence(name):
+    """A sequence with nothing cached attends to nothing: zeros, next to normal ones (and a
+    long one that the CPU kernel splits over threads)."""
+    be = backend(name)
+    ql, qp, pool, table, _, sc = mk_mla(np.random.default_rng(9), 3, 5, 40, 8, 100, 20)
+    lengths = np.array([0, 600, 0], np.int32)
+    got, want = be.mla_decode(ql, qp, pool, table, lengths, sc), ref.mla_decode(ql, qp, pool, table, lengths, sc)
+    assert not got[[0, 2]].any() and not want[[0, 2]].any()
+    assert nmse(got, want) < 1e-10
+
+
+@pytest.mark.parametrize("name", BACKENDS)
 def test_readonly_and_noncontiguous(name):
     """Weights may be read-only (mmap); activations may be strided or float64."""
     be = backend(name)
