@@ -5,6 +5,8 @@
 #include <cstdint>
 #include <cstring>
 #include <cmath>
+#include <memory>
+#include <vector>
 #ifdef _OPENMP
 #include <omp.h>
 #endif
@@ -34,6 +36,22 @@ static inline float round_bf16(float f) {
 }
 
 static inline int ceil_div(int a, int b) { return (a + b - 1) / b; }
+
+// p rounded up to the next 64-byte boundary (a buffer allocated 64 bytes long enough).
+template <class T>
+static inline T* align64(T* p) { return (T*)(((uintptr_t)p + 63) & ~(uintptr_t)63); }
+
+// Uninitialised float scratch of n elements. Up to 64 MB it is `kept` (a thread_local of the
+// caller, reused between calls: fresh pages cost their faults); beyond, a fresh buffer held by
+// `big` and freed with it, so a rare huge call does not pin its memory for the thread's life.
+static inline float* kept_scratch(std::vector<float>& kept, std::unique_ptr<float[]>& big, size_t n) {
+    if (n <= ((size_t)64 << 20) / sizeof(float)) {
+        if (kept.size() < n) kept.resize(n);
+        return kept.data();
+    }
+    big.reset(new float[n]);
+    return big.get();
+}
 
 // ---------------------------------------------------------------- INT4 rows (int4_matmul.cpp)
 // W[n, i] = (((packed[n, i/8] >> 4*(i%8)) & 15) - 8) * scale[n, i/group]; scales are bf16 bits

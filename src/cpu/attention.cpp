@@ -7,7 +7,6 @@
 // row is built by broadcast-FMAs over consecutive keys (sc[j][s] += q[j][i] * kt[..][i][s]); the output rows then accumulate p[j][s] * v[s]. On AVX-512 both products keep
 // 16 accumulators in registers; elsewhere the same loop order as plain `omp simd` loops.
 #include "common.h"
-#include <memory>
 #include <vector>
 #include <algorithm>
 
@@ -99,21 +98,12 @@ void attention(float* out, const float* q, const float* k, const float* v, int T
     if (T <= 0 || H <= 0) return;
     const int Sp = ceil_div(S > 0 ? S : 1, 32) * 32;    // key rows padded (zeros) to 32
     const int nqb = ceil_div(T, QB);
-    // Up to 64 MB the buffer is kept per thread between calls (a fresh one costs its page
-    // faults: ~40% of a 512-token call); beyond, where it grows like k itself, it is freed on
-    // return. Uninitialised: the transpose writes every element, padding included.
-    const size_t need = (size_t)H * Dk * Sp + 16;
+    // Transposed keys: kept per thread up to 64 MB (a fresh buffer's page faults cost ~40% of a
+    // 512-token call); beyond, where it grows like k itself, freed on return. Uninitialised:
+    // the transpose writes every element, padding included.
     static thread_local std::vector<float> kept;
     std::unique_ptr<float[]> big;
-    float* kt;
-    if (need <= ((size_t)64 << 20) / sizeof(float)) {
-        if (kept.size() < need) kept.resize(need);
-        kt = kept.data();
-    } else {
-        big.reset(new float[need]);
-        kt = big.get();
-    }
-    float* ktp = (float*)(((uintptr_t)kt + 63) & ~(uintptr_t)63);   // 64-byte aligned
+    float* ktp = align64(kept_scratch(kept, big, (size_t)H * Dk * Sp + 16));
     #pragma omp parallel
     {
         #pragma omp for schedule(static)

@@ -135,7 +135,7 @@ void bf16_tiled_matmul(float* out, const float* x, const uint16_t* data, int T, 
         std::vector<float> s((size_t)T * TR);
         // 64-byte aligned scratch for tile_many's vector accumulators
         std::vector<float> scratch(((size_t)TR + (size_t)64 * ceil_div(T - 1, 4)) * 16 + 16);
-        void* sp = (void*)(((uintptr_t)scratch.data() + 63) & ~(uintptr_t)63);
+        void* sp = align64(scratch.data());
         #pragma omp for schedule(dynamic, 1)
         for (int it = 0; it < ntiles; it++) {
             const uint16_t* tile = data + (size_t)it * TR * Ip;

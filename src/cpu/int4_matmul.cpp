@@ -261,7 +261,7 @@ void int4_matmul(float* out, const float* x, const int32_t* packed, const void* 
     if (int4_vnni(I, group, scales_f32)) {
         const size_t qb = int4_q8_bytes(I);
         std::vector<uint8_t> buf((size_t)T * qb + 64);
-        uint8_t* base = (uint8_t*)(((uintptr_t)buf.data() + 63) & ~(uintptr_t)63);
+        uint8_t* base = align64(buf.data());
         std::vector<const void*> xt(T);
         for (int t = 0; t < T; t++) {
             int4_quant_x(base + t * qb, x + (size_t)t * I, I);

@@ -80,18 +80,34 @@ void int4_quant_x(void* xq, const float* x, int ncols) {
 }
 
 // RB rows x TT tokens over all blocks; xt[t] = token t's blocks. sc holds one bf16 scale per
-// 32 columns (row stride lds); a block's 4 scales are one 8-byte broadcast, and vpshufb moves
-// scale k into the high half of the 4 lanes of 128-bit lane k. A partial last block reads
+// 32 columns (row stride lds), read a block at a time by block_scales. A partial last block reads
 // zero-padded copies of its weight bytes and scales (never past the end of a row).
-template <int RB, int TT, bool PF>
-static void q8_tile(float* y, int ldy, const Q8Block* const* xt, int I, const uint8_t* wb,
-                    size_t ldw, const uint16_t* sc, size_t lds) {
-    const __m512i m4 = _mm512_set1_epi8(0x0F);
+// One row's 4 bf16 group scales of a 128-column block (one 8-byte load) as fp32 lanes:
+// vpshufb moves scale k into the high half of the 4 lanes of 128-bit lane k.
+static inline __m512 block_scales(const uint16_t* sp) {
     const __m512i sh = _mm512_set_epi8(
         7, 6, -1, -1, 7, 6, -1, -1, 7, 6, -1, -1, 7, 6, -1, -1,
         5, 4, -1, -1, 5, 4, -1, -1, 5, 4, -1, -1, 5, 4, -1, -1,
         3, 2, -1, -1, 3, 2, -1, -1, 3, 2, -1, -1, 3, 2, -1, -1,
         1, 0, -1, -1, 1, 0, -1, -1, 1, 0, -1, -1, 1, 0, -1, -1);
+    int64_t s4;
+    std::memcpy(&s4, sp, 8);
+    return _mm512_castsi512_ps(_mm512_shuffle_epi8(_mm512_set1_epi64(s4), sh));
+}
+
+// acc + one block's Σ (u-8)·q · xs · ws for a row's nibbles (lo, hi) and a token's block
+// (xl, xh, bias, xs): every kernel below accumulates a (row, token) through this, in block
+// order, so their results are bit-identical.
+static inline __m512 q8_block_fma(__m512 acc, __m512i lo, __m512i hi, const Q8Block& X, __m512 ws) {
+    __m512i d = _mm512_dpbusd_epi32(_mm512_load_si512(X.bias), lo, _mm512_load_si512(X.lo));
+    d = _mm512_dpbusd_epi32(d, hi, _mm512_load_si512(X.hi));
+    return _mm512_fmadd_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(d), _mm512_load_ps(X.xs)), ws, acc);
+}
+
+template <int RB, int TT, bool PF>
+static void q8_tile(float* y, int ldy, const Q8Block* const* xt, int I, const uint8_t* wb,
+                    size_t ldw, const uint16_t* sc, size_t lds) {
+    const __m512i m4 = _mm512_set1_epi8(0x0F);
     const int nfull = I / 128, nb = ceil_div(I, 128);
     // prefetch distance: two row tiles (the same offset in each of their rows), >= 16 KiB
     const size_t PFD = 2 * RB * ldw > 16384 ? 2 * RB * ldw : 16384;
@@ -124,21 +140,10 @@ static void q8_tile(float* y, int ldy, const Q8Block* const* xt, int I, const ui
             __m512i w = _mm512_loadu_si512(wp);
             lo[r] = _mm512_and_si512(w, m4);
             hi[r] = _mm512_and_si512(_mm512_srli_epi16(w, 4), m4);
-            int64_t s4;
-            std::memcpy(&s4, sp, 8);
-            ws[r] = _mm512_castsi512_ps(_mm512_shuffle_epi8(_mm512_set1_epi64(s4), sh));
+            ws[r] = block_scales(sp);
         }
-        for (int t = 0; t < TT; t++) {
-            const Q8Block& X = xt[t][b];
-            const __m512i xl = _mm512_load_si512(X.lo), xh = _mm512_load_si512(X.hi);
-            const __m512i bias = _mm512_load_si512(X.bias);
-            const __m512 xs = _mm512_load_ps(X.xs);
-            for (int r = 0; r < RB; r++) {
-                __m512i d = _mm512_dpbusd_epi32(bias, lo[r], xl);
-                d = _mm512_dpbusd_epi32(d, hi[r], xh);
-                acc[r][t] = _mm512_fmadd_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(d), xs), ws[r], acc[r][t]);
-            }
-        }
+        for (int t = 0; t < TT; t++)
+            for (int r = 0; r < RB; r++) acc[r][t] = q8_block_fma(acc[r][t], lo[r], hi[r], xt[t][b], ws[r]);
     }
     for (int r = 0; r < RB; r++)
         for (int t = 0; t < TT; t++) y[(size_t)t * ldy + r] = _mm512_reduce_add_ps(acc[r][t]);
@@ -169,18 +174,10 @@ static void q8_tiles(float* y, int ldy, const Q8Block* const* xt, int T, int I, 
 static void q8_rows8(float* y, const Q8Block* x, int nb, const uint8_t* wb, size_t ldw,
                      const uint16_t* sc, size_t lds) {
     const __m512i m4 = _mm512_set1_epi8(0x0F);
-    const __m512i sh = _mm512_set_epi8(
-        7, 6, -1, -1, 7, 6, -1, -1, 7, 6, -1, -1, 7, 6, -1, -1,
-        5, 4, -1, -1, 5, 4, -1, -1, 5, 4, -1, -1, 5, 4, -1, -1,
-        3, 2, -1, -1, 3, 2, -1, -1, 3, 2, -1, -1, 3, 2, -1, -1,
-        1, 0, -1, -1, 1, 0, -1, -1, 1, 0, -1, -1, 1, 0, -1, -1);
     const size_t PFD = 16 * ldw > 16384 ? 16 * ldw : 16384;   // two 8-row tiles ahead
     __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0, a4 = a0, a5 = a0, a6 = a0, a7 = a0;
     for (int b = 0; b < nb; b++) {
         const Q8Block& X = x[b];
-        const __m512i xl = _mm512_load_si512(X.lo), xh = _mm512_load_si512(X.hi);
-        const __m512i bias = _mm512_load_si512(X.bias);
-        const __m512 xs = _mm512_load_ps(X.xs);
 #define K2_ROW(r)                                                                                  \
         {                                                                                          \
             const uint8_t* wp = wb + r * ldw + 64 * (size_t)b;                                     \
@@ -188,12 +185,8 @@ static void q8_rows8(float* y, const Q8Block* x, int nb, const uint8_t* wb, size
             _mm_prefetch((const char*)wp + PFD, _MM_HINT_T1);                                      \
             if ((b & 7) == 0) _mm_prefetch((const char*)sp + PFD / 8, _MM_HINT_T1);                \
             const __m512i w = _mm512_loadu_si512(wp);                                              \
-            int64_t s4;                                                                            \
-            std::memcpy(&s4, sp, 8);                                                               \
-            const __m512 ws = _mm512_castsi512_ps(_mm512_shuffle_epi8(_mm512_set1_epi64(s4), sh)); \
-            __m512i d = _mm512_dpbusd_epi32(bias, _mm512_and_si512(w, m4), xl);                    \
-            d = _mm512_dpbusd_epi32(d, _mm512_and_si512(_mm512_srli_epi16(w, 4), m4), xh);         \
-            a##r = _mm512_fmadd_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(d), xs), ws, a##r);            \
+            a##r = q8_block_fma(a##r, _mm512_and_si512(w, m4), _mm512_and_si512(_mm512_srli_epi16(w, 4), m4), \
+                                X, block_scales(sp));                                              \
         }
         K2_ROW(0) K2_ROW(1) K2_ROW(2) K2_ROW(3) K2_ROW(4) K2_ROW(5) K2_ROW(6) K2_ROW(7)
 #undef K2_ROW

@@ -14,7 +14,6 @@
 #include "common.h"
 #include <vector>
 #include <algorithm>
-#include <memory>
 
 #ifdef K2_AVX512
 namespace {
@@ -125,8 +124,6 @@ struct Args {
     int H, C, R, page, max_pages; float scale;
     float* part_acc; float* part_ml;   // per slot: acc [H][C]; m [H] then l [H]
 };
-
-inline float* align64(float* p) { return (float*)(((uintptr_t)p + 63) & ~(uintptr_t)63); }
 
 void run_item(const Args& A, const Item& it) {
     const int C = A.C, R = A.R, W = C + R, H = A.H;
@@ -273,17 +270,9 @@ void mla_decode(float* out, const float* q_latent, const float* q_pe, const floa
         return (int64_t)(x.t1 - x.t0) * (x.h1 - x.h0) > (int64_t)(y.t1 - y.t0) * (y.h1 - y.h0);
     });
     // Partials of split sequences: kept per calling thread up to 64 MB (fresh pages cost ~0.1 ms).
-    const size_t pneed = (size_t)nslots * H * (C + 2);
     static thread_local std::vector<float> kept;
     std::unique_ptr<float[]> big;
-    float* part = nullptr;
-    if (pneed <= ((size_t)64 << 20) / sizeof(float)) {
-        if (kept.size() < pneed) kept.resize(pneed);
-        part = kept.data();
-    } else {
-        big.reset(new float[pneed]);
-        part = big.get();
-    }
+    float* part = kept_scratch(kept, big, (size_t)nslots * H * (C + 2));
     const Args A{out, q_latent, q_pe, pool, page_table, H, C, R, page, max_pages, scale,
                  part, part + (size_t)nslots * H * C};
     std::vector<int> split;   // sequences with partials

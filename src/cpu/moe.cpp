@@ -30,9 +30,9 @@ static void weighted_sum(float* o, int n, const float* w, const int* slot, int K
     }
 }
 
-static uint8_t* align64(std::vector<uint8_t>& v, size_t bytes) {
+static uint8_t* aligned_bytes(std::vector<uint8_t>& v, size_t bytes) {
     v.resize(bytes + 64);
-    return (uint8_t*)(((uintptr_t)v.data() + 63) & ~(uintptr_t)63);
+    return align64(v.data());
 }
 
 // The INT4 x int8 (VNNI) path: one parallel region with a single barrier. x is quantized once
@@ -46,8 +46,8 @@ static void moe_q8(float* out, const float* x, const float* weights, const Exper
     const int S = T * K;
     const size_t qd = int4_q8_bytes(D), qf = int4_q8_bytes(F);
     std::vector<uint8_t> xbuf, hbuf;
-    uint8_t* xq = align64(xbuf, (size_t)T * qd);
-    uint8_t* hq = align64(hbuf, (size_t)S * qf);
+    uint8_t* xq = aligned_bytes(xbuf, (size_t)T * qd);
+    uint8_t* hq = aligned_bytes(hbuf, (size_t)S * qf);
     for (int t = 0; t < T; t++) int4_quant_x(xq + t * qd, x + (size_t)t * D, D);
     std::vector<const void*> xs(S), hs(S);            // per slot, in expert order
     for (int p = 0; p < S; p++) { xs[p] = xq + slot_tok[p] * qd; hs[p] = hq + p * qf; }
