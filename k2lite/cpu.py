@@ -22,7 +22,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 from . import _cpu, ref  # noqa: E402
 from .checks import activation as _act, bf16_args, cdiv as _cdiv, fp8_args, int4_args  # noqa: E402
 from .checks import fp8_weight as _fp8_weight, group_scales as _group_scales, weight as _weight  # noqa: E402
-from .formats import Fp8Tensor, Int4Tensor
+from .formats import Fp8Tensor, Int4Tensor, tiled_bf16_shape
 
 SIMD = _cpu.simd
 
@@ -72,7 +72,6 @@ def get_int4_exact() -> bool:
     return bool(_cpu.get_int4_exact())
 
 
-# ---------------------------------------------------------------- checks
 # ---------------------------------------------------------------- linear layers
 def bf16_matmul(x: np.ndarray, w: np.ndarray) -> np.ndarray:
     """y[T,N] = x[T,I] · w[N,I]ᵀ with w as bf16 bits."""
@@ -88,7 +87,7 @@ def bf16_tiled_matmul(x: np.ndarray, data: np.ndarray, n: int) -> np.ndarray:
     n = int(n)
     if n < 0:
         raise ValueError(f"n: must be >= 0, got {n}")
-    _weight(data, "data", np.uint16, (_cdiv(n, 16), _cdiv(x.shape[1], 32), 16, 32))
+    _weight(data, "data", np.uint16, tiled_bf16_shape((n, x.shape[1])))
     out = np.empty((x.shape[0], n), np.float32)
     _cpu.bf16_tiled_matmul(out, x, data, n)
     return out

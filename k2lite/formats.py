@@ -56,14 +56,22 @@ class TiledBF16:
         return self.data.nbytes
 
 
+def tiled_bf16_shape(shape) -> tuple:
+    """TiledBF16.data's shape for an [out, in] matrix: (out/16, in/32, 16, 32), rounded up."""
+    n, i = shape
+    return -(-n // TILE_ROWS), -(-i // TILE_COLS), TILE_ROWS, TILE_COLS
+
+
 def tile_bf16(w: np.ndarray, out: np.ndarray | None = None) -> TiledBF16:
     """uint16 [N, I] -> TiledBF16; `out` (uint16, the padded size) receives the data if given."""
     n, i = w.shape
-    nt, ic = -(-n // TILE_ROWS), -(-i // TILE_COLS)
+    shape = tiled_bf16_shape(w.shape)
+    nt, ic = shape[:2]
+    size = int(np.prod(shape))
     if out is None:     # 64-byte aligned: each row's 32-column chunk is one cache line
-        raw = np.empty(nt * ic * TILE_ROWS * TILE_COLS + 32, np.uint16)
-        out = raw[(-raw.ctypes.data % 64) // 2:][:nt * ic * TILE_ROWS * TILE_COLS]
-    data = out.reshape(nt, ic, TILE_ROWS, TILE_COLS)     # every tile written below, padding too
+        raw = np.empty(size + 32, np.uint16)
+        out = raw[(-raw.ctypes.data % 64) // 2:][:size]
+    data = out.reshape(shape)     # every tile written below, padding too
     slab = 64              # tiles per step: a few MB of temporary, never a full-size copy
     for t0 in range(0, nt, slab):
         t1 = min(nt, t0 + slab)

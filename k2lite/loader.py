@@ -16,7 +16,7 @@ import numpy as np
 
 from .config import Config
 from .errors import ModelFormatError
-from .formats import TILE_COLS, TILE_ROWS, Fp8Tensor, Int4Tensor, bf16_to_f32, tile_bf16
+from .formats import Fp8Tensor, Int4Tensor, bf16_to_f32, tile_bf16, tiled_bf16_shape
 from .model import MLP, Attention, Layer, MoE, Weights
 from .safetensors import DTYPES, SafetensorsFile
 
@@ -142,8 +142,7 @@ def _tiled(ck: Checkpoint, prefix: str, w):
     returned as it is."""
     if not ck.repack or not isinstance(w, np.ndarray) or w.dtype != np.uint16 or w.ndim != 2:
         return w
-    n, i = w.shape
-    nbytes = -(-n // TILE_ROWS) * TILE_ROWS * -(-i // TILE_COLS) * TILE_COLS * 2
+    nbytes = math.prod(tiled_bf16_shape(w.shape)) * 2
     buf = mmap.mmap(-1, max(nbytes, 1))
     if hasattr(mmap, "MADV_HUGEPAGE"):
         buf.madvise(mmap.MADV_HUGEPAGE)

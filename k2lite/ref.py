@@ -13,7 +13,7 @@ from __future__ import annotations
 import numpy as np
 
 from .formats import (Fp8Tensor, Int4Tensor, TiledBF16, bf16_to_f32, dequantize_fp8, dequantize_int4,
-                      dequantize_int4_arrays, untile_bf16)
+                      dequantize_int4_arrays, tiled_bf16_shape, untile_bf16)
 
 
 # ---------------------------------------------------------------- linear layers
@@ -24,7 +24,7 @@ def bf16_matmul(x: np.ndarray, w: np.ndarray) -> np.ndarray:
 
 def bf16_tiled_matmul(x: np.ndarray, data: np.ndarray, n: int) -> np.ndarray:
     """bf16_matmul with w in TiledBF16's layout, data[N/16, I/32, 16, 32] (padded), N = n."""
-    want = (-(-n // 16), -(-x.shape[1] // 32), 16, 32)
+    want = tiled_bf16_shape((n, x.shape[1]))
     if data.shape != want:
         raise ValueError(f"data: expected shape {want} for N={n}, I={x.shape[1]}, got {data.shape}")
     return bf16_matmul(x, untile_bf16(TiledBF16(data, (n, x.shape[1]))))
