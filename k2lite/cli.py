@@ -156,6 +156,7 @@ def chat(model, device, threads, weights, **kw):
     llm = load_model(model, device, threads, weights)
     start = [{"role": "system", "content": kw["system"]}] if kw["system"] else []
     messages = list(start)
+    seq = llm.sequence()        # the conversation's cache: each turn computes only what is new
     tty = sys.stdout.isatty()
     if sys.stdin.isatty():
         import readline  # noqa: F401  (line editing and history for input())
@@ -177,7 +178,7 @@ def chat(model, device, threads, weights, **kw):
         if not cmd:
             continue
         messages.append({"role": "user", "content": line})
-        stream = llm.stream_chat(messages, **sampling(kw))
+        stream = llm.stream_chat(messages, sequence=seq, **sampling(kw))
         try:
             show_chat(stream, tty, reasoning=True)
         except KeyboardInterrupt:
@@ -187,7 +188,8 @@ def chat(model, device, threads, weights, **kw):
             messages.append(stream.result.message())
             u = stream.result.usage
             click.echo(click.style(f"[{u.completion_tokens} tokens, {u.generation_tps:.1f} tokens/s, "
-                                   f"{u.prompt_tokens} in context]", dim=True), err=True)
+                                   f"{u.prompt_tokens} in context, {u.cached_tokens} cached]", dim=True),
+                       err=True)
 
 
 @main.command()

@@ -76,6 +76,7 @@ def generate_step(llm, prompt_ids, sampler, seq=None):
 @dataclass
 class Usage:
     prompt_tokens: int = 0
+    cached_tokens: int = 0           # of the prompt, reused from the sequence's cache (not computed)
     completion_tokens: int = 0
     prompt_seconds: float = 0.0      # prefill, up to the first sampled token
     generation_seconds: float = 0.0  # every decode step after it
@@ -88,7 +89,9 @@ class Usage:
 
     @property
     def prompt_tps(self) -> float:
-        return self.prompt_tokens / self.prompt_seconds if self.prompt_seconds > 0 else 0.0
+        """Prompt tokens computed per second (cached ones cost nothing)."""
+        done = self.prompt_tokens - self.cached_tokens
+        return done / self.prompt_seconds if self.prompt_seconds > 0 else 0.0
 
     @property
     def generation_tps(self) -> float:
@@ -195,11 +198,14 @@ class TextStream(_Stream):
         dec = tok.stream_decoder() if tok is not None else None
         usage = Usage(prompt_tokens=len(self.prompt_ids))
         ids, text, sent, reason = [], "", 0, "length"    # `sent`: chars of text already yielded
-        room = llm.context - (len(self.seq) if self.seq is not None else 0) - len(self.prompt_ids)
-        limit = min(self.max_tokens, max(room, 0))
+        limit = min(self.max_tokens, max(llm.context - len(self.prompt_ids), 0))
         t0 = time.perf_counter()
         t1 = None
-        steps = generate_step(llm, self.prompt_ids, self.sampler, self.seq) if limit > 0 else _nothing()
+        todo = self.prompt_ids
+        if limit > 0 and self.seq is not None:
+            usage.cached_tokens = self.seq.reuse_prefix(todo)
+            todo = todo[usage.cached_tokens:]
+        steps = generate_step(llm, todo, self.sampler, self.seq) if limit > 0 else _nothing()
         try:
             for t, _ in steps:
                 usage.decode_steps += t1 is not None
@@ -305,7 +311,12 @@ class GenerationMixin:
 
     def stream(self, prompt, max_tokens=None, temperature=None, top_p=None, top_k=None, min_p=None,
                seed=None, stop=None, sequence=None) -> TextStream:
-        """Text deltas as they are produced; `.completion` is set once the stream ends."""
+        """Text deltas as they are produced; `.completion` is set once the stream ends.
+
+        sequence: a Sequence to run in, left open afterwards. The prompt is still the whole
+        text: the tokens already cached there that start it are reused, not recomputed
+        (prompt caching; pass the same one every turn of a conversation).
+        """
         ids = self.encode_prompt(prompt)
         if not ids:
             raise ValueError("the prompt is empty")
@@ -315,9 +326,9 @@ class GenerationMixin:
                           stop, self.eos_ids, sequence)
 
     def generate(self, prompt, max_tokens=None, temperature=None, top_p=None, top_k=None, min_p=None,
-                 seed=None, stop=None) -> Completion:
+                 seed=None, stop=None, sequence=None) -> Completion:
         """Complete `prompt` (text or token ids): Completion(text, token_ids, finish_reason, usage)."""
-        s = self.stream(prompt, max_tokens, temperature, top_p, top_k, min_p, seed, stop)
+        s = self.stream(prompt, max_tokens, temperature, top_p, top_k, min_p, seed, stop, sequence)
         for _ in s:
             pass
         return s.completion
@@ -332,6 +343,8 @@ class GenerationMixin:
 
         thinking: whether the answer starts in reasoning even without `<think>` (K2 Thinking).
         None: yes for released Kimi checkpoints, no for base models (their text is content).
+        sampling: stream()'s keywords, `sequence` among them: give the same Sequence every
+        turn and only the new part of the conversation is computed.
         """
         from .chat import StreamParser
         ts = self.stream(self.chat_ids(messages, tools), **sampling)

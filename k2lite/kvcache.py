@@ -77,6 +77,13 @@ class PagedKVCache:
                     self._grow()
                 s.pages.append(self.free_pages.pop())
 
+    def truncate(self, seq: SeqState, n: int):
+        """Forget positions n.. of a sequence; pages it no longer needs go back to the pool."""
+        keep = -(-n // self.page_size)
+        self.free_pages.extend(reversed(seq.pages[keep:]))
+        del seq.pages[keep:]
+        seq.length = min(seq.length, n)
+
     def free(self, seq: SeqState):
         self.free_pages.extend(reversed(seq.pages))
         seq.pages, seq.length, seq.closed = [], 0, True

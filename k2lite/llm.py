@@ -34,7 +34,8 @@ class Sequence:
 
     def append(self, ids, last_only: bool = False) -> np.ndarray:
         """Feed ids (prefill form for several, absorbed decode for one); logits f32
-        [len(ids), vocab], or [1, vocab] for the last id only with last_only=True."""
+        [len(ids), vocab], or [1, vocab] for the last id only with last_only=True. All or
+        nothing: an error (or Ctrl-C) part-way leaves the sequence as it was."""
         ids = self.llm._check_ids(ids)
         if self.state.closed:
             raise ValueError("sequence is closed")
@@ -44,16 +45,42 @@ class Sequence:
             raise ValueError(f"sequence would be {self.state.length + len(ids)} tokens, "
                              f"over the context limit of {self.llm.context}")
         model, cache, step = self.llm.model, self.llm.cache, self.llm.prefill_chunk
-        if len(ids) == 1:
-            logits = model.forward(ids, cache, [self.state], decode=True)
-        else:   # chunked prefill bounds the [heads, chunk, context] score matrix
-            starts = range(0, len(ids), step)
-            logits = [model.forward(ids[i:i + step], cache, [self.state], decode=False,
-                                    last_only=last_only, head=not last_only or i == starts[-1])
-                      for i in starts]
-            logits = logits[-1] if last_only else np.concatenate(logits)
+        start = self.state.length
+        try:
+            if len(ids) == 1:
+                logits = model.forward(ids, cache, [self.state], decode=True)
+            else:   # chunked prefill bounds the [heads, chunk, context] score matrix
+                starts = range(0, len(ids), step)
+                logits = [model.forward(ids[i:i + step], cache, [self.state], decode=False,
+                                        last_only=last_only, head=not last_only or i == starts[-1])
+                          for i in starts]
+                logits = logits[-1] if last_only else np.concatenate(logits)
+        except BaseException:
+            cache.truncate(self.state, start)    # chunks that did run are forgotten too
+            raise
         self.tokens.extend(int(t) for t in ids)
         return logits
+
+    def truncate(self, n: int) -> None:
+        """Keep the first n tokens and forget the rest (their pages are freed)."""
+        if not 0 <= n <= len(self):
+            raise ValueError(f"cannot truncate a sequence of {len(self)} tokens to {n}")
+        self.llm.cache.truncate(self.state, n)
+        del self.tokens[n:]
+
+    def reuse_prefix(self, ids) -> int:
+        """Prompt caching: keep the longest run of cached tokens that starts `ids` (at most
+        len(ids) - 1 of them, so the rest still gives logits), forget the others, and return
+        how many were kept. The caller appends ids[kept:]."""
+        if self.state.closed:
+            raise ValueError("sequence is closed")
+        n = 0
+        for a, b in zip(self.tokens, ids[:len(ids) - 1]):
+            if a != b:
+                break
+            n += 1
+        self.truncate(n)
+        return n
 
     def close(self):
         if not self.state.closed:

@@ -1,6 +1,7 @@
 """The `k2lite` command line on tiny models (click CliRunner), plus one real subprocess."""
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -135,7 +136,9 @@ def test_ctrl_c_stops_the_answer_and_keeps_the_session(text_model, monkeypatch):
     monkeypatch.setattr(cli, "show_chat", interrupted_once)
     r = run("chat", "-m", text_model, "-n", 3, "--seed", 0, "-t", 1, input="Hi\nAgain\n")
     assert r.exit_code == 0, r.output
-    assert "[stopped]" in r.stderr and len(calls) == 2 and r.stderr.count(" in context]") == 2
+    assert "[stopped]" in r.stderr and len(calls) == 2 and r.stderr.count(" in context, ") == 2
+    # the second turn computes only what follows the first turn's cached tokens
+    assert " 0 cached]" in r.stderr and re.search(r" [1-9]\d* cached\]", r.stderr)
 
 
 def test_device_cuda_without_a_gpu_is_a_one_line_error(text_model):  # noqa: F811

@@ -194,3 +194,32 @@ def test_thinking_default_follows_the_model_kind(text_model):  # noqa: F811
     thinker = Scripted(text_model, tok.encode("plain answer<|im_end|>"))
     r = thinker.chat(msgs, thinking=True, temperature=0, max_tokens=20)
     assert (r.content, r.reasoning_content) == ("", "plain answer")
+
+
+def test_prompt_caching_reuses_the_shared_start_and_changes_nothing(text_llm):
+    tok = text_llm.tokenizer
+    first, second = "The cat sat on the mat.", "The cat sat on the mat. Then the dog came"
+    p1, p2 = tok.encode(first), tok.encode(second)
+    common = next((i for i, (x, y) in enumerate(zip(p1, p2)) if x != y), len(p1))
+    free = text_llm.cache.pages_free
+    with text_llm.sequence() as seq:
+        a = text_llm.generate(first, max_tokens=6, temperature=0, sequence=seq)
+        assert a.usage.cached_tokens == 0 and seq.tokens[:len(p1)] == p1
+        b = text_llm.generate(second, max_tokens=6, temperature=0, sequence=seq)
+        assert b.usage.cached_tokens == common > 0
+        assert b.token_ids == text_llm.generate(second, max_tokens=6, temperature=0).token_ids
+        c = text_llm.generate(second, max_tokens=6, temperature=0, sequence=seq)   # same prompt again
+        assert c.usage.cached_tokens == len(p2) - 1 and c.token_ids == b.token_ids
+        assert len(seq) == len(p2) + len(c.token_ids) - 1    # the last sampled id is not fed back
+    assert text_llm.cache.pages_free == free
+
+
+def test_multi_turn_chat_with_one_sequence_equals_recomputing(text_llm):
+    msgs = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi there"}]
+    with text_llm.sequence() as seq:
+        for turn in range(3):
+            r = text_llm.chat(msgs, max_tokens=5, temperature=0, sequence=seq)
+            fresh = text_llm.chat(msgs, max_tokens=5, temperature=0)
+            assert r.token_ids == fresh.token_ids
+            assert (r.usage.cached_tokens > 0) == (turn > 0)
+            msgs += [r.message(), {"role": "user", "content": f"And {turn}?"}]

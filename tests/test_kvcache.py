@@ -73,3 +73,43 @@ def test_last_only_prefill_matches_full_logits(tiny_model):
         assert last.shape == (1, llm.config.vocab_size)
         assert np.abs(last[0] - full[-1]).max() < 1e-5
         assert len(s) == len(ids)
+
+
+def test_truncate_frees_pages_and_later_appends_match_a_fresh_sequence(tiny_model):
+    llm = k2lite.load(tiny_model, device="ref", page_size=8)
+    total = llm.cache.pages_free
+    ids = [int(i) for i in np.random.default_rng(1).integers(3, 300, 37)]
+    with llm.sequence() as s:
+        s.append(ids[:30])
+        assert llm.cache.pages_free == total - 4
+        s.truncate(17)                       # mid-page: the third page stays, the fourth goes
+        assert len(s) == 17 and s.tokens == ids[:17] and llm.cache.pages_free == total - 3
+        got = s.append(ids[17:])
+        assert len(s) == len(ids) and s.tokens == ids
+        with pytest.raises(ValueError, match="truncate"):
+            s.truncate(len(ids) + 1)
+    assert np.abs(got - llm.logits(ids)[17:]).max() < 1e-5
+    assert llm.cache.pages_free == total
+
+
+def test_a_failed_append_leaves_the_sequence_as_it_was(tiny_model):
+    # 3 pages of 8, one held by another sequence: a 20-token prefill in chunks of 7 takes the
+    # last free page for its first chunk, then finds none for the second.
+    llm = k2lite.load(tiny_model, device="ref", page_size=8, max_cache_tokens=24, prefill_chunk=7)
+    with llm.sequence() as s, llm.sequence() as other:
+        s.append([5, 6, 7, 8])
+        other.append(list(range(3, 11)))     # holds one page
+        with pytest.raises(CacheFullError):
+            s.append(list(range(10, 30)))
+        assert len(s) == 4 and s.tokens == [5, 6, 7, 8] and len(s.state.pages) == 1
+        assert np.abs(s.append([9])[0] - llm.logits([5, 6, 7, 8, 9])[-1]).max() < 1e-5
+
+
+def test_reuse_prefix_keeps_the_common_start_and_one_token_to_compute(tiny_model):
+    llm = k2lite.load(tiny_model, device="ref", page_size=8)
+    with llm.sequence() as s:
+        s.append([5, 6, 7, 8, 9, 10])
+        assert s.reuse_prefix([5, 6, 7, 1, 2]) == 3 and s.tokens == [5, 6, 7]
+        s.append([1, 2])
+        assert s.reuse_prefix([5, 6, 7, 1, 2]) == 4       # the whole prompt is cached: recompute its last
+        assert s.reuse_prefix([9]) == 0 and len(s) == 0
