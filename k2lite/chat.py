@@ -5,7 +5,13 @@ tool declaration first (compact sorted-key JSON), the default system prompt when
 is not a system one, no newlines between messages, `<think></think>` for assistant turns up to the
 last assistant turn without tool calls, reasoning kept after it, generation prompt without `<think>`.
 `render_parts` keeps markup and content apart so `Tokenizer.encode_chat` can encode content as
-plain text (prompt-injection safety).
+plain text (prompt-injection safety). Like the template, any role renders (roles other than
+user/assistant as `<|im_system|>{role}`), and, like transformers, `thinking`/`reasoning` stand in
+for a missing `reasoning_content`. Two deliberate differences: a JSON null (reasoning_content,
+tool_call_id, a call id) renders as nothing where jinja prints "None", and input the template
+would fail on or silently drop (no role, a tool call without `function` or `arguments`, a content
+part without text, content that is not a string, list or None) raises a one-line ValueError that
+names the message.
 
 Parsing. `StreamParser` is fed decoded text (`feed_text`) or token ids (`feed_token`, needs a
 Tokenizer) and returns a list of deltas per call; `finish()` returns the last ones. Deltas:
@@ -18,10 +24,13 @@ Tokenizer) and returns a list of deltas per call; `finish()` returns the last on
             "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'}}
 A call whose arguments are not valid JSON (or whose id or end marker is malformed) keeps the raw
 text and gets an extra "error" key with a one-line reason; nothing here raises on model output.
-Control tokens never reach either text stream: think markers, tool markers and any `<|...|>` /
-`[EOS]`-style special name are consumed; `<|im_end|>`, `[EOS]` and `[EOT]` end the message and
-everything after them is ignored.
+Text inside a tool-call section but outside any call is kept as content (whitespace is dropped).
+Control tokens never reach either text stream: think markers, tool markers and Kimi's other
+special names (CONTROL_NAMES, `<|reserved_token_N|>`) are consumed; `<|im_end|>`, `[EOS]` and
+`[EOT]` end the message and everything after them is ignored. Other `<|...|>` text (GPT-2's
+`<|endoftext|>`, ChatML's `<|im_start|>`) is no Kimi token and stays text.
 """
+import functools
 import json
 import re
 
@@ -29,7 +38,11 @@ DEFAULT_SYSTEM = "You are Kimi, an AI assistant created by Moonshot AI."
 # What the released template emits for an image part. `<|media_start|>` is not a named token in
 # any Kimi vocabulary (the others are), so it encodes as plain text, as it does upstream.
 IMAGE_MARKUP = ["<|media_start|>", "image", "<|media_content|>", "<|media_pad|>", "<|media_end|>"]
+# The roles OpenAI clients send. The template itself renders any other role name too, as a
+# system-style turn (`<|im_system|>developer<|im_middle|>`), and so does render_parts.
 ROLES = ("system", "user", "assistant", "tool")
+# transformers fills `reasoning_content` from these older names before rendering; so do we.
+REASONING_FIELDS = ("reasoning_content", "thinking", "reasoning")
 
 
 # --- rendering -------------------------------------------------------------------------------
@@ -40,6 +53,11 @@ def _sort_keys(x):
     if isinstance(x, list):
         return [_sort_keys(v) for v in x]
     return x
+
+
+def _str(x):
+    """A scalar field as the template prints it, except that None (JSON null) is "", not "None"."""
+    return "" if x is None else str(x)
 
 
 def _content_parts(msg, where):
@@ -53,9 +71,9 @@ def _content_parts(msg, where):
         raise ValueError(f"{where}: content must be a string, a list of parts or None, "
                          f"not {type(c).__name__}")
     out = []
-    for part in c:
+    for j, part in enumerate(c):
         if not isinstance(part, dict):
-            raise ValueError(f"{where}: content parts must be dicts, not {type(part).__name__}")
+            raise ValueError(f"{where}: content[{j}] must be a dict, not {type(part).__name__}")
         if part.get("type") == "image" or "image" in part or "image_url" in part:
             out += [(True, m) for m in IMAGE_MARKUP]
             # The released template leaves a newline after each image (jinja whitespace rules).
@@ -63,37 +81,52 @@ def _content_parts(msg, where):
         elif isinstance(part.get("text"), str):
             out.append((False, part["text"]))
         else:
-            raise ValueError(f"{where}: a content part needs a string 'text' or an image")
+            # The template would print nothing (or "None") here; a dropped part is a client bug.
+            raise ValueError(f"{where}: content[{j}] needs a string 'text' or an image "
+                             f"(type {part.get('type')!r})")
     return out
 
 
 def _tool_calls_parts(msg, where):
     calls = msg.get("tool_calls")
     if not isinstance(calls, list):
-        raise ValueError(f"{where}: tool_calls must be a list")
+        raise ValueError(f"{where}: tool_calls must be a list, not {type(calls).__name__}")
     out = [(True, "<|tool_calls_section_begin|>")]
-    for call in calls:
+    for j, call in enumerate(calls):
         fn = call.get("function") if isinstance(call, dict) else None
         if not isinstance(fn, dict):
-            raise ValueError(f"{where}: each tool call needs a 'function' dict")
-        args = fn.get("arguments", "")
+            raise ValueError(f"{where}: tool_calls[{j}] needs a 'function' dict")
+        if "arguments" not in fn:  # the template fails on it (tojson of an undefined value)
+            raise ValueError(f"{where}: tool_calls[{j}].function has no 'arguments'")
+        args = fn["arguments"]
         # String arguments are verbatim (OpenAI clients send JSON strings); others like jinja tojson.
         args = args if isinstance(args, str) else json.dumps(args, ensure_ascii=False)
         # The id is rendered verbatim: the model counts calls across the conversation by it.
-        out += [(True, "<|tool_call_begin|>"), (False, str(call.get("id", ""))),
+        out += [(True, "<|tool_call_begin|>"), (False, _str(call.get("id"))),
                 (True, "<|tool_call_argument_begin|>"), (False, args), (True, "<|tool_call_end|>")]
     return out + [(True, "<|tool_calls_section_end|>")]
 
 
+def _reasoning(msg, where):
+    """The reasoning to keep in a suffix assistant turn: the first of REASONING_FIELDS not None."""
+    rc = next((msg[k] for k in REASONING_FIELDS if msg.get(k) is not None), "")
+    if not isinstance(rc, str):
+        raise ValueError(f"{where}: reasoning_content must be a string or None, not {type(rc).__name__}")
+    return rc
+
+
 def render_parts(messages, tools=None, add_generation_prompt=True):
     """The prompt as (is_markup, text) pieces; "".join of the texts is the template output."""
-    if not isinstance(messages, list):
+    if not isinstance(messages, (list, tuple)):
         raise ValueError(f"messages must be a list of dicts, not {type(messages).__name__}")
+    if tools is not None and not (isinstance(tools, (list, tuple))
+                                  and all(isinstance(t, dict) for t in tools)):
+        raise ValueError("tools must be a list of dicts (OpenAI tool schemas)")
     for i, m in enumerate(messages):
         if not isinstance(m, dict):
             raise ValueError(f"messages[{i}] must be a dict, not {type(m).__name__}")
-        if m.get("role") not in ROLES:
-            raise ValueError(f"messages[{i}]: unknown role {m.get('role')!r} (expected one of {ROLES})")
+        if not isinstance(m.get("role"), str) or not m["role"]:
+            raise ValueError(f"messages[{i}]: 'role' must be a non-empty string, not {m.get('role')!r}")
     # Earlier reasoning is dropped: everything up to the last assistant turn without tool calls is
     # history; reasoning after it is kept because it belongs to the tool loop still in progress.
     last = max((i for i, m in enumerate(messages)
@@ -112,14 +145,13 @@ def render_parts(messages, tools=None, add_generation_prompt=True):
         # A `name` replaces the role label (a tool result named get_weather shows that name).
         P += [(True, header), (False, str(m.get("name") or role)), (True, "<|im_middle|>")]
         if role == "assistant":
-            # reasoning_content None renders as "" (jinja would print "None").
-            rc = m.get("reasoning_content") if i > last else None
-            P += [(True, "<think>"), (False, rc or ""), (True, "</think>")]
+            P += [(True, "<think>"), (False, _reasoning(m, where) if i > last else ""),
+                  (True, "</think>")]
             P += _content_parts(m, where)
             if m.get("tool_calls"):
                 P += _tool_calls_parts(m, where)
         elif role == "tool":
-            P.append((False, f"## Return of {m.get('tool_call_id') or ''}\n"))
+            P.append((False, f"## Return of {_str(m.get('tool_call_id'))}\n"))
             P += _content_parts(m, where)
         else:
             P += _content_parts(m, where)
@@ -131,11 +163,25 @@ def render_parts(messages, tools=None, add_generation_prompt=True):
 
 
 # --- parsing ---------------------------------------------------------------------------------
-# Everything that can be a control token in decoded text: think markers, `<|name|>`, `[NAME]`.
-_MARKER = re.compile(r"</?think>|<\|[A-Za-z0-9_]{1,40}\|>|\[(?:BOS|EOS|EOT|UNK|PAD)\]")
-# What a marker can look like when it has been cut short at the end of a text piece.
-_PARTIAL = re.compile(r"<(?:/(?:t(?:h(?:i(?:nk?)?)?)?)?|t(?:h(?:i(?:nk?)?)?)?|\|[A-Za-z0-9_]{0,40}\|?)?"
-                      r"|\[(?:B(?:OS?)?|E(?:OS?|OT?)?|U(?:NK?)?|P(?:AD?)?)?")
+# Kimi's control-token names as they read in decoded text. The singular `<|tool_call_section_*|>`
+# are not tokens, but vLLM accepts them, so we do. `<|reserved_token_N|>` is matched by _RESERVED.
+CONTROL_NAMES = (
+    "<think>", "</think>", "<|im_end|>", "<|im_user|>", "<|im_assistant|>", "<|im_system|>",
+    "<|im_middle|>", "<|start_header_id|>", "<|end_header_id|>", "<|tool_calls_section_begin|>",
+    "<|tool_calls_section_end|>", "<|tool_call_section_begin|>", "<|tool_call_section_end|>",
+    "<|tool_call_begin|>", "<|tool_call_argument_begin|>", "<|tool_call_end|>", "<|media_begin|>",
+    "<|media_content|>", "<|media_end|>", "<|media_pad|>", "[BOS]", "[EOS]", "[EOT]", "[UNK]", "[PAD]")
+_RESERVED = r"<\|reserved_token_\d+\|>"
+_RESERVED_CUT = re.compile(r"<\|reserved_token_\d+\|?")  # cut short after its digits
+
+
+@functools.lru_cache(maxsize=None)
+def _marker_regex(names, reserved):
+    """A regex for the markers to find in text (None: there are none)."""
+    alts = [re.escape(n) for n in names] + ([_RESERVED] if reserved else [])
+    return re.compile("|".join(alts)) if alts else None
+
+
 _END = {"<|im_end|>", "[EOS]", "[EOT]"}
 _SECTION_BEGIN = {"<|tool_calls_section_begin|>", "<|tool_call_section_begin|>"}  # vLLM accepts both
 _SECTION_END = {"<|tool_calls_section_end|>", "<|tool_call_section_end|>"}
@@ -166,11 +212,24 @@ class StreamParser:
     thinking=True (K2 Thinking): text is reasoning until `</think>` or a tool-call section, with
     or without a leading `<think>`, since the prompt does not prefill it and it can be lost.
     thinking=False (models that answer directly): text is content unless it opens with `<think>`.
+
+    Fed text (`feed_text`), every Kimi control name in it is a marker: text cannot tell the
+    special id of `[EOS]` from the three plain tokens that spell it. Fed ids (`feed_token`), a
+    special id is the marker and plain text stays text, except for the names this vocabulary has
+    no id for (`<think>` in the original K2 config; the singular section markers).
     """
 
     def __init__(self, tokenizer=None, thinking=True):
+        self._tok = tokenizer
         self._decoder = tokenizer.stream_decoder() if tokenizer is not None else None
+        if tokenizer is None:
+            self._names, self._reserved = CONTROL_NAMES, True
+        else:
+            self._names = tuple(n for n in CONTROL_NAMES if n not in tokenizer.special_tokens)
+            self._reserved = False
+        self._markers = _marker_regex(self._names, self._reserved)
         self._pending = ""      # text held back because it may be the start of a marker
+        self._stray = ""        # text inside a tool-call section but outside any call
         self._mode = "reasoning" if thinking else "content"
         self._started = False   # anything seen yet (a late `<think>` does not reopen reasoning)
         self._call_id = self._call_args = None  # raw text of the tool call being read
@@ -185,14 +244,22 @@ class StreamParser:
         """Feed one generated token id; special ids are whole markers, text waits for full UTF-8."""
         if self._decoder is None:
             raise ValueError("feed_token needs StreamParser(tokenizer)")
-        return self.feed_text(self._decoder.feed(token_id))
+        if not self._tok.is_special(token_id):
+            return self.feed_text(self._decoder.feed(token_id))
+        # The text before a special id is complete: a cut UTF-8 char or a held `<|` stays text.
+        out = self.feed_text(self._decoder.flush())
+        if self._mode != "done":
+            self._text(self._pending, out)
+            self._pending = ""
+            self._marker(self._tok.special_names[token_id], out)
+        return out
 
     def feed_text(self, text):
         """Feed the next piece of decoded text; returns the deltas it completes."""
         out = []
         buf = self._pending + text
-        while buf and self._mode != "done":
-            m = _MARKER.search(buf)
+        while buf and self._mode != "done" and self._markers is not None:
+            m = self._markers.search(buf)
             if m is None:
                 break
             self._text(buf[:m.start()], out)
@@ -204,7 +271,7 @@ class StreamParser:
         # Hold back the earliest suffix that could still grow into a marker.
         hold = len(buf)
         for i in range(max(0, len(buf) - 48), len(buf)):
-            if buf[i] in "<[" and _PARTIAL.fullmatch(buf, i):
+            if buf[i] in "<[" and self._could_be_marker(buf[i:]):
                 hold = i
                 break
         self._text(buf[:hold], out)
@@ -219,9 +286,16 @@ class StreamParser:
         if self._mode != "done":
             self._text(self._pending, out)  # a lone `<` or `[` at the very end is plain text
         self._pending = ""
+        self._flush_stray(out)
         self._close_call("tool call was cut off before <|tool_call_end|>", out)
         self._mode = "done"
         return out
+
+    def _could_be_marker(self, tail):
+        """Is `tail` (the end of the text so far) the start of a marker cut short?"""
+        return (any(n.startswith(tail) for n in self._names)
+                or self._reserved and ("<|reserved_token_".startswith(tail)
+                                       or _RESERVED_CUT.fullmatch(tail) is not None))
 
     # --- state machine -------------------------------------------------------------------
     def _text(self, s, out):
@@ -230,22 +304,33 @@ class StreamParser:
         self._started = True
         mode = self._mode
         if mode in ("reasoning", "content"):
-            if mode == "reasoning":
-                key, self.reasoning_content = "reasoning_content", self.reasoning_content + s
-            else:
-                key, self.content = "content", self.content + s
-            if out and key in out[-1]:
-                out[-1] = {key: out[-1][key] + s}  # one delta per stream per feed call
-            else:
-                out.append({key: s})
+            self._emit(mode, s, out)
         elif mode == "call_id":
             self._call_id += s
         elif mode == "call_args":
             self._call_args += s
-        # mode "section": whitespace between calls, dropped
+        else:  # "section": between calls; decided at the next marker
+            self._stray += s
+
+    def _emit(self, mode, s, out):
+        if mode == "reasoning":
+            key, self.reasoning_content = "reasoning_content", self.reasoning_content + s
+        else:
+            key, self.content = "content", self.content + s
+        if out and key in out[-1]:
+            out[-1] = {key: out[-1][key] + s}  # one delta per stream per feed call
+        else:
+            out.append({key: s})
+
+    def _flush_stray(self, out):
+        """Whitespace between calls is dropped; any other text in a section is kept, as content."""
+        s, self._stray = self._stray, ""
+        if s.strip():
+            self._emit("content", s, out)
 
     def _marker(self, mk, out):
         """Act on one control marker; any we do not know (`<|im_middle|>`, reserved) is dropped."""
+        self._flush_stray(out)
         mode = self._mode
         if mk in _END:
             self._close_call("tool call was cut off before <|tool_call_end|>", out)

@@ -36,7 +36,9 @@ NUM_SPECIAL = 256
 # the boundary, so we cut in the same places to stay id-for-id identical.
 MAX_CHUNK_CHARS = 400_000
 MAX_RUN_CHARS = 25_000
-_LONG_RUN = re.compile(r"\s{%d}|\S{%d}" % (MAX_RUN_CHARS + 1, MAX_RUN_CHARS + 1))
+# Anchored at the start of a run, so a failed search is linear (unanchored, a 400k text of 25k-char
+# runs took seconds: every position inside a run started a new 25k-char match attempt).
+_LONG_RUN = re.compile(r"(?<!\s)\s{%d}|(?<!\S)\S{%d}" % (MAX_RUN_CHARS + 1, MAX_RUN_CHARS + 1))
 
 
 def load_ranks(path):
@@ -141,9 +143,14 @@ class Tokenizer:
 
     def token_bytes(self, token_id):
         """Raw bytes of one token; a special id gives its name."""
+        self._check_id(token_id)
         if self.is_special(token_id):
             return self.special_names[token_id].encode("utf-8")
         return self.enc.decode_single_token_bytes(token_id)
+
+    def _check_id(self, token_id):
+        if not 0 <= token_id < self.vocab_size:
+            raise ValueError(f"token id {token_id} is outside the vocabulary 0..{self.vocab_size - 1}")
 
     # --- text <-> ids ------------------------------------------------------------------
     def encode(self, text):
@@ -162,10 +169,10 @@ class Tokenizer:
 
     def decode(self, ids):
         """Concatenate token bytes and decode UTF-8 with U+FFFD for invalid bytes."""
+        ids = list(ids)
         for i in ids:
-            if not 0 <= i < self.vocab_size:
-                raise ValueError(f"token id {i} is outside the vocabulary 0..{self.vocab_size - 1}")
-        return self.enc.decode(list(ids), errors="replace")
+            self._check_id(i)
+        return self.enc.decode(ids, errors="replace")
 
     def stream_decoder(self):
         """A fresh StreamDecoder: feed(id) -> text, flush() -> text."""

@@ -14,8 +14,11 @@ TOK_DIR = os.path.join(os.path.dirname(__file__), "..", "models", "kimi-k2-think
 CASES = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "kimi-tokenizer", "chat_cases.json")
 SYS = "<|im_system|>system<|im_middle|>You are Kimi, an AI assistant created by Moonshot AI.<|im_end|>"
 GEN = "<|im_assistant|>assistant<|im_middle|>"
-# A complete control-token name; plain text may still contain "<|" or "[E" on its own.
-CONTROL = re.compile(r"</?think>|<\|[A-Za-z0-9_]+\|>|\[(?:BOS|EOS|EOT|UNK|PAD)\]")
+# A complete Kimi control-token name; plain text may still contain "<|", "[E" or `<|endoftext|>`.
+CONTROL = re.compile(r"</?think>|\[(?:BOS|EOS|EOT|UNK|PAD)\]|<\|(?:im_(?:end|user|assistant|system|middle)"
+                     r"|(?:start|end)_header_id|tool_calls?_section_(?:begin|end)"
+                     r"|tool_call_(?:begin|argument_begin|end)|media_(?:begin|content|end|pad)"
+                     r"|reserved_token_\d+)\|>")
 
 
 @pytest.fixture(scope="module")
@@ -77,18 +80,77 @@ def test_empty_conversation_and_no_generation_prompt(tok):
     assert tok.apply_chat_template([], add_generation_prompt=False) == SYS
 
 
+CALL_F = {"id": "functions.f:0", "type": "function", "function": {"name": "f", "arguments": "{}"}}
+SECTION_F = ("<|tool_calls_section_begin|><|tool_call_begin|>functions.f:0<|tool_call_argument_begin|>{}"
+             "<|tool_call_end|><|tool_calls_section_end|>")
+# Checked against the released template rendered by transformers' render_jinja_template (the one
+# marked deliberate differs from it on purpose).
+TEMPLATE_CASES = {
+    # Any role renders, as a system-style turn; the default system prompt still comes first.
+    "developer_role": ([{"role": "developer", "content": "Be terse."}, {"role": "user", "content": "hi"}],
+                       SYS + "<|im_system|>developer<|im_middle|>Be terse.<|im_end|>"
+                       "<|im_user|>user<|im_middle|>hi<|im_end|>" + GEN),
+    # transformers fills reasoning_content from `reasoning` (vLLM's name) or `thinking`; a
+    # tool_call_id of 0 is printed, not dropped.
+    "reasoning_alias_and_id_0": (
+        [{"role": "user", "content": "hi"},
+         {"role": "assistant", "content": None, "reasoning": "R", "tool_calls": [CALL_F]},
+         {"role": "tool", "tool_call_id": 0, "content": "ok"}],
+        SYS + "<|im_user|>user<|im_middle|>hi<|im_end|><|im_assistant|>assistant<|im_middle|>"
+        "<think>R</think>" + SECTION_F + "<|im_end|><|im_system|>tool<|im_middle|>## Return of 0\nok"
+        "<|im_end|>" + GEN),
+    "reasoning_content_wins": (
+        [{"role": "user", "content": "hi"},
+         {"role": "assistant", "content": "", "thinking": "T", "reasoning_content": "RC", "tool_calls": [CALL_F]}],
+        SYS + "<|im_user|>user<|im_middle|>hi<|im_end|><|im_assistant|>assistant<|im_middle|>"
+        "<think>RC</think>" + SECTION_F + "<|im_end|>" + GEN),
+    # Deliberate: a JSON null prints nothing (jinja would print "None").
+    "nulls_print_nothing": (
+        [{"role": "user", "content": "hi"},
+         {"role": "assistant", "content": None, "reasoning_content": None, "tool_calls": [
+             {"id": None, "type": "function", "function": {"name": "f", "arguments": "{}"}}]},
+         {"role": "tool", "tool_call_id": None, "content": "ok"}],
+        SYS + "<|im_user|>user<|im_middle|>hi<|im_end|><|im_assistant|>assistant<|im_middle|><think></think>"
+        "<|tool_calls_section_begin|><|tool_call_begin|><|tool_call_argument_begin|>{}<|tool_call_end|>"
+        "<|tool_calls_section_end|><|im_end|><|im_system|>tool<|im_middle|>## Return of \nok<|im_end|>" + GEN),
+}
+
+
+@pytest.mark.parametrize("name", TEMPLATE_CASES)
+def test_template_corner_cases(tok, name):
+    msgs, rendered = TEMPLATE_CASES[name]
+    assert tok.apply_chat_template(msgs) == rendered
+    assert tok.apply_chat_template(tuple(msgs)) == rendered
+    assert tok.decode(tok.encode_chat(msgs)) == rendered
+
+
 @pytest.mark.parametrize("msgs, match", [
-    ([{"role": "robot", "content": "x"}], "unknown role"),
-    ([{"content": "x"}], "unknown role"),
-    (["hello"], "must be a dict"),
-    ([{"role": "user", "content": 42}], "content must be"),
-    ([{"role": "user", "content": [{"type": "text", "text": 1}]}], "content part"),
-    ([{"role": "assistant", "content": "", "tool_calls": [{"id": "x"}]}], "function"),
+    ([{"content": "x"}], r"messages\[0\]: 'role'"),
+    ([{"role": "user", "content": "x"}, {"role": None, "content": "x"}], r"messages\[1\]: 'role'"),
+    ([{"role": 5, "content": "x"}], r"messages\[0\]: 'role'"),
+    (["hello"], r"messages\[0\] must be a dict"),
+    ([{"role": "user", "content": 42}], r"messages\[0\]: content must be"),
+    ([{"role": "user", "content": [{"type": "text", "text": "a"}, {"type": "text", "text": 1}]}],
+     r"messages\[0\]: content\[1\] needs a string 'text'"),
+    ([{"role": "user", "content": ["hello"]}], r"content\[0\] must be a dict"),
+    ([{"role": "assistant", "content": "", "tool_calls": [{"id": "x"}]}],
+     r"messages\[0\]: tool_calls\[0\] needs a 'function'"),
+    ([{"role": "assistant", "content": "", "tool_calls": [{"id": "x", "function": {"name": "f"}}]}],
+     r"messages\[0\]: tool_calls\[0\].function has no 'arguments'"),
+    ([{"role": "assistant", "content": "", "tool_calls": {"id": "x"}}], r"tool_calls must be a list"),
+    ([{"role": "user", "content": "x"}, {"role": "assistant", "content": "", "reasoning_content": 5,
+                                         "tool_calls": [CALL_F]}], r"messages\[1\]: reasoning_content"),
 ])
 def test_bad_messages_raise_one_line_value_error(tok, msgs, match):
     with pytest.raises(ValueError, match=match) as e:
         tok.apply_chat_template(msgs)
     assert "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("tools", [{"type": "function", "function": {"name": "f"}}, ["f"]])
+def test_bad_tools_raise_value_error(tok, tools):
+    with pytest.raises(ValueError, match="tools must be a list of dicts"):
+        tok.apply_chat_template([{"role": "user", "content": "x"}], tools=tools)
 
 
 # --- prompt injection -----------------------------------------------------------------------
@@ -156,6 +218,14 @@ PARSE_CASES = {
                                "r", "", [WEATHER]),
     "other_specials_dropped": ("<think>a<|im_middle|>b</think>c<|reserved_token_163700|>d"
                                "<think>e</think>", "ab", "cde", []),
+    # Only Kimi's own control names are markers: other `<|...|>` (GPT-2's, ChatML's) are text.
+    "foreign_markers_are_text": ("<think>r</think>Append <|endoftext|>, not <|im_start|>.",
+                                 "r", "Append <|endoftext|>, not <|im_start|>.", []),
+    # Malformed sections keep their text: stray text between calls, text after a bare call.
+    "text_inside_section_kept": ("<think>r</think><|tool_calls_section_begin|>\nLet me call it.\n" + CALL +
+                                 "\n<|tool_calls_section_end|>Done.", "r", "\nLet me call it.\nDone.",
+                                 [WEATHER]),
+    "text_after_bare_call_kept": ("<think>r</think>" + CALL + " Then more.", "r", " Then more.", [WEATHER]),
 }
 
 
@@ -209,7 +279,7 @@ def replay(deltas):
             (key, text), = d.items()
             assert text and not CONTROL.search(text), d  # Kimi-K2 #89
             out[key] += text
-    assert not CONTROL.search(out["reasoning_content"] + out["content"])
+    assert not CONTROL.search(out["reasoning_content"]) and not CONTROL.search(out["content"])
     return out
 
 
@@ -247,11 +317,33 @@ def test_marker_split_across_pieces_is_held_back():
 @pytest.mark.parametrize("text", STREAM_TEXTS)
 def test_stream_token_by_token_equals_batch(tok, text):
     expect = parse_assistant(text)
-    # Specials as single ids (what the model emits), and everything as plain BPE text.
-    for ids in (tok.encode(text), tok.encode_ordinary(text)):
-        p = StreamParser(tok)
-        deltas = [d for i in ids for d in p.feed_token(i)] + p.finish()
-        assert replay(deltas) == expect == p.result()
+    p = StreamParser(tok)  # specials as single ids, as the model emits them
+    deltas = [d for i in tok.encode(text) for d in p.feed_token(i)] + p.finish()
+    assert replay(deltas) == expect == p.result()
+
+
+@pytest.mark.parametrize("plain", ["Pad with [PAD], end with [EOS] or <|im_end|>; [BOS] [UNK] [EOT].",
+                                   "Kimi calls tools with <|tool_calls_section_begin|><|tool_call_begin|>"
+                                   "functions.f:0<|tool_call_argument_begin|>{}<|tool_call_end|>.",
+                                   "<|reserved_token_163700|> <|im_middle|> and <think> are tokens"])
+def test_token_mode_plain_text_spelling_a_marker_is_text(tok, plain):
+    """Fed ids, only special ids are markers: BPE text that spells `[EOS]` neither ends the message
+    nor disappears (fed text, it cannot be told apart and is a marker)."""
+    ids = tok.encode("<think>r</think>") + tok.encode_ordinary(plain) + [tok.special_id("<|im_end|>")]
+    p = StreamParser(tok)
+    deltas = [d for i in ids for d in p.feed_token(i)] + p.finish()
+    assert p.result() == {"reasoning_content": "r", "content": plain, "tool_calls": []}
+    assert "".join(d.get("content", "") for d in deltas) == plain
+
+
+def test_token_mode_special_id_completes_the_text_before_it(tok):
+    """A cut UTF-8 char or a held-back `<|` before a special id is plain text, as in decode()."""
+    first_byte = tok.enc.encode_single_token("你".encode()[:1])
+    ids = [*tok.encode_ordinary("a <|"), tok.special_id("</think>"), first_byte, tok.special_id("<|im_end|>")]
+    p = StreamParser(tok)
+    deltas = [d for i in ids for d in p.feed_token(i)] + p.finish()
+    assert p.result() == {"reasoning_content": "a <|", "content": "\ufffd", "tool_calls": []}
+    assert replay(deltas) == p.result() == parse_assistant(tok.decode(ids))
 
 
 def test_concurrent_streams_do_not_share_state(tok):
@@ -282,7 +374,8 @@ def test_fuzz_never_raises_and_stream_equals_batch(tok):
     pool = ["<think>", "</think>", "<|tool_calls_section_begin|>", "<|tool_call_section_begin|>",
             "<|tool_call_begin|>", "<|tool_call_argument_begin|>", "<|tool_call_end|>",
             "<|tool_calls_section_end|>", "<|im_middle|>", "functions.f:0", '{"a": 1}', "{bad",
-            "text ", "<", "[", "|>", "<|", "思", "😀", "\n", "<|im_end|>"]
+            "text ", "<", "[", "|>", "<|", "思", "😀", "\n", "<|im_end|>", "[EOS]", "<|endoftext|>",
+            "<|reserved_token_163700|>", "<|reserved_token_163700"]
     rng = random.Random(1)
     for n in range(150):
         text = "".join(rng.choice(pool) for _ in range(rng.randint(0, 12)))

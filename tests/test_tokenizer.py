@@ -3,6 +3,7 @@ import base64
 import json
 import os
 import random
+import time
 
 import pytest
 import regex
@@ -138,3 +139,68 @@ def test_bad_added_token_id(tmp_path):
         json.dumps({"added_tokens_decoder": {"163586": {"content": "<|im_end|>"}}}))
     with pytest.raises(ValueError, match="outside the special range"):
         Tokenizer.from_dir(str(tmp_path))
+
+
+def test_every_id_decodes_alone_and_streamed(tok):
+    ids = range(tok.vocab_size)
+    assert all(tok.decode([i]) == tok.token_bytes(i).decode("utf-8", "replace") for i in ids)
+    dec = tok.stream_decoder()
+    streamed = "".join(dec.feed(i) for i in ids) + dec.flush()
+    assert streamed == tok.decode(ids) == tok.decode(iter(ids))  # any iterable, read once
+
+
+@pytest.mark.parametrize("bad", [-1, 163840, 10 ** 12])
+def test_out_of_range_ids_raise_value_error_everywhere(tok, bad):
+    for f in (lambda: tok.decode([bad]), lambda: tok.token_bytes(bad),
+              lambda: tok.stream_decoder().feed(bad)):
+        with pytest.raises(ValueError, match="outside the vocabulary"):
+            f()
+
+
+@pytest.mark.parametrize("text, same_as", [
+    ("\ud800", "\ufffd"),                        # a lone surrogate becomes U+FFFD (tiktoken's rule)
+    ("a\udfffb", "a\ufffdb"),
+    ("\ud83d\ude00", "😀"),                      # a surrogate pair is the character it encodes
+])
+def test_surrogates_encode_like_the_release(tok, oracle, text, same_as):
+    assert tok.encode(text) == tok.encode(same_as) == oracle.encode(text, allowed_special="all")
+    assert tok.encode_ordinary(text) == tok.encode_ordinary(same_as)
+
+
+@pytest.mark.parametrize("run", ["a", " ", "1", "\u3000"])
+def test_long_run_check_is_linear(tok, run):
+    """Runs just under the 25,000-char cut must not make encode quadratic (it took ~9 s here)."""
+    text = (run * 24_999 + ("x" if run.isspace() else " ")) * 16
+    t = time.perf_counter()
+    ids = tok.encode(text)
+    assert time.perf_counter() - t < 2.0
+    assert tok.decode(ids) == text
+
+
+SCRIPTS = ["", "English: it's, they'LL, we'd", "中文：你好，世界！", "日本語のテキストとカタカナ", "한국어 문장",
+           "مرحبا بالعالم", "עִבְרִית", "\u202eRTL override\u202c", "हिन्दी देवनागरी", "ไทย", "ქართული",
+           "Ελληνικά", "Русский", "👨‍👩‍👧‍👦 👍🏽 🏳️‍🌈 🇯🇵", "e\u0301 Z̷̢a̸l̵g̶o", "\t\tx\r\n\r\n  \n", " " * 7,
+           "1234567890123 ３．１４ ١٢٣ 𝟙𝟚𝟛", "x" * 5000, "\x00\x7f\ufeff\u200b\u00a0\u3000"]
+
+
+@pytest.mark.parametrize("text", SCRIPTS)
+def test_scripts_whitespace_and_numbers(tok, oracle, text):
+    ids = tok.encode(text)
+    assert ids == oracle.encode(text, allowed_special="all") == tok.encode_ordinary(text)
+    assert tok.decode(ids) == text
+    dec = tok.stream_decoder()
+    assert "".join(dec.feed(i) for i in ids) + dec.flush() == text
+
+
+CORPUS = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "corpus", "austen",
+                      "northangerabbey.txt")
+
+
+@pytest.mark.skipif(not os.path.exists(CORPUS), reason="shared/corpus not found")
+def test_corpus_round_trip_across_the_400k_chunk_cut(tok, oracle):
+    with open(CORPUS, encoding="utf-8") as f:
+        text = f.read()
+    assert len(text) > 400_000
+    ids = tok.encode(text)
+    assert ids == oracle.encode(text[:400_000]) + oracle.encode(text[400_000:])
+    assert tok.decode(ids) == text
