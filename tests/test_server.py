@@ -9,14 +9,19 @@ import http.client
 import json
 import logging
 import os
+import signal
+import socket
+import subprocess
+import sys
 import threading
 import time
 
+import numpy as np
 import openai
 import pytest
 
 import k2lite
-from k2lite.server import Scheduler, completion_request, serve
+from k2lite.server import ApiError, Scheduler, completion_request, serve
 from k2lite.testing.random_model import preset, write_random_model
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -237,14 +242,14 @@ def test_scheduler_batches_without_http(model_dir):
     llm = k2lite.load(model_dir, threads=1, context=256)
     sched = Scheduler(llm, max_batch=8)
     limits = (llm.context, llm.cache.capacity_tokens, llm.cache.page_size, 16)
-    reqs = [completion_request(llm, {"prompt": [1, 2, 3 + i], "max_tokens": 10, "temperature": 0}, limits)
+    reqs = [completion_request(llm, {"prompt": [1, 2, 3 + i], "max_tokens": 10, "temperature": 0}, limits)[0]
             for i in range(3)]
     for r in reqs:
         sched.submit(r)
     sched.start()
     try:
         for r in reqs:
-            while r.events.get(timeout=TIMEOUT)[0] != "end":
+            while r.events.get(timeout=TIMEOUT)[1] != "end":
                 pass
     finally:
         sched.stop()
@@ -253,6 +258,25 @@ def test_scheduler_batches_without_http(model_dir):
     assert llm.cache.pages_free == llm.cache.max_pages
     alone = llm.generate([1, 2, 3], max_tokens=10, temperature=0)     # batched decode == one at a time
     assert reqs[0].out == alone.token_ids
+
+
+def test_request_that_can_never_fit_fails_instead_of_spinning(model_dir):
+    """Pages held outside the scheduler (another user of the LLM): a request that cannot fit even
+    with nothing running must fail, not keep the scheduler spinning with it forever."""
+    llm = k2lite.load(model_dir, threads=1, context=256, max_cache_tokens=256)
+    hog = llm.cache.new_seq()
+    llm.cache.reserve([hog], np.arange(64))
+    sched = Scheduler(llm, max_batch=2).start()
+    try:
+        limits = (256, 256, llm.cache.page_size, 16)
+        big, small = (completion_request(llm, {"prompt": [1, 2, 3], "max_tokens": m}, limits)[0] for m in (250, 10))
+        sched.submit([big, small])
+        assert big.events.get(timeout=TIMEOUT)[1:] == ("error", (500, "generation failed (see the server log)"))
+        while small.events.get(timeout=TIMEOUT)[1] != "end":
+            pass
+        assert small.finish_reason in ("stop", "length")
+    finally:
+        sched.stop()
 
 
 def test_disconnect_frees_pages(server, client):
@@ -329,13 +353,34 @@ BAD = [
     (CHAT, json.dumps({"messages": USER, "seed": 1.5}).encode(), "seed a float"),
     (CHAT, json.dumps({"messages": USER, "stream": "yes"}).encode(), "stream a string"),
     (CHAT, json.dumps({"messages": USER, "stop": 5}).encode(), "stop a number"),
-    (CHAT, json.dumps({"messages": USER, "n": 2}).encode(), "n=2"),
+    (CHAT, json.dumps({"messages": USER, "n": 0}).encode(), "n=0"),
+    (CHAT, json.dumps({"messages": USER, "n": 500}).encode(), "n too big"),
     (CHAT, json.dumps({"messages": USER, "tools": "x"}).encode(), "tools a string"),
     (CHAT, json.dumps({"messages": USER, "tool_choice": "required"}).encode(), "tool_choice required"),
     (CHAT, json.dumps({"messages": [{"role": "user", "content": "word " * 400}]}).encode(), "over the context"),
     ("/v1/completions", json.dumps({"prompt": {"a": 1}}).encode(), "prompt an object"),
     ("/v1/completions", json.dumps({"prompt": [1, 10 ** 9]}).encode(), "token id out of range"),
     ("/v1/completions", json.dumps({"prompt": ""}).encode(), "empty prompt"),
+    ("/v1/completions", json.dumps({"prompt": []}).encode(), "empty prompt list"),
+    ("/v1/completions", json.dumps({"prompt": ["a", 5]}).encode(), "prompt list of mixed items"),
+    ("/v1/completions", json.dumps({"prompt": "x" * 5000}).encode(), "completion over the context"),
+    ("/v1/completions", json.dumps({"prompt": "x", "suffix": "y"}).encode(), "suffix"),
+    ("/v1/completions", json.dumps({"prompt": "x", "best_of": 3}).encode(), "best_of"),
+    ("/v1/completions", json.dumps({"prompt": "x", "logprobs": 2}).encode(), "completion logprobs"),
+    ("/v1/completions", json.dumps({"prompt": "x", "echo": "yes"}).encode(), "echo a string"),
+    (CHAT, b"[" * 100000 + b"]" * 100000, "nested too deeply"),
+    (CHAT, json.dumps({"messages": USER, "logprobs": True}).encode(), "logprobs"),
+    (CHAT, json.dumps({"messages": USER, "top_logprobs": 2}).encode(), "top_logprobs"),
+    (CHAT, json.dumps({"messages": USER, "response_format": {"type": "json_object"}}).encode(), "json mode"),
+    (CHAT, json.dumps({"messages": USER, "model": 5}).encode(), "model a number"),
+    (CHAT, json.dumps({"messages": USER, "frequency_penalty": "x"}).encode(), "penalty a string"),
+    (CHAT, json.dumps({"messages": USER, "presence_penalty": 3}).encode(), "penalty too big"),
+    (CHAT, json.dumps({"messages": USER, "logit_bias": {"x": 1}}).encode(), "logit_bias key"),
+    (CHAT, json.dumps({"messages": USER, "logit_bias": {"1": 500}}).encode(), "logit_bias value"),
+    (CHAT, json.dumps({"messages": USER, "stop": ["x" * 5000]}).encode(), "stop too long"),
+    (CHAT, json.dumps({"messages": USER, "stream_options": {"include_usage": "yes"}}).encode(), "stream_options"),
+    (CHAT, json.dumps({"messages": [{"role": "user", "content": [
+        {"type": "image_url", "image_url": {"url": "data:,"}}]}]}).encode(), "image part"),
 ]
 
 
@@ -345,7 +390,8 @@ def test_bad_input_is_400(server, path, data, why, caplog):
         status, text = post_raw(server, path, data)
     assert status == 400, (why, text)
     err = json.loads(text)["error"]
-    assert err["message"] and err["type"] == "invalid_request_error"
+    assert err["message"] and err["type"] == "invalid_request_error" and "\n" not in err["message"]
+    assert set(err) == {"message", "type", "param", "code"}
     assert "Traceback" not in text
     assert not any(r.exc_info or "Traceback" in r.getMessage() for r in caplog.records)
 
@@ -367,6 +413,253 @@ def test_bad_input_through_client_and_server_stays_up(server, client):
         conn.close()
     r = client.chat.completions.create(model="m", messages=USER, max_tokens=2)
     assert r.choices[0].finish_reason in ("stop", "length")
+
+
+# ---------------------------------------------------------------- HTTP details
+def raw(srv, data: bytes, half_close=False) -> bytes:
+    """Send bytes on a fresh socket, return everything until the server closes it."""
+    host, port = srv.server_address[:2]
+    with socket.create_connection((host, port), timeout=TIMEOUT) as s:
+        s.sendall(data)
+        if half_close:
+            s.shutdown(socket.SHUT_WR)
+        out = b""
+        while True:
+            b = s.recv(65536)
+            if not b:
+                return out
+            out += b
+
+
+def split_responses(data: bytes, heads=()) -> list:
+    """[(status, headers, body)] of back-to-back responses with Content-Length bodies (none for
+    the answers to HEAD, at the indices in `heads`)."""
+    out = []
+    while data:
+        head, data = data.split(b"\r\n\r\n", 1)
+        lines = head.decode().split("\r\n")
+        headers = {k.lower(): v.strip() for k, v in (x.split(":", 1) for x in lines[1:])}
+        n = 0 if len(out) in heads else int(headers.get("content-length", 0))
+        out.append((int(lines[0].split()[1]), headers, data[:n]))
+        data = data[n:]
+    return out
+
+
+def post_bytes(body: dict, path=CHAT, extra=b"") -> bytes:
+    data = json.dumps(body).encode()
+    return b"POST %s HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n%s\r\n%s" % (path.encode(), len(data), extra, data)
+
+
+def test_chunked_body_keep_alive_and_routes(server):
+    body = {"messages": USER, "max_tokens": 4, "temperature": 0}
+    data = json.dumps(body).encode()
+    chunked = (b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n"
+               + b"".join(b"%x\r\n%s\r\n" % (len(data[i:i + 7]), data[i:i + 7]) for i in range(0, len(data), 7))
+               + b"0\r\n\r\n")
+    got = split_responses(raw(server, post_bytes(body) + chunked + b"HEAD /v1/models HTTP/1.1\r\nHost: x\r\n\r\n"
+                              + b"OPTIONS /v1/chat/completions HTTP/1.1\r\nHost: x\r\nOrigin: http://a\r\n\r\n"
+                              + b"GET /v1/models/" + os.path.basename(server.llm.path).encode() + b" HTTP/1.1\r\n"
+                              b"Host: x\r\n\r\nGET /health HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"),
+                          heads=(2,))
+    assert [g[0] for g in got] == [200, 200, 200, 204, 200, 200]           # one connection, six answers
+    assert json.loads(got[0][2])["choices"] == json.loads(got[1][2])["choices"]   # chunked == Content-Length
+    assert got[2][2] == b"" and int(got[2][1]["content-length"]) > 0        # HEAD: headers only
+    assert got[3][1]["access-control-allow-origin"] == "*" and "POST" in got[3][1]["access-control-allow-methods"]
+    assert json.loads(got[4][2])["id"] == os.path.basename(server.llm.path)
+    for req, status, words in [(b"DELETE /v1/models HTTP/1.1\r\n", 405, "use GET"),
+                               (b"GET / HTTP/1.1\r\n", 404, "GET /"),
+                               (b"GET /v1/models/nope HTTP/1.1\r\n", 404, "'nope' does not exist"),
+                               (b"GARBAGE\r\n", 400, "GARBAGE")]:
+        (st, headers, text), = split_responses(raw(server, req + b"Host: x\r\nConnection: close\r\n\r\n"))
+        assert st == status and words in json.loads(text)["error"]["message"], (req, text)
+    for path in (b"//v1//models/", b"http://x/v1/models?a=1"):                   # sloppy base URLs, proxies
+        (st, _, text), = split_responses(raw(server, b"GET " + path + b" HTTP/1.1\r\nConnection: close\r\n\r\n"))
+        assert st == 200 and json.loads(text)["object"] == "list"
+    (st, headers, text), = split_responses(raw(server, b"POST /v1/models HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\n"
+                                                       b"\r\n{}GET /health HTTP/1.1\r\nHost: x\r\n\r\n"))
+    assert st == 405 and headers["allow"] == "GET" and headers["connection"] == "close"  # body unread: closed
+    for bad, why in [(b"zz\r\n", "malformed chunked"), (b"5\r\nabc", "ended after")]:
+        (st, _, text), = split_responses(raw(server, b"POST /v1/completions HTTP/1.1\r\nHost: x\r\n"
+                                                     b"Transfer-Encoding: chunked\r\n\r\n" + bad, half_close=True))
+        assert st == 400 and why in json.loads(text)["error"]["message"]
+    (st, _, text), = split_responses(raw(server, b"POST /v1/completions HTTP/1.1\r\nContent-Length: -1\r\n\r\n"))
+    assert st == 400 and "Content-Length" in json.loads(text)["error"]["message"]
+
+
+def test_stalled_body_times_out(server):
+    server.request_timeout = 0.3
+    try:
+        t0 = time.time()
+        (st, _, text), = split_responses(raw(server, b"POST /v1/completions HTTP/1.1\r\nHost: x\r\n"
+                                                     b"Content-Length: 100\r\n\r\n{\"prompt\""))
+    finally:
+        del server.request_timeout
+    assert st == 408 and "timed out" in json.loads(text)["error"]["message"] and time.time() - t0 < 5
+
+
+def test_http10_stream_is_not_chunked(server):
+    data = raw(server, post_bytes({"prompt": "Once", "max_tokens": 3, "stream": True}, "/v1/completions")
+               .replace(b"HTTP/1.1", b"HTTP/1.0"))
+    head, body = data.split(b"\r\n\r\n", 1)
+    assert b"chunked" not in head.lower() and body.startswith(b"data: {") and body.endswith(b"data: [DONE]\n\n")
+
+
+def test_lenient_inputs(server, client):
+    """What vLLM and llama.cpp clients send and the server should take."""
+    r = client.chat.completions.create(model="anything", messages=[{"role": "developer", "content": "Brief."}] + USER,
+                                       max_tokens=10 ** 12, seed=-1, stop=[], response_format={"type": "text"},
+                                       logprobs=False, n=1, user="me", parallel_tool_calls=True)
+    assert r.choices[0].finish_reason in ("stop", "length") and r.model == os.path.basename(server.llm.path)
+    parts = [{"role": "user", "content": [{"type": "text", "text": "Hi"}]}]
+    r = client.chat.completions.create(model="m", messages=parts, max_completion_tokens=3, temperature=0)
+    assert r.usage.completion_tokens <= 3
+    (st, _, text), = split_responses(raw(server, post_bytes({"prompt": "Hi", "max_tokens": 2}, "/v1/completions",
+                                                            b"Content-Type: text/plain\r\nConnection: close\r\n")))
+    assert st == 200 and json.loads(text)["usage"]["completion_tokens"] <= 2       # `curl -d` without -H
+
+
+def test_n_and_prompt_lists(server, client):
+    r = client.chat.completions.create(model="m", messages=USER, n=3, max_tokens=6, temperature=1.0, seed=11)
+    assert [c.index for c in r.choices] == [0, 1, 2]
+    assert len({c.message.content for c in r.choices}) > 1                     # seed, seed+1, seed+2
+    n_prompt = len(server.llm.tokenizer.encode_chat(USER))
+    assert r.usage.prompt_tokens == n_prompt                                    # the prompt counts once
+    assert 0 < r.usage.completion_tokens <= 18
+    chunks = list(client.chat.completions.create(model="m", messages=USER, n=3, max_tokens=6, temperature=1.0, seed=11,
+                                                 stream=True, stream_options={"include_usage": True}))
+    text = {i: "".join(c.choices[0].delta.content or "" for c in chunks if c.choices and c.choices[0].index == i)
+            for i in range(3)}
+    assert text == {c.index: c.message.content for c in r.choices}              # stream == whole, per choice
+    assert sorted(c.choices[0].index for c in chunks if c.choices and c.choices[0].finish_reason) == [0, 1, 2]
+    assert chunks[-1].choices == [] and chunks[-1].usage.total_tokens == r.usage.total_tokens
+
+    prompts = ["Once upon", [5, 6, 7], "Hello"]
+    alone = [client.completions.create(model="m", prompt=p, max_tokens=5, temperature=0).choices[0].text
+             for p in prompts]
+    r = client.completions.create(model="m", prompt=prompts, n=2, max_tokens=5, temperature=0, echo=True)
+    assert [c.index for c in r.choices] == list(range(6))
+    echo = ["Once upon", server.llm.tokenizer.decode([5, 6, 7]), "Hello"]
+    assert [c.text for c in r.choices] == [e + a for e, a in zip(echo, alone) for _ in range(2)]
+    assert r.usage.prompt_tokens == sum(len(server.llm.tokenizer.encode(p)) if isinstance(p, str) else len(p)
+                                        for p in prompts)
+    s = list(client.completions.create(model="m", prompt=[[5, 6, 7], "Hello"], max_tokens=5, temperature=0,
+                                       stream=True))
+    assert ["".join(c.choices[0].text for c in s if c.choices[0].index == i) for i in (0, 1)] == alone[1:]
+    assert wait_idle(server)["pages_free"] == server.llm.cache.max_pages
+
+
+def test_logit_bias_and_penalties(server, client):
+    tok = server.llm.tokenizer
+    t, u = tok.encode(" the")[0], tok.encode(" and")[0]
+    for bias, want in (({t: 100, u: 90}, t), ({t: -100, u: 90}, u)):
+        r = client.completions.create(model="m", prompt="Hi", max_tokens=4, temperature=0,
+                                      logit_bias={str(k): v for k, v in bias.items()})
+        assert r.choices[0].text == tok.decode([want] * 4)
+    # penalties act on the ids generated so far: 0.5 per occurrence plus 1 for presence
+    sampler = server.llm.make_sampler(temperature=0)
+    req = completion_request(server.llm, {"prompt": [1], "presence_penalty": 1, "frequency_penalty": 0.5},
+                             server.limits)[0]
+    req.sampler, req.out = sampler, [5, 5, 7]
+    logits = np.zeros(server.llm.config.vocab_size, np.float32)
+    logits[5], logits[7], logits[9] = 1.9, 1.4, 0.1
+    assert Scheduler._sample(None, req, logits) == 9        # 5: 1.9 - 2 < 0, 7: 1.4 - 1.5 < 0
+    assert logits[5] == np.float32(1.9)                     # the model's logits are not modified
+
+
+def test_concurrent_answers_equal_alone(server):
+    """More requests than max_batch at once, prompts of every length (one over a prefill chunk):
+    each answer must be exactly the one it gets alone (greedy, and seeded sampling)."""
+    bodies = []
+    for i in range(10):
+        if i % 3 == 0:
+            bodies.append(("/v1/completions", {"prompt": list(range(3, 4 + 7 * i + (300 if i == 3 else 0))),
+                                               "max_tokens": 30 + i, "temperature": 0}))
+        elif i % 3 == 1:
+            bodies.append((CHAT, {"messages": [{"role": "user", "content": f"story {i}"}], "max_tokens": 30,
+                                  "temperature": 1.0, "seed": i}))
+        else:
+            bodies.append(("/v1/completions", {"prompt": "Once upon a time " * i, "max_tokens": 10, "temperature": 0,
+                                               "stop": ["\n\n"], "presence_penalty": 0.5}))
+
+    def ask(i):
+        status, text = post_raw(server, *[bodies[i][0], json.dumps(bodies[i][1]).encode()])
+        assert status == 200, text
+        r = json.loads(text)
+        c = r["choices"][0]
+        return c.get("text", c.get("message", {}).get("content")), c["finish_reason"], r["usage"]
+
+    alone = [ask(i) for i in range(len(bodies))]
+    together, seen0 = [None] * len(bodies), server.scheduler.max_batch_seen
+    server.scheduler.max_batch_seen = 0
+    barrier = threading.Barrier(len(bodies))
+
+    def run(i):
+        barrier.wait(TIMEOUT)
+        together[i] = ask(i)
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(bodies))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(TIMEOUT)
+    assert together == alone
+    assert server.scheduler.max_batch_seen > 1                                  # they did share steps
+    server.scheduler.max_batch_seen = max(seen0, server.scheduler.max_batch_seen)
+    assert wait_idle(server)["pages_free"] == server.llm.cache.max_pages
+
+
+def test_non_stream_disconnect_is_cancelled(server):
+    cancelled0 = server.scheduler.cancelled
+    host, port = server.server_address[:2]
+    with scripted(server, {"slow": "word " * 400}, release=threading.Event()):
+        with socket.create_connection((host, port), timeout=TIMEOUT) as s:
+            s.sendall(post_bytes({"messages": [{"role": "user", "content": "slow"}], "max_tokens": 300}))
+            t0 = time.time()
+            while server.scheduler.stats()["live"] == 0 and time.time() - t0 < TIMEOUT:
+                time.sleep(0.01)
+        stats = wait_idle(server, timeout=5)                 # not the 15 s the scripted answer takes
+    assert server.scheduler.cancelled == cancelled0 + 1 and stats["pages_free"] == server.llm.cache.max_pages
+
+
+def test_failing_request_fails_alone(server, client):
+    tok = server.llm.tokenizer
+
+    def force(req):
+        key = req.body["messages"][-1]["content"]
+        if key == "boom at admission":
+            raise RuntimeError("test")
+        return {"bad token": [tok.encode("x")[0], 10 ** 9], "fine": tok.encode("all good")}.get(key)
+    server.scheduler.force = force
+    try:
+        out = {}
+
+        def ask(key):
+            try:
+                r = client.chat.completions.create(model="m", messages=[{"role": "user", "content": key}],
+                                                   max_tokens=20)
+                out[key] = r.choices[0].message.content
+            except openai.APIStatusError as e:
+                out[key] = (e.status_code, e.body["message"] if isinstance(e.body, dict) else e.body)
+        threads = [threading.Thread(target=ask, args=(k,)) for k in ("bad token", "boom at admission", "fine")]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(TIMEOUT)
+    finally:
+        server.scheduler.force = None
+    assert out["fine"] == "all good"
+    assert out["bad token"][0] == 500 and out["boom at admission"][0] == 500
+    assert client.chat.completions.create(model="m", messages=USER, max_tokens=2).choices[0].finish_reason
+    assert wait_idle(server)["pages_free"] == server.llm.cache.max_pages
+
+
+def test_max_queue_zero_still_serves(server):
+    sched = Scheduler(server.llm, max_batch=2, max_queue=0)     # never started: only submit() runs
+    reqs = completion_request(server.llm, {"prompt": [1, 2], "max_tokens": 2, "n": 2}, server.limits)
+    sched.submit(reqs)                                           # room in the batch: no 429
+    assert len(sched.waiting) == 2
+    with pytest.raises(ApiError) as e:
+        sched.submit(completion_request(server.llm, {"prompt": [1, 2], "max_tokens": 2}, server.limits))
+    assert e.value.status == 429 and e.value.headers["Retry-After"]
 
 
 # ---------------------------------------------------------------- the Moonshot example, and main()
@@ -418,4 +711,43 @@ def test_main_entry_point(model_dir):
     finally:
         p.terminate()
         _, err = p.communicate(timeout=TIMEOUT)
+    assert "Traceback" not in err
+
+
+def test_sigterm_answers_requests_in_flight(model_dir):
+    """SIGTERM (docker stop) with one answer streaming and one queued: both clients get a
+    complete 503 error, not a cut connection, and the process exits cleanly."""
+    p = subprocess.Popen([sys.executable, "-m", "k2lite.server", "--model", model_dir, "--port", "0", "--threads", "1",
+                          "--context", "4096", "--max-batch", "1"], stderr=subprocess.PIPE, text=True, cwd=REPO)
+    try:
+        url = None
+        while url is None:
+            line = p.stderr.readline()
+            assert line, "server did not start"
+            url = line.split(" on ")[1].split()[0] if " on http://" in line else None
+        host, port = url[len("http://"):].split(":")
+        endless = {"prompt": [1, 2, 3], "max_tokens": 4000, "temperature": 0, "logit_bias": {"513": -100, "514": -100}}
+        streaming = http.client.HTTPConnection(host, int(port), timeout=TIMEOUT)
+        streaming.request("POST", "/v1/completions", json.dumps({**endless, "stream": True}))
+        resp = streaming.getresponse()
+        assert resp.readline().startswith(b"data: ")
+        queued = {}
+        t = threading.Thread(target=lambda: queued.update(zip(("status", "text"), post_raw(
+            type("S", (), {"server_address": (host, int(port))}), "/v1/completions", json.dumps(endless).encode()))))
+        t.start()
+        health = http.client.HTTPConnection(host, int(port), timeout=TIMEOUT)
+        for _ in range(500):
+            health.request("GET", "/health")
+            if json.loads(health.getresponse().read())["waiting"] == 1:
+                break
+            time.sleep(0.01)
+        p.send_signal(signal.SIGTERM)
+        rest = resp.read().decode()                  # http.client raises IncompleteRead on a cut stream
+        t.join(TIMEOUT)
+        assert 'shutting down' in rest and rest.endswith("data: [DONE]\n\n")
+        assert queued["status"] == 503 and json.loads(queued["text"])["error"]["type"] == "server_error"
+        assert p.wait(TIMEOUT) == 0
+    finally:
+        p.kill()
+        err = p.stderr.read()
     assert "Traceback" not in err
