@@ -20,7 +20,7 @@ class CacheFullError(RuntimeError):
     """No free page is left for a sequence to grow (or it would pass the context limit)."""
 
 
-@dataclass
+@dataclass(eq=False)     # identity: a sequence is itself, not its pages
 class SeqState:
     pages: list = field(default_factory=list)   # page ids, in token order
     length: int = 0                             # tokens cached so far

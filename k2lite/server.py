@@ -48,7 +48,7 @@ import threading
 import time
 import urllib.parse
 import uuid
-from collections import deque
+from collections import OrderedDict, deque
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
@@ -99,7 +99,8 @@ class Request:
     # scheduler-side state
     reserve: int = 0                # pages this request may need in all
     state: object = None            # SeqState once admitted
-    fed: int = 0                    # prompt tokens prefilled so far
+    fed: int = 0                    # prompt tokens prefilled so far (or found in the prompt cache)
+    cached: int = 0                 # prompt tokens reused from the prompt cache
     next_token: int = -1            # the sampled token the next decode step feeds
     out: list = field(default_factory=list)    # generated ids (no eos)
     text: str = ""                  # decoded text of `out`, cut at a stop string
@@ -125,6 +126,12 @@ class Scheduler:
         self.steps = 0                   # batched decode steps run
         self.max_batch_seen = 0          # most sequences in one decode step
         self.cancelled = 0               # requests dropped because the client went away
+        # Prompt cache: the sequences of finished requests, kept with their token ids (oldest
+        # first) until their pages are needed. A new request adopts the one sharing the longest
+        # start with its prompt, so a chat client resending its history computes only the new turn.
+        self.idle: OrderedDict = OrderedDict()   # SeqState -> ids cached in it
+        self.max_idle = 4 * self.max_batch
+        self.cached_tokens = 0           # prompt tokens served from the prompt cache
         self.force = None                # test-only hook: force(req) -> list of ids or None
         self._stopping = False
         self._thread = threading.Thread(target=self._loop, name="k2lite-scheduler", daemon=True)
@@ -172,13 +179,45 @@ class Scheduler:
     def stats(self) -> dict:
         return {"live": len(self.live), "waiting": len(self.waiting), "steps": self.steps,
                 "max_batch_seen": self.max_batch_seen, "cancelled": self.cancelled,
-                "pages_free": self.cache.pages_free}
+                "pages_free": self.cache.pages_free, "pages_cached": self._idle_pages(),
+                "cached_sequences": len(self.idle), "cached_tokens": self.cached_tokens}
+
+    def _idle_pages(self) -> int:
+        return sum(len(st.pages) for st in list(self.idle))
 
     def _room(self):
-        """(free batch slots, cache pages not promised to a live request)."""
+        """(free batch slots, cache pages not promised to a live request; the prompt cache's
+        pages count as free: they are given back whenever a request needs them)."""
         live = list(self.live)
         owed = sum(r.reserve - len(r.state.pages) for r in live if r.state is not None)
-        return self.max_batch - len(live), self.cache.pages_free - owed
+        return self.max_batch - len(live), self.cache.pages_free + self._idle_pages() - owed
+
+    # ------------------------------------------------------------ the prompt cache
+    def _adopt(self, r: Request):
+        """Give r the cached sequence sharing the longest start with its prompt (keeping at
+        least one prompt token to compute), else a new one; then make room for its reserve."""
+        best, kept = None, 0
+        for st, ids in self.idle.items():
+            n = next((i for i, (a, b) in enumerate(zip(ids, r.prompt[:-1])) if a != b),
+                     min(len(ids), len(r.prompt) - 1))
+            if n > kept:
+                best, kept = st, n
+        if best is not None:
+            del self.idle[best]
+            self.cache.truncate(best, kept)
+        r.state = best if best is not None else self.cache.new_seq()
+        r.fed = r.cached = kept
+        self.cached_tokens += kept
+        # every page promised to a live request (r's included) must be free when it asks
+        owed = sum(x.reserve - len(x.state.pages) for x in self.live if x.state is not None)
+        while self.idle and self.cache.pages_free < owed:
+            self.cache.free(self.idle.popitem(last=False)[0])     # the least recently used
+
+    def _park(self, r: Request):
+        """Keep r's sequence for later prompts (what it cached: its prompt, then its answer)."""
+        self.idle[r.state] = (r.prompt + r.out)[:r.state.length]
+        while len(self.idle) > self.max_idle:
+            self.cache.free(self.idle.popitem(last=False)[0])
 
     # ------------------------------------------------------------ the loop
     def _loop(self):
@@ -214,7 +253,7 @@ class Scheduler:
             slots, budget = slots - 1, budget - r.reserve
             self.live.append(r)
             try:
-                r.state = self.cache.new_seq()
+                self._adopt(r)
                 tok = self.llm.tokenizer
                 r.decoder = tok.stream_decoder() if tok is not None else None
                 r.forced = self.force(r) if self.force else None
@@ -313,7 +352,10 @@ class Scheduler:
         if r in self.live:
             self.live.remove(r)
         if r.state is not None and not r.state.closed:
-            self.cache.free(r.state)
+            if reason in ("stop", "length", "cancelled") and r.state.length:
+                self._park(r)
+            else:                       # an error may have left the cache half-written
+                self.cache.free(r.state)
         if reason in ("cancelled", "error", "shutdown"):
             self.cancelled += reason == "cancelled"
             r.finish_reason = reason
@@ -517,9 +559,13 @@ def completion_request(llm, body: dict, limits) -> list:
 
 def _usage(reqs) -> dict:
     """Token counts of one HTTP request: each distinct prompt once, every choice's answer."""
-    n = sum(len(p) for p in {id(r.prompt): r.prompt for r in reqs}.values())
+    prompts = {}
+    for r in reqs:      # the n choices of a prompt share its list object
+        prompts[id(r.prompt)] = (r.prompt, min(r.cached, prompts.get(id(r.prompt), (0, r.cached))[1]))
+    n = sum(len(p) for p, _ in prompts.values())
     m = sum(len(r.out) for r in reqs)
-    return {"prompt_tokens": n, "completion_tokens": m, "total_tokens": n + m}
+    return {"prompt_tokens": n, "completion_tokens": m, "total_tokens": n + m,
+            "prompt_tokens_details": {"cached_tokens": sum(c for _, c in prompts.values())}}
 
 
 # ---------------------------------------------------------------- HTTP

@@ -107,6 +107,11 @@ def wait_idle(srv, timeout=10.0):
     raise AssertionError(f"scheduler still busy: {srv.scheduler.stats()}")
 
 
+def all_pages_back(stats, llm) -> bool:
+    """No page leaked: each is free or holds a finished request's tokens (the prompt cache)."""
+    return stats["pages_free"] + stats["pages_cached"] == llm.cache.max_pages
+
+
 def post_raw(srv, path, data: bytes, headers=None):
     host, port = srv.server_address[:2]
     conn = http.client.HTTPConnection(host, port, timeout=TIMEOUT)
@@ -147,7 +152,7 @@ def test_chat_non_stream(server, client):
     assert r.usage.total_tokens == n_prompt + r.usage.completion_tokens
     again = client.chat.completions.create(model="m", messages=USER, max_tokens=8, temperature=1.0, seed=7)
     assert again.choices[0].message.content == c.message.content        # the seed fixes the tokens
-    assert wait_idle(server)["pages_free"] == server.llm.cache.max_pages
+    assert all_pages_back(wait_idle(server), server.llm)
 
 
 def test_chat_stream_with_usage(server, client):
@@ -235,7 +240,7 @@ def test_concurrent_streams_are_batched(server, client):
         assert choices[-1].finish_reason == "tool_calls"
     assert server.scheduler.max_batch_seen > 1
     assert server.scheduler.steps - steps0 < sum(len(server.llm.tokenizer.encode(a)) for a in answers.values())
-    assert wait_idle(server)["pages_free"] == server.llm.cache.max_pages
+    assert all_pages_back(wait_idle(server), server.llm)
 
 
 def test_scheduler_batches_without_http(model_dir):
@@ -255,7 +260,7 @@ def test_scheduler_batches_without_http(model_dir):
         sched.stop()
     assert sched.max_batch_seen == 3
     assert [r.finish_reason for r in reqs] == ["length"] * 3 and all(len(r.out) == 10 for r in reqs)
-    assert llm.cache.pages_free == llm.cache.max_pages
+    assert all_pages_back(sched.stats(), llm)
     alone = llm.generate([1, 2, 3], max_tokens=10, temperature=0)     # batched decode == one at a time
     assert reqs[0].out == alone.token_ids
 
@@ -291,7 +296,7 @@ def test_disconnect_frees_pages(server, client):
         s.close()                                   # hang up mid-answer
         stats = wait_idle(server)
     assert server.scheduler.cancelled == cancelled0 + 1
-    assert stats["pages_free"] == server.llm.cache.max_pages
+    assert all_pages_back(stats, server.llm)
 
 
 def test_cache_full_waits_then_429(model_dir):
@@ -325,7 +330,7 @@ def test_cache_full_waits_then_429(model_dir):
             chunks = list(b)
         assert "".join(c.choices[0].delta.content or "" for c in chunks) == "done"
         assert chunks[-1].choices[0].finish_reason == "stop"
-        assert wait_idle(srv)["pages_free"] == llm.cache.max_pages
+        assert all_pages_back(wait_idle(srv), llm)
     finally:
         srv.stop()
 
@@ -545,7 +550,7 @@ def test_n_and_prompt_lists(server, client):
     s = list(client.completions.create(model="m", prompt=[[5, 6, 7], "Hello"], max_tokens=5, temperature=0,
                                        stream=True))
     assert ["".join(c.choices[0].text for c in s if c.choices[0].index == i) for i in (0, 1)] == alone[1:]
-    assert wait_idle(server)["pages_free"] == server.llm.cache.max_pages
+    assert all_pages_back(wait_idle(server), server.llm)
 
 
 def test_logit_bias_and_penalties(server, client):
@@ -586,7 +591,8 @@ def test_concurrent_answers_equal_alone(server):
         assert status == 200, text
         r = json.loads(text)
         c = r["choices"][0]
-        return c.get("text", c.get("message", {}).get("content")), c["finish_reason"], r["usage"]
+        usage = {k: v for k, v in r["usage"].items() if k != "prompt_tokens_details"}   # cache hits vary
+        return c.get("text", c.get("message", {}).get("content")), c["finish_reason"], usage
 
     alone = [ask(i) for i in range(len(bodies))]
     together, seen0 = [None] * len(bodies), server.scheduler.max_batch_seen
@@ -604,7 +610,7 @@ def test_concurrent_answers_equal_alone(server):
     assert together == alone
     assert server.scheduler.max_batch_seen > 1                                  # they did share steps
     server.scheduler.max_batch_seen = max(seen0, server.scheduler.max_batch_seen)
-    assert wait_idle(server)["pages_free"] == server.llm.cache.max_pages
+    assert all_pages_back(wait_idle(server), server.llm)
 
 
 def test_non_stream_disconnect_is_cancelled(server):
@@ -617,7 +623,7 @@ def test_non_stream_disconnect_is_cancelled(server):
             while server.scheduler.stats()["live"] == 0 and time.time() - t0 < TIMEOUT:
                 time.sleep(0.01)
         stats = wait_idle(server, timeout=5)                 # not the 15 s the scripted answer takes
-    assert server.scheduler.cancelled == cancelled0 + 1 and stats["pages_free"] == server.llm.cache.max_pages
+    assert server.scheduler.cancelled == cancelled0 + 1 and all_pages_back(stats, server.llm)
 
 
 def test_failing_request_fails_alone(server, client):
@@ -649,7 +655,7 @@ def test_failing_request_fails_alone(server, client):
     assert out["fine"] == "all good"
     assert out["bad token"][0] == 500 and out["boom at admission"][0] == 500
     assert client.chat.completions.create(model="m", messages=USER, max_tokens=2).choices[0].finish_reason
-    assert wait_idle(server)["pages_free"] == server.llm.cache.max_pages
+    assert all_pages_back(wait_idle(server), server.llm)
 
 
 def test_max_queue_zero_still_serves(server):
@@ -751,3 +757,49 @@ def test_sigterm_answers_requests_in_flight(model_dir):
         p.kill()
         err = p.stderr.read()
     assert "Traceback" not in err
+
+
+def test_prompt_cache_reuses_a_conversation_and_gives_the_same_answers(model_dir):
+    llm = k2lite.load(model_dir, threads=1, context=512)
+    srv = serve(llm, port=0, max_batch=2, block=False)
+    try:
+        def chat(messages):
+            status, text = post_raw(srv, CHAT, json.dumps({"messages": messages, "max_tokens": 12,
+                                                           "temperature": 0}).encode())
+            assert status == 200, text
+            r = json.loads(text)
+            return r["choices"][0]["message"], r["usage"]
+        msgs = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Tell me a story"}]
+        first, u1 = chat(msgs)
+        again, u2 = chat(msgs)                       # the whole prompt is cached but its last token
+        assert again == first and u2["prompt_tokens_details"]["cached_tokens"] == u2["prompt_tokens"] - 1
+        msgs2 = msgs + [first, {"role": "user", "content": "And then?"}]
+        third, u3 = chat(msgs2)                      # the history before the new turn is reused
+        n_system = len(llm.tokenizer.encode_chat(msgs[:1], add_generation_prompt=False))
+        assert n_system < u3["prompt_tokens_details"]["cached_tokens"] < u3["prompt_tokens"]
+        stats = wait_idle(srv)
+        assert stats["cached_sequences"] >= 1 and stats["cached_tokens"] > 0
+    finally:
+        srv.stop()
+    # the same conversation with the cache emptied after every request: the same answers
+    fresh = k2lite.load(model_dir, threads=1, context=512)
+    for m, answer in ((msgs, first), (msgs2, third)):
+        r = fresh.chat(m, max_tokens=12, temperature=0)
+        assert (r.content, r.reasoning_content) == (answer["content"], answer.get("reasoning_content") or "")
+
+
+def test_prompt_cache_gives_its_pages_to_new_requests(model_dir):
+    # 4 pages of 64 tokens: each finished request stays cached; the next, with a prompt that
+    # shares no first token and room for 250 new tokens, needs all 4: the cached one is evicted.
+    llm = k2lite.load(model_dir, threads=1, context=256, max_cache_tokens=256)
+    srv = serve(llm, port=0, max_batch=2, block=False)
+    try:
+        for prompt in ([5, 6, 7], [8, 9], [10]):
+            status, text = post_raw(srv, "/v1/completions", json.dumps({"prompt": prompt, "max_tokens": 250,
+                                                                        "temperature": 0}).encode())
+            assert status == 200, text
+            assert json.loads(text)["usage"]["completion_tokens"] >= 1
+            stats = wait_idle(srv)
+            assert stats["cached_sequences"] == 1 and all_pages_back(stats, llm)
+    finally:
+        srv.stop()
