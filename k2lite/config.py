@@ -2,7 +2,8 @@
 
 Field names are Hugging Face's (DeepseekV3Config), so a config.json maps onto this with no
 renaming. Kimi K2.5 nests the text model under `text_config`; that is unwrapped here. Unknown
-keys are ignored; a missing required key is a ModelFormatError naming the file and the key.
+keys are ignored; a missing required key, or a value of the wrong type or range, is a
+ModelFormatError naming the file and the key (checked here, before any of it sizes an array).
 """
 from __future__ import annotations
 
@@ -55,6 +56,7 @@ class Config:
     topk_method: str = "noaux_tc"
     first_k_dense_replace: int = 0
     moe_layer_freq: int = 1
+    num_nextn_predict_layers: int = 0  # multi-token-prediction layers stored after the last (not run)
     # --- positions and norms
     max_position_embeddings: int = 4096
     rope_theta: float = 10000.0
@@ -74,6 +76,7 @@ class Config:
     REQUIRED = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
                 "num_attention_heads", "kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim",
                 "v_head_dim")
+    REQUIRED_MOE = ("num_experts_per_tok",)     # with n_routed_experts: no default is right
 
     # ------------------------------------------------------------------ derived
     @property
@@ -115,55 +118,41 @@ class Config:
                 raise ModelFormatError(f"{source}: missing required key '{key}'")
         names = {f.name for f in dataclasses.fields(cls)} - {"quantization", "extra"}
         kw = {k: d[k] for k in names if k in d and d[k] is not None}
-        if kw.get("rope_scaling") is None and isinstance(d.get("rope_parameters"), dict):
-            rp = d["rope_parameters"]                   # transformers 5 spelling
+        rp = d.get("rope_parameters")                   # transformers 5 spelling
+        if rp is not None and not isinstance(rp, dict):
+            raise ModelFormatError(f"{source}: 'rope_parameters' must be an object, got {rp!r}")
+        if kw.get("rope_scaling") is None and rp:
             if rp.get("rope_type", rp.get("type")) not in (None, "default"):
                 kw["rope_scaling"] = dict(rp)
             kw.setdefault("rope_theta", rp.get("rope_theta", 10000.0))
-        ints = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
-                "num_attention_heads", "kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim",
-                "v_head_dim", "num_experts_per_tok", "n_group", "topk_group",
-                "first_k_dense_replace", "moe_layer_freq")
-        for k in ints:
-            if k in kw and (not isinstance(kw[k], int) or isinstance(kw[k], bool) or kw[k] < 0):
-                raise ModelFormatError(f"{source}: '{k}' must be a non-negative integer, got {kw[k]!r}")
-        for k in ("moe_intermediate_size", "n_routed_experts", "q_lora_rank", "n_shared_experts"):
-            if k in kw and (not isinstance(kw[k], int) or kw[k] < 0):
-                raise ModelFormatError(f"{source}: '{k}' must be an integer, got {kw[k]!r}")
+        _check_types(kw, source)
+        if d.get("architectures") is not None and not _names(d["architectures"], f"{source}: 'architectures'"):
+            raise ModelFormatError(f"{source}: 'architectures' is empty")
         if kw.get("n_routed_experts"):
-            kw.setdefault("moe_intermediate_size", kw["intermediate_size"])
-            n, g = kw["n_routed_experts"], kw.get("n_group", 1)
-            if g < 1 or n % g or kw.get("topk_group", 1) > g:
-                raise ModelFormatError(f"{source}: n_group={g}/topk_group must divide n_routed_experts={n}")
-            if kw.get("num_experts_per_tok", 1) > n:
-                raise ModelFormatError(f"{source}: num_experts_per_tok > n_routed_experts")
+            for key in cls.REQUIRED_MOE:
+                if key not in kw:
+                    raise ModelFormatError(f"{source}: missing required key '{key}' (the model has routed experts)")
+            _check_routing(kw, source)
         else:
             kw["n_routed_experts"] = None
-            kw.setdefault("moe_intermediate_size", kw["intermediate_size"])
-        if kw.get("scoring_func", "sigmoid") not in ("sigmoid", "softmax"):
-            raise ModelFormatError(f"{source}: unsupported scoring_func {kw['scoring_func']!r}")
-        if kw.get("qk_rope_head_dim", 0) % 2:
-            raise ModelFormatError(f"{source}: qk_rope_head_dim must be even")
-        if isinstance(kw.get("rope_scaling"), dict):
-            rs = kw["rope_scaling"]
-            kind = rs.get("rope_type", rs.get("type"))
-            if kind not in (None, "default", "yarn"):
-                raise ModelFormatError(f"{source}: unsupported rope_scaling type {kind!r}")
-            if kind in (None, "default"):
-                kw["rope_scaling"] = None
+        kw.setdefault("moe_intermediate_size", kw["intermediate_size"])
+        kw["rope_scaling"] = _rope_scaling(kw.get("rope_scaling"), source)
         kw["quantization"] = _quant_config(d.get("quantization_config"), source)
         return cls(**kw, extra=dict(d))
 
     @classmethod
     def from_json(cls, path: str) -> "Config":
-        if os.path.isdir(path):
+        """path: a checkpoint folder or its config.json."""
+        if os.path.isdir(path) and os.path.basename(os.path.normpath(path)) != "config.json":
             path = os.path.join(path, "config.json")
         try:
             with open(path, "rb") as f:
                 d = json.loads(f.read().decode("utf-8"))
         except FileNotFoundError:
             raise ModelFormatError(f"{path}: file not found") from None
-        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        except OSError as e:
+            raise ModelFormatError(f"{path}: cannot read ({e.strerror})") from None
+        except (ValueError, RecursionError) as e:    # UnicodeDecodeError, JSONDecodeError
             raise ModelFormatError(f"{path}: not valid JSON ({e})") from None
         return cls.from_dict(d, source=path)
 
@@ -174,36 +163,147 @@ class Config:
         return d
 
 
+# config.json values checked by type and range: key -> smallest allowed integer
+INTS = {"vocab_size": 1, "hidden_size": 1, "intermediate_size": 1, "num_hidden_layers": 1,
+        "num_attention_heads": 1, "kv_lora_rank": 1, "qk_nope_head_dim": 0, "qk_rope_head_dim": 2,
+        "v_head_dim": 1, "moe_intermediate_size": 1, "n_routed_experts": 0, "n_shared_experts": 0,
+        "num_experts_per_tok": 1, "n_group": 1, "topk_group": 1, "first_k_dense_replace": 0,
+        "moe_layer_freq": 1, "num_nextn_predict_layers": 0, "q_lora_rank": 0,
+        "max_position_embeddings": 1}
+NUMBERS = {"rope_theta": (1.0, False), "rms_norm_eps": (0.0, True),      # key -> (bound, inclusive)
+           "routed_scaling_factor": (0.0, False)}
+BOOLS = ("norm_topk_prob", "tie_word_embeddings")
+STRS = ("model_type", "torch_dtype")
+CHOICES = {"scoring_func": ("sigmoid", "softmax"), "topk_method": ("noaux_tc", "greedy", "group_limited_greedy")}
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _check_number(v, what: str, bound: float | None, inclusive: bool, source: str):
+    """v is a finite number, above bound (at or above when inclusive; None: any)."""
+    if not _is_number(v) or (bound is not None and (v < bound or (v == bound and not inclusive))):
+        limit = "" if bound is None else f" {'>=' if inclusive else '>'} {bound:g}"
+        raise ModelFormatError(f"{source}: {what} must be a number{limit}, got {v!r}")
+
+
+def _check_types(kw: dict, source: str):
+    for k, lo in INTS.items():
+        if k in kw and (not _is_int(kw[k]) or kw[k] < lo):
+            raise ModelFormatError(f"{source}: '{k}' must be an integer >= {lo}, got {kw[k]!r}")
+    for k, (bound, inclusive) in NUMBERS.items():
+        if k in kw:
+            _check_number(kw[k], f"'{k}'", bound, inclusive, source)
+    for k in BOOLS:
+        if k in kw and not isinstance(kw[k], bool):
+            raise ModelFormatError(f"{source}: '{k}' must be true or false, got {kw[k]!r}")
+    for k in STRS:
+        if k in kw and not isinstance(kw[k], str):
+            raise ModelFormatError(f"{source}: '{k}' must be a string, got {kw[k]!r}")
+    for k, allowed in CHOICES.items():
+        if k in kw and kw[k] not in allowed:
+            raise ModelFormatError(f"{source}: unsupported {k} {kw[k]!r} (supported: {', '.join(allowed)})")
+    if kw["qk_rope_head_dim"] % 2:
+        raise ModelFormatError(f"{source}: 'qk_rope_head_dim' must be even, got {kw['qk_rope_head_dim']}")
+    for k in ("bos_token_id", "eos_token_id", "pad_token_id"):   # pad: some configs use -1
+        ids = kw.get(k, [])
+        ids = ids if isinstance(ids, list) and k == "eos_token_id" else [ids]
+        if not all(_is_int(i) and (k == "pad_token_id" or 0 <= i < kw["vocab_size"]) for i in ids):
+            raise ModelFormatError(f"{source}: '{k}' must be a token id below vocab_size={kw['vocab_size']}, "
+                                   f"got {kw[k]!r}")
+
+
+def _check_routing(kw: dict, source: str):
+    """Router settings that the MoE can actually run: K experts out of the kept groups."""
+    n, k = kw["n_routed_experts"], kw["num_experts_per_tok"]
+    g, tg = kw.get("n_group", 1), kw.get("topk_group", 1)
+    if k > n:
+        raise ModelFormatError(f"{source}: num_experts_per_tok={k} > n_routed_experts={n}")
+    if n % g:
+        raise ModelFormatError(f"{source}: n_group={g} does not divide n_routed_experts={n}")
+    if tg > g or tg * (n // g) < k:
+        raise ModelFormatError(f"{source}: topk_group={tg} of n_group={g} groups cannot hold "
+                               f"num_experts_per_tok={k} experts")
+    if g > 1 and kw.get("topk_method", "noaux_tc") != "noaux_tc":
+        raise ModelFormatError(f"{source}: topk_method {kw['topk_method']!r} with n_group > 1 is not "
+                               "supported (group routing follows noaux_tc)")
+
+
+def _rope_scaling(rs, source: str) -> Optional[dict]:
+    """rope_scaling: None for plain RoPE, else a checked YaRN dict (model.yarn_inv_freq reads it)."""
+    if rs is None or rs == {}:
+        return None
+    if not isinstance(rs, dict):
+        raise ModelFormatError(f"{source}: 'rope_scaling' must be an object, got {rs!r}")
+    kind = rs.get("rope_type", rs.get("type"))
+    if kind == "default":
+        return None
+    if kind != "yarn":
+        raise ModelFormatError(f"{source}: unsupported rope_scaling type {kind!r} (supported: yarn, default)")
+    where = "rope_scaling"
+    _check_number(rs.get("factor"), f"{where}.factor", 1.0, True, source)
+    orig = rs.get("original_max_position_embeddings")
+    if not _is_int(orig) or orig < 1:
+        raise ModelFormatError(f"{source}: {where}.original_max_position_embeddings must be a positive "
+                               f"integer, got {orig!r}")
+    for k, bound, inclusive in (("beta_fast", 0.0, True), ("beta_slow", 0.0, True), ("mscale", None, False),
+                                ("mscale_all_dim", None, False), ("attention_factor", 0.0, False)):
+        if rs.get(k) is not None:
+            _check_number(rs[k], f"{where}.{k}", bound, inclusive, source)
+    if not isinstance(rs.get("truncate", True), bool):
+        raise ModelFormatError(f"{source}: {where}.truncate must be true or false, got {rs['truncate']!r}")
+    return rs
+
+
 def _quant_config(q, source) -> Optional[QuantConfig]:
     if q is None:
         return None
+    where = f"{source}: quantization_config"
     if not isinstance(q, dict):
-        raise ModelFormatError(f"{source}: quantization_config is not an object")
+        raise ModelFormatError(f"{where} is not an object")
     method = q.get("quant_method", "")
     if method == "fp8":
         bs = q.get("weight_block_size") or [128, 128]
+        if not isinstance(bs, list) or len(bs) != 2 or not all(_is_int(b) and b > 0 for b in bs):
+            raise ModelFormatError(f"{where}.weight_block_size must be two positive integers, got {bs!r}")
         return QuantConfig(method="fp8", format="fp8", num_bits=8, group_size=0,
-                           ignore=tuple(q.get("modules_to_not_convert") or ()),
+                           ignore=_names(q.get("modules_to_not_convert"), f"{where}.modules_to_not_convert"),
                            weight_block_size=tuple(bs))
     if method != "compressed-tensors":
         raise ModelFormatError(f"{source}: unsupported quant_method {method!r}")
-    fmt = q.get("format")
-    groups = q.get("config_groups") or {}
-    if not groups:
-        raise ModelFormatError(f"{source}: quantization_config.config_groups is empty")
+    groups = q.get("config_groups")
+    if not isinstance(groups, dict) or not groups:
+        raise ModelFormatError(f"{where}.config_groups is empty or not an object")
     if len(groups) != 1:
         raise ModelFormatError(f"{source}: only one quantization config group is supported")
-    g = next(iter(groups.values()))
-    w = (g or {}).get("weights") or {}
-    fmt = g.get("format", fmt)
+    name, g = next(iter(groups.items()))
+    if not isinstance(g, dict) or not isinstance(g.get("weights"), dict):
+        raise ModelFormatError(f"{where}.config_groups.{name}.weights is not an object")
+    w = g["weights"]
+    fmt = g.get("format", q.get("format"))
     if fmt != "pack-quantized":
         raise ModelFormatError(f"{source}: unsupported compressed-tensors format {fmt!r}")
-    bits, gs = w.get("num_bits"), w.get("group_size")
-    if w.get("type", "int") != "int" or bits not in (4, 8) or not isinstance(gs, int) or gs <= 0:
-        raise ModelFormatError(f"{source}: unsupported weights quantization {w!r}")
-    if w.get("strategy", "group") != "group" or not w.get("symmetric", True):
-        raise ModelFormatError(f"{source}: only symmetric group quantization is supported")
-    if bits != 4:
-        raise ModelFormatError(f"{source}: only 4-bit pack-quantized is supported")
-    return QuantConfig(num_bits=bits, group_size=gs, symmetric=True,
-                       ignore=tuple(q.get("ignore") or ()))
+    kind, bits, gs = w.get("type", "int"), w.get("num_bits"), w.get("group_size")
+    if kind != "int" or bits != 4:
+        raise ModelFormatError(f"{source}: only 4-bit int pack-quantized is supported, got type {kind!r} "
+                               f"num_bits {bits!r}")
+    if w.get("strategy", "group") != "group" or w.get("symmetric", True) is not True:
+        raise ModelFormatError(f"{source}: only symmetric group quantization is supported, got strategy "
+                               f"{w.get('strategy')!r} symmetric {w.get('symmetric')!r}")
+    if not _is_int(gs) or gs <= 0:
+        raise ModelFormatError(f"{where}: group_size must be a positive integer, got {gs!r}")
+    return QuantConfig(num_bits=4, group_size=gs, symmetric=True, ignore=_names(q.get("ignore"), f"{where}.ignore"))
+
+
+def _names(v, what: str) -> tuple:
+    """A list of module-name patterns (or nothing)."""
+    if v is None:
+        return ()
+    if not isinstance(v, list) or not all(isinstance(n, str) for n in v):
+        raise ModelFormatError(f"{what} must be a list of names, got {v!r}")
+    return tuple(v)

@@ -3,7 +3,8 @@
 Tensors stream one at a time from the memory-mapped source to the writer (writer.py), so
 peak memory is a few tensors, whatever the model size: FP8 and BF16 matrices are widened in
 row blocks, routed experts are quantized to group-wise INT4, everything else is stored BF16.
-An interrupted run resumes where its last finished shard ended.
+An interrupted run resumes where its last finished shard ended. The source is checked first
+exactly as `k2lite.load` checks it, so a bad checkpoint fails before anything is written.
 """
 from __future__ import annotations
 
@@ -16,8 +17,9 @@ import time
 import numpy as np
 
 from .config import Config
-from .formats import Fp8Tensor, Int4Tensor, dequantize_fp8, dequantize_int4, f32_to_bf16
-from .loader import Checkpoint
+from .errors import ModelFormatError
+from .formats import dequantize_fp8, dequantize_int4, f32_to_bf16
+from .loader import Checkpoint, load_weights, read_matrix
 from .writer import EXPERT_RE, write_checkpoint
 
 COPY_FILES = ("tiktoken.model", "tokenizer_config.json", "generation_config.json",
@@ -35,7 +37,7 @@ def _logical_tensors(ck: Checkpoint, cfg: Config, int4_experts: bool, group_size
         if name.endswith(".weight_packed"):
             base = name[:-len(".weight_packed")]
             yield base + ".weight", (lambda b=base: _int4(ck, cfg, b, int4_experts, group_size))
-        elif name + "_scale_inv" in ck:     # X.weight + X.weight_scale_inv: fp8 blocks
+        elif name.endswith(".weight") and name + "_scale_inv" in ck:    # + X.weight_scale_inv: fp8 blocks
             yield name, (lambda n=name: _fp8(ck, cfg, n, int4_experts))
         else:
             yield name, (lambda n=name: _plain(ck, n))
@@ -47,19 +49,36 @@ def _plain(ck, name):
     return a if a.dtype in (np.uint16, np.float32) or "e_score" in name else a.astype(np.float32)
 
 
+def _matrix_shape(ck, base) -> tuple:
+    """(out, in) of a quantized matrix, from its weight_shape (INT4; without one, 8 columns per
+    packed word, as the loader accepts it) or its FP8 codes; the loader's read_matrix then
+    checks every part against it."""
+    if base + ".weight_shape" in ck:
+        name = base + ".weight_shape"
+        ws = ck.read(name)
+        shape = tuple(int(v) for v in ws.reshape(-1)) if ws.dtype.kind == "i" else ()
+    elif base + ".weight_packed" in ck:
+        name = base + ".weight_packed"
+        shape = ck.info(name)[1]
+        shape = (shape[0], shape[1] * 8) if len(shape) == 2 else ()
+    else:
+        name = base + ".weight"
+        shape = ck.info(name)[1]
+    if len(shape) != 2:
+        raise ModelFormatError(f"{ck.file_of(name)}: tensor '{name}' does not give an [out, in] matrix shape")
+    return shape
+
+
 def _int4(ck, cfg, base, int4_experts, group_size):
-    shape = tuple(int(v) for v in ck.read(base + ".weight_shape"))
-    t = Int4Tensor(ck.get(base + ".weight_packed"), ck.get(base + ".weight_scale"), shape,
-                   cfg.quantization.group_size)
+    t = read_matrix(ck, base, _matrix_shape(ck, base), cfg)
     keep = EXPERT_RE.match(base + ".weight") and int4_experts and t.group_size == group_size
     return t if keep else dequantize_int4(t)    # passed through untouched when the grid matches
 
 
 def _fp8(ck, cfg, name, int4_experts):
-    w, s = ck.get(name), ck.get(name + "_scale_inv")
-    s = s if s.dtype == np.float32 else s.astype(np.float32)
-    block = tuple(cfg.quantization.weight_block_size or (128, 128))
-    t = Fp8Tensor(w, s, w.shape, block)
+    base = name[:-len(".weight")]
+    t = read_matrix(ck, base, _matrix_shape(ck, base), cfg)
+    w = t.weight
     if EXPERT_RE.match(name) and int4_experts:
         return dequantize_fp8(t)                  # float32, quantized to INT4 by the writer
     out = np.empty(w.shape, np.uint16)            # straight to bf16 bits, a row block at a time
@@ -77,6 +96,7 @@ def convert(src: str, dst: str, experts: str = "int4", group_size: int = 32, qat
         raise ValueError("destination must differ from the source")
     cfg = Config.from_json(src)
     ck = Checkpoint(src)
+    load_weights(cfg, ck)       # every tensor checked against config.json (mapped, not read)
     with open(os.path.join(src, "config.json")) as f:
         raw_cfg = json.load(f)
     bytes_in, t0 = ck.total_bytes(), time.time()

@@ -4,6 +4,9 @@ Every checkpoint quirk lives here (mlx-lm's sanitize()): which tensors are INT4
 (`X.weight_packed` present => X is pack-quantized, else `X.weight`), bf16 bits kept as
 uint16, norm vectors converted to float32 (they are tiny), shapes and dtypes checked against
 config.json so a mismatch is a ModelFormatError naming the tensor, not a numpy error later.
+Nothing is dropped silently: a tensor of the language model that the config leaves unused
+(a layer past num_hidden_layers, shared experts with n_shared_experts 0, a zero point) is an
+error too.
 """
 from __future__ import annotations
 
@@ -21,6 +24,7 @@ from .model import MLP, Attention, Layer, MoE, Weights
 from .safetensors import DTYPES, SafetensorsFile
 
 MATRIX_DTYPES = ("BF16", "F32", "F16")
+UNUSED_OK = ("rotary_emb.inv_freq",)     # K2-Instruct ships these; RoPE is computed from config
 
 
 class Checkpoint:
@@ -33,6 +37,7 @@ class Checkpoint:
         self.path = path
         index = os.path.join(path, "model.safetensors.index.json")
         self.files, self.where = {}, {}
+        self.used = set()       # names handed out by get()/read(): load_weights checks the rest
         if os.path.exists(index):
             try:
                 with open(index, "rb") as f:
@@ -42,13 +47,18 @@ class Checkpoint:
             except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError) as e:
                 raise ModelFormatError(f"{index}: bad index file ({type(e).__name__}: {e})") from None
             for shard in sorted(set(wm.values())):
-                if os.path.basename(shard) != shard:
+                if shard in ("", ".", "..") or os.path.basename(shard) != shard:
                     raise ModelFormatError(f"{index}: shard name {shard!r} must be a plain file name")
                 self.files[shard] = SafetensorsFile(os.path.join(path, shard))
             for name, shard in wm.items():
                 if name not in self.files[shard]:
                     raise ModelFormatError(f"{os.path.join(path, shard)}: tensor '{name}' listed in the index is missing")
                 self.where[name] = shard
+            for shard, sf in self.files.items():    # the index must account for every tensor
+                for name in sf.keys():
+                    if wm.get(name) != shard:
+                        raise ModelFormatError(f"{sf.path}: tensor '{name}' is " + (
+                            f"not in {index}" if name not in wm else f"also in {wm[name]}, where the index points"))
         else:
             shards = sorted(f for f in os.listdir(path) if f.endswith(".safetensors"))
             if not shards:
@@ -56,6 +66,8 @@ class Checkpoint:
             for shard in shards:
                 self.files[shard] = sf = SafetensorsFile(os.path.join(path, shard))
                 for name in sf.keys():
+                    if name in self.where:
+                        raise ModelFormatError(f"{sf.path}: tensor '{name}' is also in {self.where[name]}")
                     self.where[name] = shard
 
     def __contains__(self, name):
@@ -76,6 +88,7 @@ class Checkpoint:
         """A small tensor, copied (not mapped)."""
         if name not in self.where:
             raise ModelFormatError(f"{self.path}: missing tensor '{name}'")
+        self.used.add(name)
         return self.files[self.where[name]].read(name)
 
     def get(self, name: str, shape=None, dtypes=None) -> np.ndarray:
@@ -87,6 +100,7 @@ class Checkpoint:
             raise ModelFormatError(f"{f.path}: tensor '{name}' has dtype {dt}, expected one of {'/'.join(dtypes)}")
         if shape is not None and tuple(sh) != tuple(shape):
             raise ModelFormatError(f"{f.path}: tensor '{name}' has shape {list(sh)}, config says {list(shape)}")
+        self.used.add(name)
         a = f.get(name) if self.use_mmap else f.load(name)
         return a.astype(np.float32) if dt == "F16" else a    # F16 has no fast kernel: widen once
 
@@ -95,11 +109,17 @@ class Checkpoint:
 
 
 def _vector(ck: Checkpoint, name: str, n: int) -> np.ndarray:
+    """A norm weight or router bias as float32. These small vectors are copied anyway, so they
+    are also checked for NaN/Inf (matrices stay mapped and unread: scanning them would read
+    the whole checkpoint at open)."""
     a = ck.get(name, (n,), ("BF16", "F32", "F16"))
-    return bf16_to_f32(a) if a.dtype == np.uint16 else np.array(a, np.float32)
+    v = bf16_to_f32(a) if a.dtype == np.uint16 else np.array(a, np.float32)
+    if not np.isfinite(v).all():
+        raise ModelFormatError(f"{ck.file_of(name)}: tensor '{name}' has NaN or Inf values")
+    return v
 
 
-def _matrix(ck: Checkpoint, prefix: str, shape, cfg: Config):
+def read_matrix(ck: Checkpoint, prefix: str, shape, cfg: Config):
     """`prefix`.weight as bf16/f32, or the pack-quantized triplet as an Int4Tensor."""
     if prefix + ".weight_packed" in ck:
         q = cfg.quantization
@@ -117,7 +137,7 @@ def _matrix(ck: Checkpoint, prefix: str, shape, cfg: Config):
                 raise ModelFormatError(f"{ck.file_of(prefix + '.weight_shape')}: tensor '{prefix}.weight_shape' "
                                        "must be I32 or I64")
             ws = ck.read(prefix + ".weight_shape")
-            if ws.size != 2 or tuple(int(v) for v in ws) != (out, n_in):
+            if ws.shape != (2,) or tuple(int(v) for v in ws) != (out, n_in):
                 raise ModelFormatError(f"{ck.file_of(prefix + '.weight_shape')}: tensor '{prefix}.weight_shape' "
                                        f"is {ws.tolist()}, config says {[out, n_in]}")
         return Int4Tensor(packed, scales, (out, n_in), g)
@@ -131,7 +151,16 @@ def _matrix(ck: Checkpoint, prefix: str, shape, cfg: Config):
         s = ck.get(prefix + ".weight_scale_inv", (-(-shape[0] // bo), -(-shape[1] // bi)), ("F32", "BF16"))
         s = bf16_to_f32(s) if s.dtype == np.uint16 else s
         return Fp8Tensor(w, s, tuple(shape), (bo, bi))
-    return ck.get(prefix + ".weight", shape, MATRIX_DTYPES)
+    name = prefix + ".weight"
+    if name not in ck:
+        for part in (".weight_scale", ".weight_shape"):     # an INT4 triplet that lost its codes
+            if prefix + part in ck:
+                raise ModelFormatError(f"{ck.path}: missing tensor '{prefix}.weight_packed' "
+                                       f"('{prefix}{part}' is there)")
+    elif ck.info(name)[0].startswith("F8_"):
+        raise ModelFormatError(f"{ck.file_of(name)}: tensor '{name}' is FP8 but "
+                               f"'{prefix}.weight_scale_inv' is missing")
+    return ck.get(name, shape, MATRIX_DTYPES)
 
 
 def _tiled(ck: Checkpoint, prefix: str, w):
@@ -164,7 +193,7 @@ def load_weights(cfg: Config, ck: Checkpoint, progress=None) -> Weights:
         p = f"{pre}layers.{i}."
 
         def m(name, shape):
-            return _matrix(ck, p + name, shape, cfg)
+            return read_matrix(ck, p + name, shape, cfg)
 
         def lin(name, shape):   # a matrix used only by linear(): tiled when repacking
             return _tiled(ck, p + name, m(name, shape))
@@ -202,5 +231,23 @@ def load_weights(cfg: Config, ck: Checkpoint, progress=None) -> Weights:
     if cfg.tie_word_embeddings and head_name + ".weight" not in ck:
         lm_head = embed
     else:
-        lm_head = _tiled(ck, head_name, _matrix(ck, head_name, (V, D), cfg))
-    return Weights(embed, layers, _vector(ck, pre + "norm.weight", D), lm_head)
+        lm_head = _tiled(ck, head_name, read_matrix(ck, head_name, (V, D), cfg))
+    weights = Weights(embed, layers, _vector(ck, pre + "norm.weight", D), lm_head)
+    _check_all_used(ck, cfg, pre)
+    return weights
+
+
+def _check_all_used(ck: Checkpoint, cfg: Config, pre: str):
+    """Every tensor of the language model was consumed: one left over means config.json and
+    the checkpoint disagree, and running without it would be silently wrong. Skipped: RoPE
+    caches, multi-token-prediction layers (num_nextn_predict_layers, after the last layer) and,
+    for K2.5, everything outside `language_model.` (the vision tower)."""
+    root = pre[:-len("model.")]
+    L = cfg.num_hidden_layers
+    mtp = tuple(f"{pre}layers.{i}." for i in range(L, L + cfg.num_nextn_predict_layers))
+    left = [n for n in ck.where if n not in ck.used and n.startswith(root)
+            and not n.endswith(UNUSED_OK) and not n.startswith(mtp)]
+    if left:
+        more = f" (and {len(left) - 1} more)" if len(left) > 1 else ""
+        raise ModelFormatError(f"{ck.file_of(left[0])}: tensor '{left[0]}'{more} is not used by the model "
+                               "that config.json describes")

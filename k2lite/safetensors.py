@@ -22,10 +22,23 @@ from .errors import ModelFormatError
 DTYPES = {
     "BF16": np.dtype("<u2"), "F16": np.dtype("<f2"), "F32": np.dtype("<f4"), "F64": np.dtype("<f8"),
     "I64": np.dtype("<i8"), "I32": np.dtype("<i4"), "I16": np.dtype("<i2"), "I8": np.dtype("i1"),
-    "U8": np.dtype("u1"), "U16": np.dtype("<u2"), "U32": np.dtype("<u4"), "BOOL": np.dtype("u1"),
+    "U8": np.dtype("u1"), "U16": np.dtype("<u2"), "U32": np.dtype("<u4"), "U64": np.dtype("<u8"),
+    "BOOL": np.dtype("u1"),
     "F8_E4M3": np.dtype("u1"), "F8_E5M2": np.dtype("u1"),
 }
 MAX_HEADER = 100 * 1024 * 1024   # the format's own limit on the JSON header
+
+
+def _unique_keys(pairs):
+    """json object_pairs_hook: a name given twice would silently hide one of the tensors."""
+    d = dict(pairs)
+    if len(d) != len(pairs):        # rare: find the name for the message
+        seen = set()
+        for k, _ in pairs:
+            if k in seen:
+                raise ValueError(f"key {k!r} appears twice")
+            seen.add(k)
+    return d
 
 
 class SafetensorsFile:
@@ -48,17 +61,20 @@ class SafetensorsFile:
                 raise ModelFormatError(f"{path}: bad header length {n} for a file of {size} bytes")
             raw = fd.read(n)
             try:
-                header = json.loads(raw.decode("utf-8"))
-            except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
+                header = json.loads(raw.decode("utf-8"), object_pairs_hook=_unique_keys)
+            except (ValueError, RecursionError) as e:    # UnicodeDecodeError, JSONDecodeError, duplicates
                 raise ModelFormatError(f"{path}: header is not valid JSON ({e})") from None
             if not isinstance(header, dict):
                 raise ModelFormatError(f"{path}: header is not a JSON object")
             self.metadata = header.pop("__metadata__", None) or {}
+            if not isinstance(self.metadata, dict):
+                raise ModelFormatError(f"{path}: header '__metadata__' is not a JSON object")
             self.data_start = 8 + n
             data_len = size - self.data_start
             self.entries = {}
             for name, e in header.items():
                 self.entries[name] = self._check_entry(name, e, data_len)
+            self._check_layout(data_len)
             self._mm = mmap.mmap(fd.fileno(), 0, access=mmap.ACCESS_READ) if size else None
         self._fd = os.open(path, os.O_RDONLY)
 
@@ -71,7 +87,7 @@ class SafetensorsFile:
         if not isinstance(e, dict):
             raise ModelFormatError(f"{where}: header entry is not an object")
         dt, shape, offs = e.get("dtype"), e.get("shape"), e.get("data_offsets")
-        if dt not in DTYPES:
+        if not isinstance(dt, str) or dt not in DTYPES:
             raise ModelFormatError(f"{where}: unknown dtype {dt!r}")
         if (not isinstance(shape, list) or len(shape) > 8
                 or not all(isinstance(s, int) and not isinstance(s, bool) and 0 <= s < 2**40 for s in shape)):
@@ -86,6 +102,22 @@ class SafetensorsFile:
         if end - b != nbytes:
             raise ModelFormatError(f"{where}: {end - b} bytes stored but dtype {dt} shape {shape} needs {nbytes}")
         return dt, tuple(shape), b
+
+    def _check_layout(self, data_len):
+        """As the reference reader: the tensors tile the data exactly, in offset order, with no
+        overlap (two names reading the same bytes), gap or trailing bytes (data no name owns:
+        a header that lost an entry)."""
+        end, prev = 0, None
+        for name, (dt, shape, b) in sorted(self.entries.items(), key=lambda kv: (kv[1][2], kv[0])):
+            if b < end:
+                raise ModelFormatError(f"{self.path}: tensor '{name}' (data from byte {b}) overlaps tensor '{prev}'")
+            if b > end:
+                raise ModelFormatError(f"{self.path}: data bytes {end}..{b} belong to no tensor "
+                                       f"(before tensor '{name}'): header and data disagree")
+            end, prev = b + math.prod(shape) * DTYPES[dt].itemsize, name
+        if end != data_len:
+            raise ModelFormatError(f"{self.path}: the last {data_len - end} data bytes belong to no tensor: "
+                                   "header and data disagree")
 
     def __contains__(self, name):
         return name in self.entries

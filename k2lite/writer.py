@@ -22,6 +22,7 @@ import struct
 
 import numpy as np
 
+from .errors import ModelFormatError
 from .formats import Fp8Tensor, Int4Tensor, bf16_to_f32, f32_to_bf16, quantize_fp8, quantize_int4
 
 EXPERT_RE = re.compile(r"^(.*\.mlp\.experts\.\d+\.(gate|up|down)_proj)\.weight$")
@@ -114,6 +115,23 @@ class _Shard:
         os.remove(self.tmp + ".data")
 
 
+def _read_progress(path: str) -> list:
+    """The closed shards an interrupted write recorded, checked (the file is ours, but a
+    damaged one must not resume into a wrong checkpoint)."""
+    try:
+        with open(path, "rb") as f:
+            shards = json.loads(f.read().decode("utf-8"))["shards"]
+        strs = lambda v: isinstance(v, list) and all(isinstance(n, str) for n in v)   # noqa: E731
+        if not isinstance(shards, list) or not all(
+                isinstance(d, dict) and isinstance(d.get("tmp"), str) and os.path.basename(d["tmp"]) == d["tmp"]
+                and strs(d.get("names")) and strs(d.get("logical")) and isinstance(d.get("size"), int)
+                for d in shards):
+            raise ValueError("unexpected layout")
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise ModelFormatError(f"{path}: unreadable resume state ({e}); delete it to start over") from None
+    return shards
+
+
 def write_checkpoint(out_dir: str, config: dict, tensors, *, int4_experts: bool = True,
                      group_size: int = 32, qat_grid: bool = False, fp8: bool = False,
                      max_shard_bytes: int = 4 << 30, resume: bool = False, progress=None) -> list:
@@ -124,8 +142,7 @@ def write_checkpoint(out_dir: str, config: dict, tensors, *, int4_experts: bool 
     state_path = os.path.join(out_dir, PROGRESS)
     done = []                                   # closed shards: {"tmp", "names", "logical", "size"}
     if resume and os.path.exists(state_path):
-        with open(state_path) as f:
-            done = [d for d in json.load(f)["shards"] if os.path.exists(os.path.join(out_dir, d["tmp"]))]
+        done = [d for d in _read_progress(state_path) if os.path.exists(os.path.join(out_dir, d["tmp"]))]
     skip = {n for d in done for n in d["logical"]}
     items = tensors.items() if isinstance(tensors, dict) else tensors
     shard, total = None, sum(d["size"] for d in done)

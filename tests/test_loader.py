@@ -1,4 +1,5 @@
 """Checkpoint parsing: corruption always gives ModelFormatError; opening maps, never reads."""
+import copy
 import json
 import os
 import shutil
@@ -11,10 +12,14 @@ import pytest
 import k2lite
 from k2lite import ModelFormatError
 from k2lite.config import Config
-from k2lite.testing.random_model import write_sparse_layout
+from k2lite.safetensors import SafetensorsFile, save_file
+from k2lite.testing.random_model import preset, write_random_model, write_sparse_layout
+from k2lite.writer import fp8_quantization_config, quantization_config
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SHARD = "model-00001-of-00001.safetensors"
+INDEX = "model.safetensors.index.json"
+E0 = "model.layers.1.mlp.experts.0.up_proj"
 
 
 def copy_model(src, dst):
@@ -88,6 +93,10 @@ LIES = {
     "negative_dim": lambda h: h["model.norm.weight"].update(shape=[-64]),
     "missing_tensor": lambda h: h.pop("model.layers.0.self_attn.o_proj.weight"),
     "not_an_object": lambda h: h.update({"model.norm.weight": [1, 2]}),
+    "dtype_not_a_string": lambda h: h["model.norm.weight"].update(dtype=["BF16"]),
+    "metadata_not_an_object": lambda h: h.update(__metadata__=["pt"]),
+    "two_names_one_range": lambda h: h["model.norm.weight"].update(
+        data_offsets=h["model.layers.0.input_layernorm.weight"]["data_offsets"]),
 }
 
 
@@ -102,6 +111,168 @@ def test_header_lies(tiny_model, tmp_path, lie):
     with pytest.raises(ModelFormatError) as e:
         load_and_run(path)
     assert SHARD in str(e.value) or "index" in str(e.value)
+
+
+def edit_raw_header(path, edit):
+    """Like rewrite_header, on the header's JSON text (for what a dict cannot hold)."""
+    fn = os.path.join(path, SHARD)
+    with open(fn, "rb") as f:
+        blob = f.read()
+    n = struct.unpack("<Q", blob[:8])[0]
+    raw = edit(blob[8:8 + n].decode().rstrip())
+    with open(fn, "wb") as f:
+        f.write(struct.pack("<Q", len(raw)) + raw.encode() + blob[8 + n:])
+
+
+def duplicate_name(text):
+    entry = json.dumps(json.loads(text)["model.layers.0.input_layernorm.weight"])
+    return text[:-1] + f', "model.norm.weight": {entry}}}'
+
+
+def append_bytes(path):
+    with open(os.path.join(path, SHARD), "ab") as f:
+        f.write(b"\0" * 16)
+
+
+def same_tensors_in_two_files(path):
+    os.remove(os.path.join(path, INDEX))
+    shutil.copy(os.path.join(path, SHARD), os.path.join(path, "model-extra.safetensors"))
+
+
+def index_without(name):
+    def corrupt(path):
+        with open(os.path.join(path, INDEX)) as f:
+            index = json.load(f)
+        del index["weight_map"][name]
+        with open(os.path.join(path, INDEX), "w") as f:
+            json.dump(index, f)
+    return corrupt
+
+
+@pytest.mark.parametrize("corrupt", [
+    lambda p: edit_raw_header(p, duplicate_name),      # one name twice: the first is hidden
+    append_bytes,                                      # bytes after the last tensor
+    same_tensors_in_two_files,                         # which copy is the model?
+    index_without("model.norm.weight"),                # the index hides a stored tensor
+], ids=["duplicate_name", "trailing_bytes", "tensor_in_two_files", "tensor_not_in_index"])
+def test_stored_data_nobody_reads_is_an_error(tiny_model, tmp_path, corrupt):
+    """Every byte of every shard belongs to exactly one tensor the index can reach, as the
+    reference reader requires: otherwise something stored would be silently ignored."""
+    path = copy_model(tiny_model, tmp_path / "m")
+    corrupt(path)
+    with pytest.raises(ModelFormatError, match=r"\.safetensors") as e:
+        load_and_run(path)
+    assert "\n" not in str(e.value)
+
+
+def edit_tensors(path, edit):
+    """Rewrite the shard (and the index) after edit(tensors, dtypes) changed its contents."""
+    fn = os.path.join(path, SHARD)
+    sf = SafetensorsFile(fn)
+    tensors = {n: np.array(sf.get(n)) for n in sf.keys()}
+    dtypes = {n: sf.dtype(n) for n in sf.keys()}
+    del sf
+    edit(tensors, dtypes)
+    save_file(tensors, fn, dtypes)
+    with open(os.path.join(path, INDEX), "w") as f:
+        json.dump({"weight_map": {n: SHARD for n in tensors}}, f)
+
+
+def edit_config(path, edit):
+    fn = os.path.join(path, "config.json")
+    with open(fn) as f:
+        cfg = json.load(f)
+    edit(cfg)
+    with open(fn, "w") as f:
+        json.dump(cfg, f)
+
+
+def weights_of(c):
+    return c["quantization_config"]["config_groups"]["group_0"]["weights"]
+
+
+def add_tensor(name, like, value=None):
+    """A tensor shaped and typed like `like` (or `value`, stored as F32)."""
+    def edit(t, d):
+        t[name], d[name] = (t[like], d[like]) if value is None else (value, "F32")
+    return lambda path: edit_tensors(path, edit)
+
+
+@pytest.mark.parametrize("corrupt", [
+    add_tensor("model.layers.3.input_layernorm.weight", "model.norm.weight"),
+    add_tensor(E0 + ".weight_zero_point", E0 + ".weight_shape"),
+    add_tensor(E0 + ".weight", "model.layers.1.mlp.shared_experts.up_proj.weight"),
+    lambda p: edit_config(p, lambda c: c.update(n_shared_experts=0)),
+], ids=["layer_past_num_hidden_layers", "zero_point", "dense_beside_packed", "config_drops_shared_experts"])
+def test_tensors_the_config_leaves_unused_are_an_error(tiny_model, tmp_path, corrupt):
+    path = copy_model(tiny_model, tmp_path / "m")
+    corrupt(path)
+    with pytest.raises(ModelFormatError, match=f"{SHARD}: tensor .* is not used by the model that config.json"):
+        load_and_run(path)
+
+
+def test_rope_caches_and_mtp_layers_may_be_left_unused(tiny_model, tmp_path):
+    path = copy_model(tiny_model, tmp_path / "m")
+    add_tensor("model.layers.0.self_attn.rotary_emb.inv_freq", None, np.ones(4, np.float32))(path)
+    add_tensor("model.layers.3.input_layernorm.weight", "model.norm.weight")(path)
+    with pytest.raises(ModelFormatError, match="layers.3"):
+        load_and_run(path)
+    edit_config(path, lambda c: c.update(num_nextn_predict_layers=1))    # layer 3 is DeepSeek's MTP layer
+    load_and_run(path)
+
+
+@pytest.mark.parametrize("edit,match", [
+    (lambda t, d: t.update({"model.norm.weight": np.full(64, 0x7FC0, np.uint16)}), "'model.norm.weight' has NaN"),
+    (lambda t, d: t["model.layers.2.mlp.gate.e_score_correction_bias"].__setitem__(3, np.inf), "bias' has NaN or Inf"),
+    (lambda t, d: t.update({E0 + ".weight_shape": np.array([[32], [64]], np.int32)}), "weight_shape' is"),
+    (lambda t, d: t.pop(E0 + ".weight_packed"), f"missing tensor '{E0}.weight_packed'"),
+], ids=["nan_norm", "inf_router_bias", "weight_shape_2x1", "packed_codes_missing"])
+def test_bad_tensor_contents(tiny_model, tmp_path, edit, match):
+    """Norms and the router bias are copied at load, so NaN/Inf there is caught for free (the
+    big matrices stay mapped and unread: a NaN there shows in the logits)."""
+    path = copy_model(tiny_model, tmp_path / "m")
+    edit_tensors(path, edit)
+    with pytest.raises(ModelFormatError, match=match):
+        load_and_run(path)
+
+
+@pytest.fixture(scope="module")
+def tiny_fp8(tmp_path_factory):
+    path = str(tmp_path_factory.mktemp("fp8"))
+    return write_random_model(path, preset("tiny"), seed=1, fp8=True)
+
+
+def test_fp8_weight_without_scales(tiny_fp8, tmp_path):
+    path = copy_model(tiny_fp8, tmp_path / "m")
+    edit_tensors(path, lambda t, d: t.pop("model.layers.0.self_attn.o_proj.weight_scale_inv"))
+    with pytest.raises(ModelFormatError, match="o_proj.weight' is FP8 but .*weight_scale_inv' is missing"):
+        load_and_run(path)
+
+
+@pytest.mark.parametrize("corrupt", [
+    lambda p: edit_tensors(p, lambda t, d: t[E0 + ".weight_shape"].__setitem__(slice(None), [64, 32])),
+    lambda p: edit_config(p, lambda c: weights_of(c).update(group_size=64)),
+    add_tensor("model.layers.0.mlp.extra.weight", "model.norm.weight"),
+], ids=["weight_shape_swapped", "group_size_disagrees", "unused_tensor"])
+def test_convert_checks_the_source_before_writing(tiny_model, tmp_path, corrupt):
+    """convert used to copy these through into a checkpoint that cannot load."""
+    from k2lite.convert import convert
+    src, dst = copy_model(tiny_model, tmp_path / "src"), str(tmp_path / "dst")
+    corrupt(src)
+    with pytest.raises(ModelFormatError, match=SHARD):
+        convert(src, dst, verbose=False)
+    assert not os.path.exists(dst) or not os.listdir(dst)
+
+
+@pytest.mark.parametrize("state", ["{broken", '{"shards": [{"tmp": 3}]}', '{"shards": [{"tmp": "../x"}]}', "[]"])
+def test_damaged_resume_state_is_an_error(tiny_model, tmp_path, state):
+    from k2lite.convert import convert
+    from k2lite.writer import PROGRESS
+    dst = tmp_path / "dst"
+    dst.mkdir()
+    (dst / PROGRESS).write_text(state)
+    with pytest.raises(ModelFormatError, match="resume state"):
+        convert(tiny_model, str(dst), verbose=False)
 
 
 def test_config_shape_disagreement_names_tensor(tiny_model, tmp_path):
@@ -128,6 +299,12 @@ def test_missing_shard_and_bad_index(tiny_model, tmp_path):
         json.dump({"weight_map": {"model.norm.weight": "../../etc/passwd"}}, f)
     with pytest.raises(ModelFormatError):
         load_and_run(path)
+    for shard in ("", "."):
+        path = copy_model(tiny_model, tmp_path / f"d{len(shard)}")
+        with open(os.path.join(path, INDEX), "w") as f:
+            json.dump({"weight_map": {"model.norm.weight": shard}}, f)
+        with pytest.raises(ModelFormatError, match="plain file name"):
+            load_and_run(path)
 
 
 @pytest.mark.parametrize("edit,match", [
@@ -135,6 +312,9 @@ def test_missing_shard_and_bad_index(tiny_model, tmp_path):
     (lambda c: c.update(num_hidden_layers="three"), "num_hidden_layers"),
     (lambda c: c.update(n_group=3), "n_group"),
     (lambda c: c.update(rope_scaling={"type": "dynamic", "factor": 2.0}), "rope_scaling"),
+    (lambda c: c.update(moe_layer_freq=0), "moe_layer_freq"),             # was ZeroDivisionError in the loader
+    (lambda c: c.update(rope_scaling="yarn"), "rope_scaling"),            # was AttributeError in the model
+    (lambda c: c.update(rope_theta="50000"), "rope_theta"),               # was TypeError in numpy
 ])
 def test_bad_config_is_a_clear_error(tiny_model, tmp_path, edit, match):
     path = copy_model(tiny_model, tmp_path / "m")
@@ -143,6 +323,78 @@ def test_bad_config_is_a_clear_error(tiny_model, tmp_path, edit, match):
     json.dump(cfg, open(os.path.join(path, "config.json"), "w"))
     with pytest.raises(ModelFormatError, match=match):
         load_and_run(path)
+
+
+TINY_INT4 = dict(preset("tiny"), quantization_config=quantization_config(32))
+TINY_FP8 = dict(preset("tiny"), quantization_config=fp8_quantization_config())
+ROPE = "rope_scaling"
+
+
+@pytest.mark.parametrize("base,edit,match", [
+    ("int4", lambda c: c.update(hidden_size=0), "'hidden_size' must be an integer >= 1, got 0"),
+    ("int4", lambda c: c.update(n_routed_experts=True), "n_routed_experts"),
+    ("int4", lambda c: c.update(num_experts_per_tok=0), "num_experts_per_tok"),
+    ("int4", lambda c: c.pop("num_experts_per_tok"), "missing required key 'num_experts_per_tok'"),
+    ("int4", lambda c: c.update(topk_group=0), "topk_group"),
+    ("int4", lambda c: c.update(n_group=2, num_experts_per_tok=5), "topk_group=1 of n_group=2 groups cannot hold"),
+    ("int4", lambda c: c.update(n_group=2, topk_method="group_limited_greedy"), "topk_method"),
+    ("int4", lambda c: c.update(topk_method="greedy_v9"), "unsupported topk_method"),
+    ("int4", lambda c: c.update(rope_theta=1), "rope_theta"),
+    ("int4", lambda c: c.update(rms_norm_eps=float("nan")), "rms_norm_eps"),
+    ("int4", lambda c: c.update(routed_scaling_factor=-1), "routed_scaling_factor"),
+    ("int4", lambda c: c.update(norm_topk_prob="false"), "norm_topk_prob"),
+    ("int4", lambda c: c.update(tie_word_embeddings=1), "tie_word_embeddings"),
+    ("int4", lambda c: c.update(max_position_embeddings="4096"), "max_position_embeddings"),
+    ("int4", lambda c: c.update(architectures=[]), "architectures"),            # k2lite info read [0]
+    ("int4", lambda c: c.update(model_type=3), "model_type"),
+    ("int4", lambda c: c.update(eos_token_id="x"), "eos_token_id"),
+    ("int4", lambda c: c.update(eos_token_id=[1, 10**6]), "eos_token_id"),
+    ("int4", lambda c: c.update(bos_token_id=-1), "bos_token_id"),
+    ("int4", lambda c: c[ROPE].pop("type"), "unsupported rope_scaling type None"),
+    ("int4", lambda c: c[ROPE].update(factor=None), "rope_scaling.factor"),
+    ("int4", lambda c: c[ROPE].update(factor=0.5), "rope_scaling.factor"),
+    ("int4", lambda c: c[ROPE].pop("original_max_position_embeddings"), "original_max_position_embeddings"),
+    ("int4", lambda c: c[ROPE].update(beta_fast=-1), "beta_fast"),
+    ("int4", lambda c: c[ROPE].update(mscale="1"), "mscale"),
+    ("int4", lambda c: c[ROPE].update(attention_factor=0), "attention_factor"),
+    ("int4", lambda c: c[ROPE].update(truncate="no"), "truncate"),
+    ("int4", lambda c: c.update(rope_scaling=None, rope_parameters="yarn"), "rope_parameters"),
+    ("int4", lambda c: c["quantization_config"].update(config_groups=[]), "config_groups"),
+    ("int4", lambda c: c["quantization_config"]["config_groups"].update(group_0=[]), "weights"),
+    ("int4", lambda c: weights_of(c).update(symmetric="false"), "symmetric"),
+    ("int4", lambda c: weights_of(c).update(group_size="32"), "group_size"),
+    ("int4", lambda c: weights_of(c).update(num_bits=8), "4-bit"),
+    ("int4", lambda c: c["quantization_config"].update(ignore="lm_head"), "ignore"),
+    ("fp8", lambda c: c["quantization_config"].update(weight_block_size=[128]), "weight_block_size"),
+    ("fp8", lambda c: c["quantization_config"].update(weight_block_size=[0, 128]), "weight_block_size"),
+    ("fp8", lambda c: c["quantization_config"].update(weight_block_size=[64.5, 128]), "weight_block_size"),
+    ("fp8", lambda c: c["quantization_config"].update(modules_to_not_convert={"a": 1}), "modules_to_not_convert"),
+], ids=lambda v: None if callable(v) else v)
+def test_config_values_are_checked(base, edit, match):
+    """Each was accepted and then crashed deep in the loader or the model, or ran silently
+    wrong (a string "false" is true); now one line naming the file and the key."""
+    cfg = copy.deepcopy({"int4": TINY_INT4, "fp8": TINY_FP8}[base])
+    edit(cfg)
+    with pytest.raises(ModelFormatError, match=match) as e:
+        Config.from_dict(cfg, source="m/config.json")
+    assert str(e.value).startswith("m/config.json: ") and "\n" not in str(e.value)
+
+
+def test_config_file_that_cannot_be_read(tmp_path):
+    (tmp_path / "config.json").mkdir()
+    with pytest.raises(ModelFormatError, match="config.json: cannot read"):
+        Config.from_json(str(tmp_path))
+    with pytest.raises(ModelFormatError, match="config.json: cannot read"):
+        Config.from_json(str(tmp_path / "config.json"))
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root reads anything")
+def test_unreadable_files(tiny_model, tmp_path):
+    for name, match in (("config.json", "config.json: cannot read"), (SHARD, f"{SHARD}: cannot open")):
+        path = copy_model(tiny_model, tmp_path / name)
+        os.chmod(os.path.join(path, name), 0)
+        with pytest.raises(ModelFormatError, match=match):
+            load_and_run(path)
 
 
 def test_configs_of_the_family_parse():
