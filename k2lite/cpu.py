@@ -47,6 +47,9 @@ def physical_cores(sysfs: str = "/sys/devices/system/cpu") -> int:
 
 def set_threads(n: int) -> None:
     """OpenMP threads used by every kernel (omp_set_num_threads)."""
+    most = max(64, 4 * (os.cpu_count() or 1))    # far more only makes libgomp fail to start them
+    if not 1 <= int(n) <= most:
+        raise ValueError(f"threads must be between 1 and {most}, not {n}")
     _cpu.set_threads(int(n))
 
 

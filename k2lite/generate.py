@@ -24,6 +24,7 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
+from .errors import ModelFormatError
 from .sampler import Sampler
 
 K2_DEFAULTS = {"temperature": 1.0, "top_p": 1.0, "top_k": 0, "min_p": 0.0, "max_tokens": 256}
@@ -40,8 +41,13 @@ def generation_defaults(path: str) -> dict:
     d = dict(K2_DEFAULTS)
     gc_path = os.path.join(path, "generation_config.json") if os.path.isdir(path) else ""
     if gc_path and os.path.exists(gc_path):
-        with open(gc_path, encoding="utf-8") as f:
-            gc = json.load(f)
+        try:
+            with open(gc_path, encoding="utf-8") as f:
+                gc = json.load(f)
+        except (OSError, UnicodeDecodeError, ValueError) as e:
+            raise ModelFormatError(f"{gc_path}: cannot read ({type(e).__name__}: {e})") from None
+        if not isinstance(gc, dict):
+            raise ModelFormatError(f"{gc_path}: must hold a JSON object")
         for k in ("temperature", "top_p", "top_k", "min_p"):
             if isinstance(gc.get(k), (int, float)) and not isinstance(gc.get(k), bool):
                 d[k] = gc[k]
@@ -50,7 +56,10 @@ def generation_defaults(path: str) -> dict:
         if gc.get("do_sample") is False:
             d["temperature"] = 0.0
         eos = gc.get("eos_token_id")
-        d["eos_ids"] = tuple(eos) if isinstance(eos, list) else ((eos,) if isinstance(eos, int) else ())
+        eos = eos if isinstance(eos, list) else [] if eos is None else [eos]
+        if not all(isinstance(e, int) and not isinstance(e, bool) and e >= 0 for e in eos):
+            raise ModelFormatError(f"{gc_path}: eos_token_id must be a token id or a list of them")
+        d["eos_ids"] = tuple(eos)
     return d
 
 

@@ -106,8 +106,12 @@ class LLM(GenerationMixin):
                  context: int | None = None, page_size: int = 64, max_cache_tokens: int | None = None,
                  prefill_chunk: int = 256, mmap: bool = True, repack: bool = False):
         self.path = path
-        self.config = Config.from_json(os.path.join(path, "config.json")) if os.path.isdir(path) else \
-            Config.from_json(path)
+        if not os.path.isdir(path):
+            raise ModelFormatError(f"{path}: not a checkpoint folder (config.json + *.safetensors)")
+        self.config = Config.from_json(os.path.join(path, "config.json"))
+        if page_size < 1 or (context is not None and context < 1) or prefill_chunk < 1:
+            raise ValueError(f"page_size, context and prefill_chunk must be positive, not "
+                             f"{page_size}, {context}, {prefill_chunk}")
         if device not in ("ref", "cpu", "cuda"):
             raise ValueError(f"unknown device {device!r}: expected ref, cpu or cuda")
         backend = device
@@ -118,7 +122,7 @@ class LLM(GenerationMixin):
         self.device, self.backend = device, backend
         self.prefill_chunk = max(1, int(prefill_chunk))
         self.ops = ops.get(backend)
-        if threads and hasattr(self.ops, "set_threads"):
+        if threads is not None and hasattr(self.ops, "set_threads"):
             self.ops.set_threads(int(threads))
         # mmap=True (default): weights are views of the files, opening is instant and pages are
         # shared with the OS cache. mmap=False copies them into anonymous (huge-page) memory:
@@ -136,6 +140,9 @@ class LLM(GenerationMixin):
         self.cache = PagedKVCache(self.config.num_hidden_layers, width, page_size,
                                   max_pages=-(-cap // page_size))
         self.tokenizer = self._load_tokenizer(path)
+        if self.tokenizer is not None and self.tokenizer.vocab_size > self.config.vocab_size:
+            raise ModelFormatError(f"{path}: the tokenizer has {self.tokenizer.vocab_size} ids, more than "
+                                   f"config.json's vocab_size {self.config.vocab_size}")
 
     @staticmethod
     def _load_tokenizer(path):
@@ -154,8 +161,10 @@ class LLM(GenerationMixin):
             a = a.reshape(1)
         if a.ndim != 1 or (a.size and not np.issubdtype(a.dtype, np.integer)):
             raise ValueError("token ids must be a 1-D sequence of integers")
-        if a.size and (a.min() < 0 or a.max() >= self.config.vocab_size):
-            raise ValueError(f"token id out of range [0, {self.config.vocab_size})")
+        bad = np.flatnonzero((a < 0) | (a >= self.config.vocab_size)) if a.size else []
+        if len(bad):
+            raise ValueError(f"token id {int(a[bad[0]])} at position {int(bad[0])} is out of range "
+                             f"[0, {self.config.vocab_size})")
         return a.astype(np.int64)
 
     def sequence(self) -> Sequence:

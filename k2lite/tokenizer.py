@@ -18,6 +18,8 @@ import re
 
 import tiktoken
 
+from .errors import ModelFormatError
+
 # Kimi's pre-tokenizer. `&&` is character-class intersection (Rust fancy-regex in tiktoken);
 # Python's `regex` module needs regex.V1 for it, and PCRE needs a rewrite (llama.cpp #14642).
 PAT_STR = "|".join([
@@ -44,13 +46,20 @@ _LONG_RUN = re.compile(r"(?<!\s)\s{%d}|(?<!\S)\S{%d}" % (MAX_RUN_CHARS + 1, MAX_
 def load_ranks(path):
     """Read a tiktoken ranks file into {token bytes: rank}."""
     ranks = {}
-    with open(path, "rb") as f:
-        for line in f:
-            if line.strip():
-                tok, rank = line.split()
-                ranks[base64.b64decode(tok)] = int(rank)
+    try:
+        with open(path, "rb") as f:
+            for lineno, line in enumerate(f, 1):
+                if line.strip():
+                    try:
+                        tok, rank = line.split()
+                        ranks[base64.b64decode(tok, validate=True)] = int(rank)
+                    except ValueError:      # also binascii.Error, a ValueError
+                        raise ModelFormatError(f"{path}:{lineno}: expected '<base64 token> <rank>', "
+                                               f"got {line[:60]!r}") from None
+    except OSError as e:
+        raise ModelFormatError(f"{path}: cannot read ({e.strerror or e})") from None
     if sorted(ranks.values()) != list(range(len(ranks))):
-        raise ValueError(f"{path}: ranks are not 0..{len(ranks) - 1} without gaps")
+        raise ModelFormatError(f"{path}: ranks are not 0..{len(ranks) - 1} without gaps (or a token repeats)")
     return ranks
 
 
@@ -123,13 +132,23 @@ class Tokenizer:
         cfg_path = os.path.join(path, "tokenizer_config.json")
         added = {}
         if os.path.exists(cfg_path):
-            with open(cfg_path, encoding="utf-8") as f:
-                cfg = json.load(f)
-            for k, v in cfg.get("added_tokens_decoder", {}).items():
+            try:
+                with open(cfg_path, encoding="utf-8") as f:
+                    cfg = json.load(f)
+            except (OSError, UnicodeDecodeError, ValueError) as e:
+                raise ModelFormatError(f"{cfg_path}: cannot read ({type(e).__name__}: {e})") from None
+            table = cfg.get("added_tokens_decoder", {}) if isinstance(cfg, dict) else None
+            if not isinstance(table, dict):
+                raise ModelFormatError(f"{cfg_path}: 'added_tokens_decoder' must be an object "
+                                       "{\"<id>\": {\"content\": \"<name>\"}}")
+            for k, v in table.items():
+                if not (k.isdigit() and isinstance(v, dict) and isinstance(v.get("content"), str)):
+                    raise ModelFormatError(f"{cfg_path}: added_tokens_decoder[{k!r}] must map an id "
+                                           "to {\"content\": \"<name>\"}")
                 i = int(k)
                 if not len(ranks) <= i < len(ranks) + NUM_SPECIAL:
-                    raise ValueError(f"{cfg_path}: added token id {i} ({v['content']!r}) is "
-                                     f"outside the special range {len(ranks)}..{len(ranks) + 255}")
+                    raise ModelFormatError(f"{cfg_path}: added token id {i} ({v['content']!r}) is "
+                                           f"outside the special range {len(ranks)}..{len(ranks) + 255}")
                 added[i] = v["content"]
         return cls(ranks, added, name=os.path.basename(os.path.normpath(path)) or "kimi")
 

@@ -223,3 +223,13 @@ def test_multi_turn_chat_with_one_sequence_equals_recomputing(text_llm):
             assert r.token_ids == fresh.token_ids
             assert (r.usage.cached_tokens > 0) == (turn > 0)
             msgs += [r.message(), {"role": "user", "content": f"And {turn}?"}]
+
+
+@pytest.mark.parametrize("text,match", [
+    ("{oops", "cannot read"), ("[1, 2]", "must hold a JSON object"),
+    ('{"eos_token_id": ["x"]}', "eos_token_id must be"), ('{"eos_token_id": -3}', "eos_token_id must be"),
+])
+def test_bad_generation_config_is_a_format_error(tmp_path, text, match):
+    (tmp_path / "generation_config.json").write_text(text)
+    with pytest.raises(k2lite.ModelFormatError, match=match):
+        generation_defaults(str(tmp_path))

@@ -460,3 +460,70 @@ def test_load_modes_agree(tiny_model, kw, device):
         seq.append(ids[:3])
         step = seq.append([ids[3]])[0]
     assert np.abs(step - want[3]).max() <= 1e-4 * np.abs(want).max()
+
+
+KIMI_DIR = os.path.join(REPO, "models", "kimi-k2-thinking")
+
+
+def with_tokenizer(path, ranks_lines=None, tok_cfg=None):
+    """A tokenizer for the tiny model: the first 128 byte ranks, specials from 128 (384 ids)."""
+    with open(os.path.join(KIMI_DIR, "tiktoken.model"), "rb") as f:
+        lines = [line for line in f if line.strip() and int(line.split()[1]) < 128]
+    with open(os.path.join(path, "tiktoken.model"), "wb") as f:
+        f.writelines(lines if ranks_lines is None else ranks_lines(lines))
+    with open(os.path.join(path, "tokenizer_config.json"), "w") as f:
+        f.write(json.dumps({"added_tokens_decoder": {"128": {"content": "[BOS]"}, "129": {"content": "[EOS]"}}})
+                if tok_cfg is None else tok_cfg)
+    return path
+
+
+@pytest.mark.parametrize("ranks_lines,tok_cfg,match", [
+    (lambda ls: ls[:5] + [b"!!!! 5\n"] + ls[6:], None, r"tiktoken.model:6: expected"),
+    (lambda ls: ls[:5] + [b"QUI= 5 7\n"] + ls[6:], None, r"tiktoken.model:6: expected"),
+    (lambda ls: ls[:5] + ls[6:], None, "without gaps"),
+    (None, "{not json", r"tokenizer_config.json: cannot read"),
+    (None, json.dumps({"added_tokens_decoder": [1, 2]}), "must be an object"),
+    (None, json.dumps({"added_tokens_decoder": {"128": "[BOS]"}}), r"added_tokens_decoder\['128'\]"),
+    (None, json.dumps({"added_tokens_decoder": {"5": {"content": "[BOS]"}}}), "outside the special range"),
+])
+def test_corrupt_tokenizer_files(tiny_model, tmp_path, ranks_lines, tok_cfg, match):
+    path = with_tokenizer(copy_model(tiny_model, tmp_path / "m"), ranks_lines, tok_cfg)
+    with pytest.raises(ModelFormatError, match=match):
+        k2lite.load(path, device="ref")
+
+
+def test_tokenizer_larger_than_the_vocabulary(tiny_model, tmp_path):
+    path = copy_model(tiny_model, tmp_path / "m")
+    shutil.copy(os.path.join(KIMI_DIR, "tiktoken.model"), path)
+    shutil.copy(os.path.join(KIMI_DIR, "tokenizer_config.json"), path)
+    with pytest.raises(ModelFormatError, match="163840 ids, more than config.json's vocab_size 384"):
+        k2lite.load(path, device="ref")
+    llm = k2lite.load(with_tokenizer(path), device="ref")        # 384 ids: fits
+    assert llm.tokenizer.vocab_size == 384
+
+
+@pytest.mark.parametrize("kw,match", [
+    (dict(threads=10**6), "threads must be between 1 and"),
+    (dict(threads=0), "threads must be between 1 and"),
+    (dict(page_size=0), "must be positive"),
+    (dict(context=0), "must be positive"),
+])
+def test_bad_load_arguments(tiny_model, kw, match):
+    from k2lite import ops
+    if "threads" in kw and not ops.available("cpu"):
+        pytest.skip("threads are the native backend's")
+    with pytest.raises(ValueError, match=match):
+        k2lite.load(tiny_model, **kw)
+
+
+def test_a_file_is_not_a_checkpoint_folder(tiny_model):
+    with pytest.raises(ModelFormatError, match="not a checkpoint folder"):
+        k2lite.load(os.path.join(tiny_model, SHARD))
+
+
+def test_bad_token_ids_name_the_id_and_position(tiny_model):
+    llm = k2lite.load(tiny_model, device="ref")
+    with pytest.raises(ValueError, match=r"token id 384 at position 2 is out of range \[0, 384\)"):
+        llm.logits([1, 2, 384])
+    with pytest.raises(ValueError, match=r"token id -1 at position 0"):
+        llm.logits([-1])
