@@ -60,6 +60,12 @@ def _str(x):
     return "" if x is None else str(x)
 
 
+def is_image(part) -> bool:
+    """Whether a content part is an image (OpenAI `image_url`, or the template's `image`)."""
+    return isinstance(part, dict) and (part.get("type") in ("image", "image_url")
+                                       or "image" in part or "image_url" in part)
+
+
 def _content_parts(msg, where):
     """(is_markup, text) parts of a message's content: a string, None, or a list of parts."""
     c = msg.get("content")
@@ -74,7 +80,7 @@ def _content_parts(msg, where):
     for j, part in enumerate(c):
         if not isinstance(part, dict):
             raise ValueError(f"{where}: content[{j}] must be a dict, not {type(part).__name__}")
-        if part.get("type") == "image" or "image" in part or "image_url" in part:
+        if is_image(part):
             out += [(True, m) for m in IMAGE_MARKUP]
             # The released template leaves a newline after each image (jinja whitespace rules).
             out.append((False, "\n"))

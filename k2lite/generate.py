@@ -345,6 +345,12 @@ class GenerationMixin:
     def chat_ids(self, messages, tools=None) -> list:
         if self.tokenizer is None:
             raise ValueError(f"{self.path} has no tokenizer (tiktoken.model): chat needs one")
+        from .chat import is_image
+        for i, m in enumerate(messages if isinstance(messages, (list, tuple)) else ()):
+            c = m.get("content") if isinstance(m, dict) else None
+            if isinstance(c, list) and any(is_image(p) for p in c):
+                # the template has markup for images, but no K2 text model can see them
+                raise ValueError(f"messages[{i}]: image inputs are not supported (text only)")
         return self.tokenizer.encode_chat(messages, tools=tools, add_generation_prompt=True)
 
     def stream_chat(self, messages, tools=None, thinking=None, **sampling) -> ChatStream:

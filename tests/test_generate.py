@@ -233,3 +233,10 @@ def test_bad_generation_config_is_a_format_error(tmp_path, text, match):
     (tmp_path / "generation_config.json").write_text(text)
     with pytest.raises(k2lite.ModelFormatError, match=match):
         generation_defaults(str(tmp_path))
+
+
+def test_image_parts_are_refused_not_dropped(text_llm):
+    msgs = [{"role": "user", "content": [{"type": "text", "text": "What is this?"},
+                                         {"type": "image_url", "image_url": {"url": "data:,"}}]}]
+    with pytest.raises(ValueError, match=r"messages\[0\]: image inputs are not supported"):
+        text_llm.chat(msgs, max_tokens=2)
