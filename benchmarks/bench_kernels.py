@@ -143,9 +143,9 @@ def main():
         for T in (1, 4, 16):
             bench("int4_matmul", mats, lambda x, w: cpu.int4_matmul(x, w.packed, w.scales, w.group_size), T)
         if args.exact:
-            cpu.set_int4_exact(True)
+            cpu.set_exact(True)
             bench("int4_matmul (exact path)", mats, lambda x, w: cpu.int4_matmul(x, w.packed, w.scales, w.group_size), 1)
-            cpu.set_int4_exact(False)
+            cpu.set_exact(False)
         del mats
     # the numpy reference, for scale (one small call)
     w = rand_int4(rng, 2048, 7168)

@@ -22,7 +22,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 from . import _cpu, ref  # noqa: E402
 from .checks import activation as _act, bf16_args, cdiv as _cdiv, fp8_args, int4_args  # noqa: E402
 from .checks import fp8_weight as _fp8_weight, group_scales as _group_scales, weight as _weight  # noqa: E402
-from .formats import Fp8Tensor, Int4Tensor, tiled_bf16_shape
+from .formats import Fp8Tensor, Int4Tensor, round_bf16, tiled_bf16_shape
 
 SIMD = _cpu.simd
 
@@ -61,18 +61,26 @@ if "OMP_NUM_THREADS" not in os.environ:     # the user's OpenMP setting wins
     set_threads(physical_cores())
 
 
-# INT4 ops with bf16 scales run on int8-quantized activations where the CPU has AVX512-VNNI
-# (relative error ~1e-5 NMSE, llama.cpp's q4_0 x q8_0 scheme); exact mode keeps fp32
-# activations (slower, reproduces ref to fp32 rounding). Process-wide.
+# Quantized activations, where they buy speed (process-wide): INT4 ops with bf16 scales run on
+# int8 activations where the CPU has AVX512-VNNI (NMSE ~1e-5, llama.cpp's q4_0 x q8_0 scheme),
+# and the BF16 matmuls on bf16 activations, as a GPU runs the model (NMSE ~3e-6; from 16 tokens
+# on, prefill, that doubles their speed on AVX512-BF16: src/cpu/bf16_gemm.cpp). The latent
+# cache keeps bf16-rounded rows to match (cache_rows), so decode and prefill still agree to
+# fp32 rounding. Exact mode keeps fp32 everywhere (slower; reproduces ref to fp32 rounding).
 INT4_VNNI = bool(getattr(_cpu, "int4_vnni", False))
 
 
-def set_int4_exact(on: bool) -> None:
-    _cpu.set_int4_exact(bool(on))
+def set_exact(on: bool) -> None:
+    _cpu.set_exact(bool(on))
 
 
-def get_int4_exact() -> bool:
-    return bool(_cpu.get_int4_exact())
+def get_exact() -> bool:
+    return bool(_cpu.get_exact())
+
+
+def cache_rows(rows: np.ndarray) -> np.ndarray:
+    """New latent-cache rows as the BF16 matmuls see activations: bf16-rounded (see above)."""
+    return rows if get_exact() else round_bf16(rows)
 
 
 # ---------------------------------------------------------------- linear layers

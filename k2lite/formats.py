@@ -37,6 +37,11 @@ def f32_to_bf16(x: np.ndarray) -> np.ndarray:
     return np.where(np.isnan(np.asarray(x, np.float32)), np.uint16(0x7FC0), rounded)
 
 
+def round_bf16(x: np.ndarray) -> np.ndarray:
+    """float32 values rounded to the nearest bf16 (ties to even), kept as float32."""
+    return bf16_to_f32(f32_to_bf16(x))
+
+
 # ---------------------------------------------------------------- BF16 in 16-row tiles
 TILE_ROWS, TILE_COLS = 16, 32
 
@@ -140,7 +145,7 @@ def dequantize_int4_arrays(packed: np.ndarray, scales: np.ndarray, n_in: int, gr
     q = unpack_int4(packed, n_in).astype(np.float32)
     s = np.repeat(scales_f32(scales), group_size, axis=1)[:, :n_in]
     w = q * s
-    return bf16_to_f32(f32_to_bf16(w)) if np.asarray(scales).dtype == np.uint16 else w
+    return round_bf16(w) if np.asarray(scales).dtype == np.uint16 else w
 
 
 def dequantize_int4(t: Int4Tensor) -> np.ndarray:

@@ -77,6 +77,13 @@ def rmsnorm(x: np.ndarray, w: np.ndarray, eps: float) -> np.ndarray:
     return (x / np.sqrt(var + np.float32(eps))).astype(np.float32) * w
 
 
+def cache_rows(rows: np.ndarray) -> np.ndarray:
+    """The values the latent cache keeps of new rows: exactly these (float32) here; a backend
+    whose BF16 matmuls take bf16 activations keeps them bf16-rounded, so that the prefill form
+    (kv_b applied to the cached latent) and the absorbed decode form see the same latent."""
+    return rows
+
+
 def silu(x: np.ndarray) -> np.ndarray:
     return x / (np.float32(1) + np.exp(-x))
 

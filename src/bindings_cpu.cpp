@@ -248,8 +248,8 @@ static int b_get_threads() {
 #endif
 }
 
-static void b_set_int4_exact(bool on) { g_int4_exact = on; }
-static bool b_get_int4_exact() { return g_int4_exact; }
+static void b_set_exact(bool on) { g_exact = on; }
+static bool b_get_exact() { return g_exact; }
 
 // setup.py builds these sources once per SIMD level, as k2lite._cpu_avx512 / _cpu_avx2 /
 // _cpu_scalar; k2lite/_cpu.py imports the best one this machine runs.
@@ -273,8 +273,8 @@ PYBIND11_MODULE(K2LITE_CPU_MODULE, m) {
     m.def("stream_read", &b_stream_read);
     m.def("set_threads", &b_set_threads);
     m.def("get_threads", &b_get_threads);
-    m.def("set_int4_exact", &b_set_int4_exact);
-    m.def("get_int4_exact", &b_get_int4_exact);
+    m.def("set_exact", &b_set_exact);
+    m.def("get_exact", &b_get_exact);
     m.attr("int4_vnni") = int4_vnni(128, 32, false);
 #if defined(K2_AVX512) && defined(__AVX512VBMI__)
     m.attr("fp8_simd") = "avx512vbmi";

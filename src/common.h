@@ -35,6 +35,11 @@ static inline float round_bf16(float f) {
     return f;
 }
 
+// Round n floats to bf16 in place (the BF16 matmuls' activations, unless g_exact).
+static inline void round_bf16_n(float* x, size_t n) {
+    for (size_t i = 0; i < n; i++) x[i] = round_bf16(x[i]);
+}
+
 static inline int ceil_div(int a, int b) { return (a + b - 1) / b; }
 
 // p rounded up to the next 64-byte boundary (a buffer allocated 64 bytes long enough).
@@ -73,9 +78,9 @@ void int4_rows(float* y, int ldy, const float* xp, int T, int I, const int32_t* 
 // x is quantized to int8 with an fp32 scale per 8 inputs, into blocks of 128 columns
 // (Q8_BLOCK_BYTES each, 64-byte aligned; layout in int4_matmul_vnni.cpp); results then differ
 // from ref by ~1e-5 NMSE.
-// g_int4_exact (process-wide, default false) turns it off: every INT4 op then takes the exact
-// path above (set by k2lite.cpu.set_int4_exact).
-extern bool g_int4_exact;
+// g_exact (process-wide, default false) turns it off: every INT4 op then takes the exact path
+// above, and bf16_matmul keeps fp32 activations for every T (k2lite.cpu.set_exact).
+extern bool g_exact;
 #define Q8_BLOCK_BYTES 256
 bool int4_vnni(int I, int group, bool scales_f32);
 static inline size_t int4_q8_bytes(int ncols) { return (size_t)ceil_div(ncols, 128) * Q8_BLOCK_BYTES; }
@@ -91,6 +96,13 @@ void int4_rows_q8(float* y, int ldy, const void* const* xq, int T, int I, const 
 // even columns then odd ones; a copy elsewhere).
 void bf16_prep_x(float* xd, const float* x, int T, int I);
 void bf16_rows(float* y, int ldy, const float* xd, int T, int I, const uint16_t* w, int n0, int n1);
+// bf16_matmul and bf16_tiled_matmul round x to bf16 (unless g_exact), as a GPU runs the model:
+// from BF16_GEMM_MIN_T tokens on (prefill) bf16_matmul is bf16_gemm, vdpbf16ps over repacked
+// weight panels (bf16_gemm.cpp, AVX512-BF16 builds; 1.2x the FMA rows at 16 tokens, 2x at 256),
+// and decode must see the same activations, or a token's logits would depend on how its
+// sequence was chunked (prompt caching, batch size) by more than fp32 rounding.
+#define BF16_GEMM_MIN_T 16
+void bf16_gemm(float* out, const float* x, const uint16_t* w, int T, int I, int N);
 
 // ---------------------------------------------------------------- FP8 rows (fp8_matmul.cpp)
 // y[t*ldy + n] = Σ_i x[t,i] W[n,i] for t < T, n0 <= n < n1, W[n,i] = e4m3fn(w[n,i]) *

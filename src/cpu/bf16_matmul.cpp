@@ -124,8 +124,12 @@ void bf16_rows(float* y, int ldy, const float* xd, int T, int I, const uint16_t*
 
 // ---------------------------------------------------------------- op: rows split over threads
 void bf16_matmul(float* out, const float* x, const uint16_t* w, int T, int I, int N) {
+#if defined(K2_AVX512) && defined(__AVX512BF16__)
+    if (T >= BF16_GEMM_MIN_T && !g_exact) return bf16_gemm(out, x, w, T, I, N);   // prefill
+#endif
     std::vector<float> xd((size_t)T * I);
     bf16_prep_x(xd.data(), x, T, I);
+    if (!g_exact) round_bf16_n(xd.data(), xd.size());    // the activations bf16_gemm sees
     // 16 rows per work item, handed out one at a time: dynamic items ride out a busy core, and
     // single items keep the end of the call even (chunks of 4 items = 0.9 MB at I = 7168 left
     // one thread idle for up to that long: kv_a 576x7168 at T=1 0.62-0.75 -> 0.79-0.80 of read)

@@ -20,7 +20,7 @@
 #include "common.h"
 #include <vector>
 
-bool g_int4_exact = false;
+bool g_exact = false;
 
 #if defined(K2_AVX512) && defined(__AVX512VNNI__)
 #define K2_VNNI 1
@@ -28,7 +28,7 @@ bool g_int4_exact = false;
 
 bool int4_vnni(int I, int group, bool scales_f32) {
 #ifdef K2_VNNI
-    return !scales_f32 && !g_int4_exact && I > 0 && I % 32 == 0 && group % 32 == 0 &&
+    return !scales_f32 && !g_exact && I > 0 && I % 32 == 0 && group % 32 == 0 &&
            (128 % group == 0 || group % 128 == 0);
 #else
     (void)I; (void)group; (void)scales_f32;
