@@ -276,6 +276,11 @@ PYBIND11_MODULE(K2LITE_CPU_MODULE, m) {
     m.def("set_exact", &b_set_exact);
     m.def("get_exact", &b_get_exact);
     m.attr("int4_vnni") = int4_vnni(128, 32, false);
+#ifdef K2_BF16DP
+    m.attr("bf16_dp") = true;     // BF16 matmuls on vdpbf16ps, batch-invariant (common.h)
+#else
+    m.attr("bf16_dp") = false;
+#endif
 #if defined(K2_AVX512) && defined(__AVX512VBMI__)
     m.attr("fp8_simd") = "avx512vbmi";
 #else

@@ -96,13 +96,19 @@ void int4_rows_q8(float* y, int ldy, const void* const* xq, int T, int I, const 
 // even columns then odd ones; a copy elsewhere).
 void bf16_prep_x(float* xd, const float* x, int T, int I);
 void bf16_rows(float* y, int ldy, const float* xd, int T, int I, const uint16_t* w, int n0, int n1);
-// bf16_matmul and bf16_tiled_matmul round x to bf16 (unless g_exact), as a GPU runs the model:
-// from BF16_GEMM_MIN_T tokens on (prefill) bf16_matmul is bf16_gemm, vdpbf16ps over repacked
-// weight panels (bf16_gemm.cpp, AVX512-BF16 builds; 1.2x the FMA rows at 16 tokens, 2x at 256),
-// and decode must see the same activations, or a token's logits would depend on how its
-// sequence was chunked (prompt caching, batch size) by more than fp32 rounding.
-#define BF16_GEMM_MIN_T 16
-void bf16_gemm(float* out, const float* x, const uint16_t* w, int T, int I, int N);
+// bf16_matmul and bf16_tiled_matmul take x rounded to bf16 (unless g_exact), as a GPU runs the
+// model. On AVX512-BF16 builds they multiply with vdpbf16ps (32 MACs per instruction, twice an
+// FMA: prefill 1.5x) in one fixed order for every (row, token): per chunk of BF16_DP_KC columns,
+// 16 lane sums over 32-column steps in order, reduced, then added to the earlier chunks'. The
+// order depends on neither T nor the layout, so a token's result is bit-identical in decode, in
+// any prefill chunk and in a batch: bf16 rounding would turn fp32-level differences into
+// 2^-9 jumps (prompt caching and batching rely on it).
+#define BF16_DP_KC 2048
+#if defined(K2_AVX512) && defined(__AVX512BF16__)
+#define K2_BF16DP 1
+// xb[t*ldx + i] = bf16(x[t*I + i]) (round to nearest even), zero for I <= i < ldx.
+void bf16_round_x(uint16_t* xb, size_t ldx, const float* x, int T, int I);
+#endif
 
 // ---------------------------------------------------------------- FP8 rows (fp8_matmul.cpp)
 // y[t*ldy + n] = Σ_i x[t,i] W[n,i] for t < T, n0 <= n < n1, W[n,i] = e4m3fn(w[n,i]) *

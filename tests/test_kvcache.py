@@ -113,3 +113,28 @@ def test_reuse_prefix_keeps_the_common_start_and_one_token_to_compute(tiny_model
         s.append([1, 2])
         assert s.reuse_prefix([5, 6, 7, 1, 2]) == 4       # the whole prompt is cached: recompute its last
         assert s.reuse_prefix([9]) == 0 and len(s) == 0
+
+
+@pytest.mark.parametrize("exact", [False, True])
+def test_chunking_does_not_change_the_logits_on_cpu(tiny_model, exact):
+    """The cpu backend's BF16 GEMM (>= 16 tokens) rounds activations to bf16; the row kernels
+    (fewer tokens, decode) and the latent cache round the same way (ops.cache_rows), so how a
+    sequence is cut into prefill chunks and decode steps moves its logits by fp32 rounding only
+    (prompt caching and batching rely on it)."""
+    from k2lite import cpu, ops
+    if not ops.available("cpu"):
+        pytest.skip("native CPU module not built")
+    ids = [int(i) for i in np.random.default_rng(2).integers(3, 380, 48)]
+    cpu.set_exact(exact)
+    try:
+        want = k2lite.load(tiny_model, device="cpu").logits(ids)[-1]
+        for chunk, split in ((256, 47), (7, 40), (20, 30)):
+            llm = k2lite.load(tiny_model, device="cpu", prefill_chunk=chunk)
+            with llm.sequence() as s:
+                s.append(ids[:split])
+                for t in ids[split:-1]:
+                    s.append([t])
+                got = s.append([ids[-1]])[0]
+            assert np.abs(got - want).max() <= 1e-4 * np.abs(want).max(), (chunk, split)
+    finally:
+        cpu.set_exact(False)

@@ -254,6 +254,25 @@ def test_int4_batch_invariant():
         cpu.set_threads(threads)
 
 
+def test_bf16_batch_invariant():
+    """With vdpbf16ps (AVX512-BF16) every BF16 matmul forms a (row, token) sum in one order
+    whatever the number of tokens or the layout (rows or TiledBF16), so decode, prefill chunks,
+    batches and repacked weights agree bit for bit (a bf16-rounded activation downstream would
+    turn the smallest difference into a 2^-9 jump)."""
+    from k2lite import cpu
+    from k2lite.formats import tile_bf16
+    if not getattr(cpu._cpu, "bf16_dp", False):
+        pytest.skip("no AVX512-BF16 path in this build")
+    rng = np.random.default_rng(6)
+    for T, I, N in ((37, 2 * 2048 + 77, 45), (5, 31, 17), (20, 7168, 33)):
+        x, w = mk_bf16_matmul(rng, T, I, N)
+        full = cpu.bf16_matmul(x, w)
+        assert np.array_equal(full, cpu.bf16_tiled_matmul(x, tile_bf16(w).data, N))
+        for i in (0, T // 2, T - 1):
+            assert np.array_equal(full[i:i + 1], cpu.bf16_matmul(x[i:i + 1], w))
+            assert np.array_equal(full[i:i + 1], cpu.bf16_tiled_matmul(x[i:i + 1], tile_bf16(w).data, N))
+
+
 @pytest.mark.parametrize("name", BACKENDS)
 def test_linear_dispatch(name):
     be = backend(name)

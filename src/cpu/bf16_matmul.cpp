@@ -122,14 +122,103 @@ void bf16_rows(float* y, int ldy, const float* xd, int T, int I, const uint16_t*
 #endif
 }
 
+// ---------------------------------------------------------------- AVX512-BF16: bf16 x, vdpbf16ps
+#ifdef K2_BF16DP
+void bf16_round_x(uint16_t* xb, size_t ldx, const float* x, int T, int I) {
+    for (int t = 0; t < T; t++) {
+        const float* xt = x + (size_t)t * I;
+        uint16_t* o = xb + (size_t)t * ldx;
+        int i = 0;
+        for (; i + 32 <= I; i += 32)    // vcvtne2ps2bf16: round to nearest even, as round_bf16
+            _mm512_storeu_si512(o + i, (__m512i)_mm512_cvtne2ps_pbh(_mm512_loadu_ps(xt + i + 16),
+                                                                    _mm512_loadu_ps(xt + i)));
+        for (; i < I; i++) {
+            const float f = round_bf16(xt[i]);
+            uint32_t u;
+            std::memcpy(&u, &f, 4);
+            o[i] = (uint16_t)(u >> 16);
+        }
+        for (; i < (int)ldx; i++) o[i] = 0;
+    }
+}
+
+// RB rows x TT tokens, columns [k0, k0+K) of rows of length I (w row stride ldw): the common.h
+// order. A row's partial last step is a masked load (nothing read past the row; x is padded).
+template <int RB, int TT>
+static void dp_tile(float* y, int ldy, const uint16_t* xb, size_t ldx, int k0, int K, int I,
+                    const uint16_t* w, size_t ldw) {
+    __m512 acc[RB][TT];
+    for (int r = 0; r < RB; r++)
+        for (int t = 0; t < TT; t++) acc[r][t] = _mm512_setzero_ps();
+    for (int i = k0; i < k0 + K; i += 32) {
+        const __mmask32 m = I - i >= 32 ? ~(__mmask32)0 : (__mmask32)((1u << (I - i)) - 1);
+        __m512bh xv[TT];
+        for (int t = 0; t < TT; t++) xv[t] = (__m512bh)_mm512_loadu_si512(xb + (size_t)t * ldx + i);
+        for (int r = 0; r < RB; r++) {
+            const __m512bh wv = (__m512bh)_mm512_maskz_loadu_epi16(m, w + r * ldw + i);
+            for (int t = 0; t < TT; t++) acc[r][t] = _mm512_dpbf16_ps(acc[r][t], wv, xv[t]);
+        }
+    }
+    for (int r = 0; r < RB; r++)
+        for (int t = 0; t < TT; t++) {
+            const float v = _mm512_reduce_add_ps(acc[r][t]);
+            y[(size_t)t * ldy + r] = k0 > 0 ? y[(size_t)t * ldy + r] + v : v;
+        }
+}
+
+// Rows [0, nr) of w for every token. Tokens in blocks of TB, so a block's x chunk (TB x KC
+// bf16, 128 KB) stays in L2 while each 4-row group of the rows passes over it, and a group's
+// chunk (16 KB) in L1 while the block's 4-token tiles do.
+static void dp_rows(float* y, int ldy, const uint16_t* xb, size_t ldx, int T, int I, const uint16_t* w, int nr) {
+    constexpr int KC = BF16_DP_KC, TB = 32;
+    for (int k0 = 0; k0 < I; k0 += KC) {
+        const int K = I - k0 < KC ? I - k0 : KC;
+        for (int b0 = 0; b0 < T; b0 += TB) {
+            const int b1 = T - b0 < TB ? T : b0 + TB;
+            for (int r = 0; r < nr; r += 4) {
+                const uint16_t* wr = w + (size_t)r * I;
+                for (int t0 = b0; t0 < b1; t0 += 4) {
+                    float* yt = y + (size_t)t0 * ldy + r;
+                    const uint16_t* xt = xb + (size_t)t0 * ldx;
+                    const int tt = b1 - t0 < 4 ? b1 - t0 : 4;
+                    if (nr - r >= 4) {
+                        switch (tt) {
+                            case 1: dp_tile<4, 1>(yt, ldy, xt, ldx, k0, K, I, wr, I); break;
+                            case 2: dp_tile<4, 2>(yt, ldy, xt, ldx, k0, K, I, wr, I); break;
+                            case 3: dp_tile<4, 3>(yt, ldy, xt, ldx, k0, K, I, wr, I); break;
+                            default: dp_tile<4, 4>(yt, ldy, xt, ldx, k0, K, I, wr, I); break;
+                        }
+                    } else {
+                        for (int rr = r; rr < nr; rr++)
+                            for (int t = 0; t < tt; t++)
+                                dp_tile<1, 1>(yt + (size_t)t * ldy + (rr - r), ldy, xt + (size_t)t * ldx, ldx, k0,
+                                              K, I, w + (size_t)rr * I, I);
+                    }
+                }
+            }
+        }
+    }
+}
+
+static void bf16_matmul_dp(float* out, const float* x, const uint16_t* w, int T, int I, int N) {
+    const size_t ldx = (size_t)ceil_div(I, 32) * 32;
+    std::vector<uint16_t> xb((size_t)T * ldx);
+    bf16_round_x(xb.data(), ldx, x, T, I);
+    const int block = 16;    // rows per work item, one at a time (as bf16_matmul below)
+    #pragma omp parallel for schedule(dynamic, 1)
+    for (int n0 = 0; n0 < N; n0 += block)
+        dp_rows(out + n0, N, xb.data(), ldx, T, I, w + (size_t)n0 * I, N - n0 < block ? N - n0 : block);
+}
+#endif
+
 // ---------------------------------------------------------------- op: rows split over threads
 void bf16_matmul(float* out, const float* x, const uint16_t* w, int T, int I, int N) {
-#if defined(K2_AVX512) && defined(__AVX512BF16__)
-    if (T >= BF16_GEMM_MIN_T && !g_exact) return bf16_gemm(out, x, w, T, I, N);   // prefill
+#ifdef K2_BF16DP
+    if (!g_exact) return bf16_matmul_dp(out, x, w, T, I, N);
 #endif
     std::vector<float> xd((size_t)T * I);
     bf16_prep_x(xd.data(), x, T, I);
-    if (!g_exact) round_bf16_n(xd.data(), xd.size());    // the activations bf16_gemm sees
+    if (!g_exact) round_bf16_n(xd.data(), xd.size());    // bf16 activations (common.h)
     // 16 rows per work item, handed out one at a time: dynamic items ride out a busy core, and
     // single items keep the end of the call even (chunks of 4 items = 0.9 MB at I = 7168 left
     // one thread idle for up to that long: kv_a 576x7168 at T=1 0.62-0.75 -> 0.79-0.80 of read)

@@ -106,6 +106,32 @@ static void tile_many(float* s, const float* xd, int Ip, const uint16_t* tile, i
 }
 #endif
 
+#ifdef K2_BF16DP
+// s[t*TR + r] = the tile's row r times token t with bf16 x (xb, row stride Ip), in the common.h
+// order that bf16_matmul's rows use too: per chunk of BF16_DP_KC columns, per token, the 16
+// rows' lane sums (the tile's zero padding adds +0 where the rows mask their last step).
+static void tile_sums_dp(float* s, const uint16_t* xb, int Ip, const uint16_t* tile, int T) {
+    for (int k0 = 0; k0 < Ip; k0 += BF16_DP_KC) {
+        const int k1 = k0 + BF16_DP_KC < Ip ? k0 + BF16_DP_KC : Ip;
+        for (int t = 0; t < T; t++) {
+            __m512 acc[TR];
+            for (int r = 0; r < TR; r++) acc[r] = _mm512_setzero_ps();
+            const uint16_t* xt = xb + (size_t)t * Ip;
+            for (int c = k0; c < k1; c += TC) {
+                const __m512bh xv = (__m512bh)_mm512_loadu_si512(xt + c);
+                const uint16_t* wp = tile + (size_t)c * TR;
+                for (int r = 0; r < TR; r++)
+                    acc[r] = _mm512_dpbf16_ps(acc[r], (__m512bh)_mm512_loadu_si512(wp + TC * r), xv);
+            }
+            for (int r = 0; r < TR; r++) {
+                const float v = _mm512_reduce_add_ps(acc[r]);
+                s[(size_t)t * TR + r] = k0 > 0 ? s[(size_t)t * TR + r] + v : v;
+            }
+        }
+    }
+}
+#endif
+
 // s[t*TR + r] = the tile's row r times token t, for all T tokens.
 static void tile_sums(float* s, const float* xd, int Ip, const uint16_t* tile, int T, void* scratch) {
 #ifdef K2_AVX512
@@ -128,6 +154,24 @@ static void tile_sums(float* s, const float* xd, int Ip, const uint16_t* tile, i
 
 void bf16_tiled_matmul(float* out, const float* x, const uint16_t* data, int T, int I, int N) {
     const int Ip = ceil_div(I, TC) * TC, ntiles = ceil_div(N, TR);
+#ifdef K2_BF16DP
+    if (!g_exact) {     // bf16 x, vdpbf16ps, in bf16_matmul's order (common.h)
+        std::vector<uint16_t> xb((size_t)T * Ip);
+        bf16_round_x(xb.data(), Ip, x, T, I);
+        #pragma omp parallel
+        {
+            std::vector<float> s((size_t)T * TR);
+            #pragma omp for schedule(dynamic, 1)
+            for (int it = 0; it < ntiles; it++) {
+                const int nr = N - it * TR < TR ? N - it * TR : TR;
+                tile_sums_dp(s.data(), xb.data(), Ip, data + (size_t)it * TR * Ip, T);
+                for (int t = 0; t < T; t++)
+                    for (int r = 0; r < nr; r++) out[(size_t)t * N + it * TR + r] = s[(size_t)t * TR + r];
+            }
+        }
+        return;
+    }
+#endif
     std::vector<float> xd((size_t)T * Ip);
     deinterleave_x(xd.data(), x, T, I, Ip);
     if (!g_exact) round_bf16_n(xd.data(), xd.size());    // as bf16_matmul (common.h)
