@@ -84,6 +84,20 @@ class PagedKVCache:
         del seq.pages[keep:]
         seq.length = min(seq.length, n)
 
+    def copy_prefix(self, src: SeqState, n: int) -> SeqState:
+        """A new sequence holding a copy of src's first n rows, in pages of its own."""
+        k = -(-n // self.page_size)
+        if k > self.pages_free:
+            raise CacheFullError(f"KV cache is full: {k} pages needed to copy a prefix, {self.pages_free} free")
+        dst = SeqState()
+        while len(dst.pages) < k:
+            if not self.free_pages:
+                self._grow()
+            dst.pages.append(self.free_pages.pop())
+        self.pool[:, dst.pages] = self.pool[:, src.pages[:k]]
+        dst.length = n
+        return dst
+
     def free(self, seq: SeqState):
         self.free_pages.extend(reversed(seq.pages))
         seq.pages, seq.length, seq.closed = [], 0, True

@@ -55,10 +55,11 @@ class Sequence:
                                         last_only=last_only, head=not last_only or i == starts[-1])
                           for i in starts]
                 logits = logits[-1] if last_only else np.concatenate(logits)
+            self.tokens.extend(int(t) for t in ids)
         except BaseException:
             cache.truncate(self.state, start)    # chunks that did run are forgotten too
+            del self.tokens[start:]
             raise
-        self.tokens.extend(int(t) for t in ids)
         return logits
 
     def truncate(self, n: int) -> None:

@@ -195,29 +195,47 @@ class Scheduler:
     # ------------------------------------------------------------ the prompt cache
     def _adopt(self, r: Request):
         """Give r the cached sequence sharing the longest start with its prompt (keeping at
-        least one prompt token to compute), else a new one; then make room for its reserve."""
+        least one prompt token to compute), else a new one; then make room for its reserve.
+        A cached conversation that r continues is taken over; one that r only shares a start
+        with (a system prompt, an earlier turn) stays cached and r gets a copy of that start,
+        so clients taking turns do not cut each other's caches back."""
         best, kept = None, 0
         for st, ids in self.idle.items():
             n = next((i for i, (a, b) in enumerate(zip(ids, r.prompt[:-1])) if a != b),
                      min(len(ids), len(r.prompt) - 1))
             if n > kept:
                 best, kept = st, n
-        if best is not None:
+        state = None
+        if best is not None and kept < len(self.idle[best]) - 1:    # a shared start only
+            need = -(-kept // self.cache.page_size)
+            for st in [st for st in self.idle if st is not best]:   # least recently used first
+                if self.cache.pages_free >= need:
+                    break
+                self._evict(st)
+            if self.cache.pages_free >= need:
+                state = self.cache.copy_prefix(best, kept)
+                self.idle.move_to_end(best)
+        if best is not None and state is None:
+            state = best
             del self.idle[best]
             self.cache.truncate(best, kept)
-        r.state = best if best is not None else self.cache.new_seq()
+        r.state = state if state is not None else self.cache.new_seq()
         r.fed = r.cached = kept
         self.cached_tokens += kept
         # every page promised to a live request (r's included) must be free when it asks
         owed = sum(x.reserve - len(x.state.pages) for x in self.live if x.state is not None)
         while self.idle and self.cache.pages_free < owed:
-            self.cache.free(self.idle.popitem(last=False)[0])     # the least recently used
+            self._evict(next(iter(self.idle)))                       # the least recently used
 
     def _park(self, r: Request):
         """Keep r's sequence for later prompts (what it cached: its prompt, then its answer)."""
         self.idle[r.state] = (r.prompt + r.out)[:r.state.length]
         while len(self.idle) > self.max_idle:
-            self.cache.free(self.idle.popitem(last=False)[0])
+            self._evict(next(iter(self.idle)))
+
+    def _evict(self, st):
+        del self.idle[st]
+        self.cache.free(st)
 
     # ------------------------------------------------------------ the loop
     def _loop(self):
@@ -244,6 +262,8 @@ class Scheduler:
             for r in list(self.waiting) + list(self.live):
                 self._finish(r, "shutdown")
             self.waiting.clear()
+            while self.idle:                # the cache goes back whole (the LLM may serve again)
+                self._evict(next(iter(self.idle)))
 
     def _admit(self):
         """Move waiting requests (FIFO) into the batch while the batch and the cache have room."""
@@ -348,31 +368,32 @@ class Scheduler:
             r.events.put((r, "delta", d))
 
     def _finish(self, r: Request, reason: str, flush: bool = True):
-        """End a request: last text, parser tail, pages back to the pool, the "end" event."""
+        """End a request: last text, parser tail, the "end" event, then its pages: parked for
+        later prompts, or freed (last, so that a failure before it frees them instead)."""
         if r in self.live:
             self.live.remove(r)
-        if r.state is not None and not r.state.closed:
-            if reason in ("stop", "length", "cancelled") and r.state.length:
-                self._park(r)
-            else:                       # an error may have left the cache half-written
-                self.cache.free(r.state)
         if reason in ("cancelled", "error", "shutdown"):
             self.cancelled += reason == "cancelled"
             r.finish_reason = reason
             r.events.put({"cancelled": (r, "end", None),
                           "error": (r, "error", (500, "generation failed (see the server log)")),
                           "shutdown": (r, "error", (503, "the server is shutting down"))}[reason])
-            return
-        if flush and r.decoder is not None:
-            r.text += r.decoder.flush()
-        self._send(r, r.text[r.sent:])
-        r.sent = len(r.text)
-        if r.parser is not None:
-            self._deliver(r, r.parser.finish())
-            if r.calls and reason == "stop":
-                reason = "tool_calls"
-        r.finish_reason = reason
-        r.events.put((r, "end", None))
+        else:
+            if flush and r.decoder is not None:
+                r.text += r.decoder.flush()
+            self._send(r, r.text[r.sent:])
+            r.sent = len(r.text)
+            if r.parser is not None:
+                self._deliver(r, r.parser.finish())
+                if r.calls and reason == "stop":
+                    reason = "tool_calls"
+            r.finish_reason = reason
+            r.events.put((r, "end", None))
+        if r.state is not None and not r.state.closed and r.state not in self.idle:
+            if reason in ("stop", "length", "tool_calls", "cancelled") and r.state.length:
+                self._park(r)
+            else:                       # an error may have left the cache half-written
+                self.cache.free(r.state)
 
 
 # ---------------------------------------------------------------- validation

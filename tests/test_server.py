@@ -803,3 +803,60 @@ def test_prompt_cache_gives_its_pages_to_new_requests(model_dir):
             assert stats["cached_sequences"] == 1 and all_pages_back(stats, llm)
     finally:
         srv.stop()
+
+
+def test_prompt_cache_keeps_conversations_that_share_only_a_start(model_dir):
+    """Two clients taking turns share a system prompt: each keeps its own cached conversation
+    (the other gets a copy of the shared start), and stopping gives every page back."""
+    llm = k2lite.load(model_dir, threads=1, context=512)
+    sched = Scheduler(llm, max_batch=2).start()
+    limits = (llm.context, llm.cache.capacity_tokens, llm.cache.page_size, 16)
+
+    def run(prompt):
+        r = completion_request(llm, {"prompt": prompt, "max_tokens": 4, "temperature": 0}, limits)[0]
+        sched.submit(r)
+        while r.events.get(timeout=TIMEOUT)[1] not in ("end", "error"):
+            pass
+        assert r.finish_reason in ("stop", "length")
+        return r
+    try:
+        shared = list(range(10, 20))
+        a, b = shared + list(range(100, 160)), shared + list(range(200, 260))
+        for turn in range(3):
+            ra, rb = run(a), run(b)
+            if turn:     # everything but the new turn's two tokens (and the last answer token)
+                assert ra.cached >= len(a) - 3 and rb.cached >= len(b) - 3, (turn, ra.cached, rb.cached)
+            a, b = a + ra.out + [300 + turn, 301], b + rb.out + [400 + turn, 401]
+        assert len(sched.idle) >= 2
+    finally:
+        sched.stop()
+    assert llm.cache.pages_free == llm.cache.max_pages
+
+
+def test_a_failure_while_finishing_frees_the_pages_once(model_dir):
+    """_finish parks a sequence only after the last text and parser tail went out; a failure
+    there fails that request alone and frees its pages (never a cached sequence freed twice)."""
+    llm = k2lite.load(model_dir, threads=1, context=512)
+    sched = Scheduler(llm, max_batch=2).start()
+    limits = (llm.context, llm.cache.capacity_tokens, llm.cache.page_size, 16)
+
+    class Broken:
+        def feed_text(self, text):
+            return []
+
+        def finish(self):
+            raise RuntimeError("parser bug")
+    try:
+        def run(prompt, parser=None):
+            r = completion_request(llm, {"prompt": prompt, "max_tokens": 3, "temperature": 0}, limits)[0]
+            r.parser = parser
+            sched.submit(r)
+            while (kind := r.events.get(timeout=TIMEOUT)[1]) not in ("end", "error"):
+                pass
+            return kind
+        assert run([5, 6, 7, 8], Broken()) == "error"
+        assert not any(st.closed for st in sched.idle)
+        assert run([5, 6, 7, 8, 9]) == "end" and run([40, 41]) == "end"
+    finally:
+        sched.stop()
+    assert llm.cache.pages_free == llm.cache.max_pages
