@@ -581,8 +581,8 @@ def completion_request(llm, body: dict, limits) -> list:
 def _usage(reqs) -> dict:
     """Token counts of one HTTP request: each distinct prompt once, every choice's answer."""
     prompts = {}
-    for r in reqs:      # the n choices of a prompt share its list object
-        prompts[id(r.prompt)] = (r.prompt, min(r.cached, prompts.get(id(r.prompt), (0, r.cached))[1]))
+    for r in reqs:      # the n choices of a prompt share its list object; the best reuse counts
+        prompts[id(r.prompt)] = (r.prompt, max(r.cached, prompts.get(id(r.prompt), (0, 0))[1]))
     n = sum(len(p) for p, _ in prompts.values())
     m = sum(len(r.out) for r in reqs)
     return {"prompt_tokens": n, "completion_tokens": m, "total_tokens": n + m,
