@@ -129,7 +129,7 @@ class Scheduler:
         # Prompt cache: the sequences of finished requests, kept with their token ids (oldest
         # first) until their pages are needed. A new request adopts the one sharing the longest
         # start with its prompt, so a chat client resending its history computes only the new turn.
-        self.idle: OrderedDict = OrderedDict()   # SeqState -> ids cached in it
+        self.idle: OrderedDict = OrderedDict()   # SeqState -> ids cached in it (int64 array)
         self.max_idle = 4 * self.max_batch
         self.cached_tokens = 0           # prompt tokens served from the prompt cache
         self.force = None                # test-only hook: force(req) -> list of ids or None
@@ -200,9 +200,11 @@ class Scheduler:
         with (a system prompt, an earlier turn) stays cached and r gets a copy of that start,
         so clients taking turns do not cut each other's caches back."""
         best, kept = None, 0
+        prompt = np.asarray(r.prompt[:-1], np.int64)
         for st, ids in self.idle.items():
-            n = next((i for i, (a, b) in enumerate(zip(ids, r.prompt[:-1])) if a != b),
-                     min(len(ids), len(r.prompt) - 1))
+            m = min(len(ids), len(prompt))
+            differ = np.flatnonzero(ids[:m] != prompt[:m])    # numpy: prompts can be 100K tokens
+            n = int(differ[0]) if len(differ) else m
             if n > kept:
                 best, kept = st, n
         state = None
@@ -229,7 +231,7 @@ class Scheduler:
 
     def _park(self, r: Request):
         """Keep r's sequence for later prompts (what it cached: its prompt, then its answer)."""
-        self.idle[r.state] = (r.prompt + r.out)[:r.state.length]
+        self.idle[r.state] = np.asarray((r.prompt + r.out)[:r.state.length], np.int64)
         while len(self.idle) > self.max_idle:
             self._evict(next(iter(self.idle)))
 
