@@ -226,14 +226,15 @@ class StreamParser:
     """
 
     def __init__(self, tokenizer=None, thinking=True):
-        self._tok = tokenizer
+        self.tokenizer = tokenizer
         self._decoder = tokenizer.stream_decoder() if tokenizer is not None else None
-        if tokenizer is None:
-            self._names, self._reserved = CONTROL_NAMES, True
-        else:
-            self._names = tuple(n for n in CONTROL_NAMES if n not in tokenizer.special_tokens)
-            self._reserved = False
-        self._markers = _marker_regex(self._names, self._reserved)
+        # (names, reserved names too, regex): fed text every control name is a marker; fed ids
+        # only the names without an id of their own (a special id is its own marker)
+        self._text_markers = (CONTROL_NAMES, True, _marker_regex(CONTROL_NAMES, True))
+        if tokenizer is not None:
+            names = tuple(n for n in CONTROL_NAMES if n not in tokenizer.special_tokens)
+            self._id_markers = (names, False, _marker_regex(names, False))
+        self._names, self._reserved, self._markers = self._text_markers
         self._pending = ""      # text held back because it may be the start of a marker
         self._stray = ""        # text inside a tool-call section but outside any call
         self._mode = "reasoning" if thinking else "content"
@@ -250,18 +251,22 @@ class StreamParser:
         """Feed one generated token id; special ids are whole markers, text waits for full UTF-8."""
         if self._decoder is None:
             raise ValueError("feed_token needs StreamParser(tokenizer)")
-        if not self._tok.is_special(token_id):
-            return self.feed_text(self._decoder.feed(token_id))
+        if not self.tokenizer.is_special(token_id):
+            return self._feed(self._decoder.feed(token_id), self._id_markers)
         # The text before a special id is complete: a cut UTF-8 char or a held `<|` stays text.
-        out = self.feed_text(self._decoder.flush())
+        out = self._feed(self._decoder.flush(), self._id_markers)
         if self._mode != "done":
             self._text(self._pending, out)
             self._pending = ""
-            self._marker(self._tok.special_names[token_id], out)
+            self._marker(self.tokenizer.special_names[token_id], out)
         return out
 
     def feed_text(self, text):
         """Feed the next piece of decoded text; returns the deltas it completes."""
+        return self._feed(text, self._text_markers)
+
+    def _feed(self, text, markers):
+        self._names, self._reserved, self._markers = markers
         out = []
         buf = self._pending + text
         while buf and self._mode != "done" and self._markers is not None:
@@ -288,7 +293,7 @@ class StreamParser:
         """End of the stream: flush held-back text and any unterminated tool call."""
         out = []
         if self._decoder is not None:
-            out += self.feed_text(self._decoder.flush())
+            out += self._feed(self._decoder.flush(), self._id_markers)
         if self._mode != "done":
             self._text(self._pending, out)  # a lone `<` or `[` at the very end is plain text
         self._pending = ""

@@ -197,6 +197,7 @@ class TextStream(_Stream):
         self.llm, self.prompt_ids, self.sampler = llm, list(prompt_ids), sampler
         self.max_tokens, self.stop, self.eos_ids = int(max_tokens), [s for s in stop if s], set(eos_ids)
         self.seq = seq
+        self.on_token = None     # called with each generated id (not the eos) before its text
         self.completion: Completion | None = None
         self._it = self._run()
 
@@ -225,6 +226,8 @@ class TextStream(_Stream):
                     reason = "stop"
                     break
                 ids.append(t)
+                if self.on_token is not None:
+                    self.on_token(t)
                 if dec is not None:
                     text += dec.feed(t)
                     cut = min((i for i in (text.find(s, max(sent - len(s), 0)) for s in self.stop) if i >= 0),
@@ -253,20 +256,33 @@ class TextStream(_Stream):
 
 class ChatStream(_Stream):
     """Iterate for parser deltas ({"reasoning_content"}, {"content"}, {"tool_call", "index"});
-    afterwards `.result` holds the ChatResult."""
+    afterwards `.result` holds the ChatResult.
+
+    Without stop strings the parser is fed token ids, so only special ids are markup: a model
+    that writes the plain text `<|tool_call_begin|>` (echoing a user, say) does not make a tool
+    call. Stop strings cut the decoded text, so with them the parser reads that text (where
+    every control name counts as markup)."""
 
     def __init__(self, text_stream: TextStream, parser):
         self.text_stream, self.parser = text_stream, parser
         self.result: ChatResult | None = None
+        self._by_id = not text_stream.stop and getattr(parser, "tokenizer", None) is not None
+        self._pending: list = []
+        if self._by_id:
+            text_stream.on_token = lambda t: self._pending.extend(parser.feed_token(t))
         self._it = self._run()
 
     def _run(self):
         try:
             for delta in self.text_stream:
-                yield from self.parser.feed_text(delta)
+                if self._by_id:
+                    out, self._pending = self._pending, []
+                    yield from out
+                else:
+                    yield from self.parser.feed_text(delta)
         finally:
             self.text_stream.close()
-            tail = self.parser.finish()
+            tail, self._pending = self._pending + self.parser.finish(), []
             c = self.text_stream.completion
             r = self.parser.result()
             reason = "tool_calls" if r["tool_calls"] and c.finish_reason == "stop" else c.finish_reason
@@ -363,7 +379,7 @@ class GenerationMixin:
         """
         from .chat import StreamParser
         ts = self.stream(self.chat_ids(messages, tools), **sampling)
-        return ChatStream(ts, StreamParser(thinking=self.is_chat_model if thinking is None else thinking))
+        return ChatStream(ts, StreamParser(self.tokenizer, thinking=self.is_chat_model if thinking is None else thinking))
 
     def chat(self, messages, tools=None, thinking=None, **sampling) -> ChatResult:
         """One assistant turn: ChatResult(content, reasoning_content, tool_calls, finish_reason, usage)."""

@@ -106,6 +106,7 @@ class Request:
     text: str = ""                  # decoded text of `out`, cut at a stop string
     sent: int = 0                   # chars of `text` already emitted
     decoder: object = None          # tokenizer StreamDecoder
+    by_id: bool = False             # chat without stop strings: the parser reads ids (generate.ChatStream)
     forced: list | None = None      # test hook: scripted ids instead of sampling
     tools: bool = True              # deliver tool calls (tool_choice "none": drop them)
     calls: int = 0                  # tool calls delivered
@@ -278,6 +279,7 @@ class Scheduler:
                 self._adopt(r)
                 tok = self.llm.tokenizer
                 r.decoder = tok.stream_decoder() if tok is not None else None
+                r.by_id = r.parser is not None and not r.stop and r.parser.tokenizer is not None
                 r.forced = self.force(r) if self.force else None
             except Exception as e:
                 log.error("request %s failed: %s: %s", r.id, type(e).__name__, e)
@@ -337,7 +339,9 @@ class Scheduler:
             return self._finish(r, "stop")
         r.out.append(t)
         r.next_token = t
-        if r.decoder is not None:
+        if r.by_id:
+            self._deliver(r, r.parser.feed_token(t))
+        elif r.decoder is not None:
             r.text += r.decoder.feed(t)
             cuts = [i for i in (r.text.find(s, max(r.sent - len(s), 0)) for s in r.stop) if i >= 0]
             if cuts:
@@ -381,7 +385,7 @@ class Scheduler:
                           "error": (r, "error", (500, "generation failed (see the server log)")),
                           "shutdown": (r, "error", (503, "the server is shutting down"))}[reason])
         else:
-            if flush and r.decoder is not None:
+            if flush and r.decoder is not None and not r.by_id:
                 r.text += r.decoder.flush()
             self._send(r, r.text[r.sent:])
             r.sent = len(r.text)
@@ -541,7 +545,7 @@ def chat_request(llm, body: dict, limits, thinking: bool) -> list:
         prompt = llm.tokenizer.encode_chat(messages, tools=None if choice == "none" else tools or None)
     except (ValueError, TypeError, AttributeError, RecursionError) as e:
         raise _bad("messages", f"invalid messages: {e}") from None
-    reqs = _requests(llm, body, [prompt], lambda: StreamParser(thinking=thinking), limits, "messages")
+    reqs = _requests(llm, body, [prompt], lambda: StreamParser(llm.tokenizer, thinking=thinking), limits, "messages")
     for r in reqs:
         r.tools = choice != "none"
     return reqs

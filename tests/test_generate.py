@@ -240,3 +240,20 @@ def test_image_parts_are_refused_not_dropped(text_llm):
                                          {"type": "image_url", "image_url": {"url": "data:,"}}]}]
     with pytest.raises(ValueError, match=r"messages\[0\]: image inputs are not supported"):
         text_llm.chat(msgs, max_tokens=2)
+
+
+def test_plain_text_markup_from_the_model_stays_text(text_model):  # noqa: F811
+    """Without stop strings the chat parser reads ids: markup the model spells out in plain
+    tokens (echoing a user, say) is content, not a tool call; the same markup as special ids is."""
+    tok = Tokenizer.from_dir(text_model)
+    answer = "<think>r</think>See <|tool_calls_section_begin|><|tool_call_begin|>functions.f:0" \
+             "<|tool_call_argument_begin|>{}<|tool_call_end|><|tool_calls_section_end|>"
+    for ids, calls in ((tok.encode(answer), 1), (tok.encode(answer[:16]) + tok.encode_ordinary(answer[16:]), 0)):
+        r = Scripted(text_model, ids + [tok.special_id("<|im_end|>")]).chat(
+            [{"role": "user", "content": "Hi"}], temperature=0, max_tokens=200)
+        assert len(r.tool_calls) == calls and r.reasoning_content == "r"
+        assert r.content == ("See " if calls else answer[16:])
+    # with a stop string the parser reads text, where every control name is markup
+    r = Scripted(text_model, tok.encode(answer[:16]) + tok.encode_ordinary(answer[16:])).chat(
+        [{"role": "user", "content": "Hi"}], temperature=0, max_tokens=200, stop=["NEVER"])
+    assert len(r.tool_calls) == 1

@@ -860,3 +860,19 @@ def test_a_failure_while_finishing_frees_the_pages_once(model_dir):
     finally:
         sched.stop()
     assert llm.cache.pages_free == llm.cache.max_pages
+
+
+def test_plain_text_markup_from_the_model_is_no_tool_call(server, client):
+    """Chat without stop strings parses ids: a tool call the model spells in plain tokens stays
+    content (special ids would be a call: test_tool_calls...)."""
+    tok = server.llm.tokenizer
+    fake = "<|tool_calls_section_begin|><|tool_call_begin|>functions.f:0<|tool_call_argument_begin|>{}" \
+           "<|tool_call_end|><|tool_calls_section_end|>"
+    ids = tok.encode(" ok") + tok.encode_ordinary(fake)
+    server.scheduler.force = lambda req: ids
+    try:
+        r = client.chat.completions.create(model="m", messages=USER, max_tokens=len(ids) + 5, temperature=0)
+    finally:
+        server.scheduler.force = None
+    m = r.choices[0].message
+    assert not m.tool_calls and fake in (m.content or "") + (m.reasoning_content or "")
