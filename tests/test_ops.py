@@ -405,3 +405,12 @@ def test_bad_input_raises(name, case):
     op, args = BAD[case]
     with pytest.raises(ValueError):
         getattr(be, op)(*args)
+
+
+@pytest.mark.parametrize("name", BACKENDS)
+def test_empty_sums_are_zero(name):
+    """I = 0: every output is an empty sum (the kernels' column loops write nothing then)."""
+    be = backend(name)
+    x, w = np.zeros((3, 0), np.float32), np.zeros((5, 0), np.uint16)
+    np.full((1 << 16,), 7.0, np.float32)        # leave non-zero garbage where out may be allocated
+    assert np.array_equal(be.bf16_matmul(x, w), np.zeros((3, 5), np.float32))

@@ -236,6 +236,10 @@ static void bf16_matmul_dp(float* out, const float* x, const uint16_t* w, int T,
 
 // ---------------------------------------------------------------- op: rows split over threads
 void bf16_matmul(float* out, const float* x, const uint16_t* w, int T, int I, int N) {
+    if (I == 0) {       // an empty sum (the column loops below would not write y at all)
+        std::memset(out, 0, sizeof(float) * (size_t)T * N);
+        return;
+    }
 #ifdef K2_BF16DP
     if (!g_exact) return bf16_matmul_dp(out, x, w, T, I, N);
 #endif
