@@ -1,0 +1,366 @@
+"""Continuous batching over the paged latent cache, with a prompt cache: the engine of
+`k2lite serve` (server.py is its HTTP side), usable without HTTP too.
+
+One thread owns the model: `Scheduler.submit(requests)` queues them; the loop admits waiting
+requests while the batch and the cache have room, prefills one chunk of one new request, then
+runs ONE batched decode step for every live sequence, samples per request, detokenizes, parses
+(chat) and puts deltas on each request's event queue.
+
+Admission reserves the pages a request can ever need (prompt + max_tokens), so a decode step
+never runs out of cache mid-answer: when the cache is full new requests wait, and when the
+waiting queue is full too submit() raises a 429 ApiError. A finished or cancelled request gives
+its pages back before the next step: its sequence is parked in the prompt cache, whose pages
+count as free and are evicted (least recently used) as soon as a reservation needs them.
+"""
+from __future__ import annotations
+
+import itertools
+import logging
+import queue
+import threading
+from collections import OrderedDict, deque
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from .chat import StreamParser
+from .generate import _stop_hold
+from .sampler import Sampler
+
+log = logging.getLogger("k2lite.server")
+
+
+class ApiError(Exception):
+    """An error the client gets as an OpenAI error object."""
+
+    def __init__(self, status, message, type="invalid_request_error", param=None, code=None, headers=None):
+        super().__init__(message)
+        self.status, self.message, self.type, self.param, self.code = status, message, type, param, code
+        self.headers = headers or {}
+
+    def body(self) -> dict:
+        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
+
+# ---------------------------------------------------------------- requests
+@dataclass(eq=False)
+class Request:
+    """One generation (one choice): what the client asked for, and the scheduler's progress on it."""
+    prompt: list                    # prompt token ids (the same list object for the n choices of a prompt)
+    sampler: Sampler                # its own settings and seeded rng
+    max_tokens: int                 # already clamped to the context and cache
+    stop: list                      # stop strings (cut off, never shown)
+    eos: set                        # ids that end the answer (never shown)
+    parser: StreamParser | None     # chat: reasoning/content/tool-call deltas; None: raw text
+    body: dict = field(default_factory=dict)   # the parsed JSON (read by the test hook)
+    index: int = 0                  # its choice index in the response
+    presence: float = 0.0           # presence_penalty / frequency_penalty over the generated ids
+    frequency: float = 0.0
+    bias: tuple | None = None       # logit_bias as (ids, values) arrays
+    echo: str = ""                  # /v1/completions echo=true: the prompt text, sent first
+    events: queue.Queue = field(default_factory=queue.Queue)   # (req, "delta", d) ... (req, "end", None)
+    cancelled: bool = False         # set by the HTTP thread when the client goes away
+    # scheduler-side state
+    reserve: int = 0                # pages this request may need in all
+    state: object = None            # SeqState once admitted
+    fed: int = 0                    # prompt tokens prefilled so far (or found in the prompt cache)
+    cached: int = 0                 # prompt tokens reused from the prompt cache
+    next_token: int = -1            # the sampled token the next decode step feeds
+    out: list = field(default_factory=list)    # generated ids (no eos)
+    text: str = ""                  # decoded text of `out`, cut at a stop string
+    sent: int = 0                   # chars of `text` already emitted
+    decoder: object = None          # tokenizer StreamDecoder
+    by_id: bool = False             # chat without stop strings: the parser reads ids (generate.ChatStream)
+    forced: list | None = None      # test hook: scripted ids instead of sampling
+    tools: bool = True              # deliver tool calls (tool_choice "none": drop them)
+    calls: int = 0                  # tool calls delivered
+    finish_reason: str | None = None
+    id: str = ""                    # "chatcmpl-..." / "cmpl-...", set by the HTTP side
+
+
+class Scheduler:
+    """Continuous batching over the paged latent cache; owns the model from its own thread."""
+
+    def __init__(self, llm, max_batch: int = 8, max_queue: int | None = None):
+        self.llm, self.model, self.cache = llm, llm.model, llm.cache
+        self.max_batch = max(1, int(max_batch))
+        self.max_queue = 4 * self.max_batch if max_queue is None else max(0, int(max_queue))
+        self.waiting: deque = deque()    # submitted, not admitted (guarded by cond)
+        self.live: list = []             # admitted: prefilling or decoding (scheduler thread only)
+        self.cond = threading.Condition()
+        self.steps = 0                   # batched decode steps run
+        self.max_batch_seen = 0          # most sequences in one decode step
+        self.cancelled = 0               # requests dropped because the client went away
+        # Prompt cache: the sequences of finished requests, kept with their token ids (oldest
+        # first) until their pages are needed. A new request adopts the one sharing the longest
+        # start with its prompt, so a chat client resending its history computes only the new turn.
+        self.idle: OrderedDict = OrderedDict()   # SeqState -> ids cached in it (int64 array)
+        self.max_idle = 4 * self.max_batch
+        self.cached_tokens = 0           # prompt tokens served from the prompt cache
+        self.force = None                # test-only hook: force(req) -> list of ids or None
+        self._stopping = False
+        self._thread = threading.Thread(target=self._loop, name="k2lite-scheduler", daemon=True)
+
+    def start(self):
+        self._thread.start()
+        return self
+
+    def stop(self, timeout: float = 10.0):
+        with self.cond:
+            self._stopping = True
+            self.cond.notify()
+        if self._thread.is_alive():
+            self._thread.join(timeout)
+
+    def submit(self, reqs):
+        """Queue a request, or all the choices of one HTTP request (all or none: 429 when full).
+        Requests the batch and cache can take right away do not count against max_queue."""
+        reqs = [reqs] if isinstance(reqs, Request) else list(reqs)
+        with self.cond:
+            if self._stopping:
+                raise ApiError(503, "the server is shutting down", "server_error")
+            if len(reqs) > self.max_batch + self.max_queue:
+                raise ApiError(400, f"{len(reqs)} choices (n x prompts) is more than this server can queue "
+                                    f"({self.max_batch + self.max_queue})", param="n")
+            slots, budget = self._room()
+            now = 0
+            for r in itertools.chain(self.waiting, reqs):
+                if slots <= 0 or r.reserve > budget:
+                    break
+                slots, budget, now = slots - 1, budget - r.reserve, now + 1
+            if len(self.waiting) + len(reqs) - now > self.max_queue:
+                raise ApiError(429, f"server busy: {len(self.live)} requests running and {len(self.waiting)} "
+                                    "waiting for cache space; retry later", "rate_limit_exceeded",
+                               headers={"Retry-After": "1"})
+            self.waiting.extend(reqs)
+            self.cond.notify()
+
+    def cancel(self, req: Request):
+        """Called from an HTTP thread; the scheduler frees the pages before its next step."""
+        req.cancelled = True
+        with self.cond:
+            self.cond.notify()
+
+    def stats(self) -> dict:
+        return {"live": len(self.live), "waiting": len(self.waiting), "steps": self.steps,
+                "max_batch_seen": self.max_batch_seen, "cancelled": self.cancelled,
+                "pages_free": self.cache.pages_free, "pages_cached": self._idle_pages(),
+                "cached_sequences": len(self.idle), "cached_tokens": self.cached_tokens}
+
+    def _idle_pages(self) -> int:
+        return sum(len(st.pages) for st in list(self.idle))
+
+    def _room(self):
+        """(free batch slots, cache pages not promised to a live request; the prompt cache's
+        pages count as free: they are given back whenever a request needs them)."""
+        live = list(self.live)
+        owed = sum(r.reserve - len(r.state.pages) for r in live if r.state is not None)
+        return self.max_batch - len(live), self.cache.pages_free + self._idle_pages() - owed
+
+    # ------------------------------------------------------------ the prompt cache
+    def _adopt(self, r: Request):
+        """Give r the cached sequence sharing the longest start with its prompt (keeping at
+        least one prompt token to compute), else a new one; then make room for its reserve.
+        A cached conversation that r continues is taken over; one that r only shares a start
+        with (a system prompt, an earlier turn) stays cached and r gets a copy of that start,
+        so clients taking turns do not cut each other's caches back."""
+        best, kept = None, 0
+        prompt = np.asarray(r.prompt[:-1], np.int64)
+        for st, ids in self.idle.items():
+            m = min(len(ids), len(prompt))
+            differ = np.flatnonzero(ids[:m] != prompt[:m])    # numpy: prompts can be 100K tokens
+            n = int(differ[0]) if len(differ) else m
+            if n > kept:
+                best, kept = st, n
+        state = None
+        if best is not None and kept < len(self.idle[best]) - 1:    # a shared start only
+            need = -(-kept // self.cache.page_size)
+            for st in [st for st in self.idle if st is not best]:   # least recently used first
+                if self.cache.pages_free >= need:
+                    break
+                self._evict(st)
+            if self.cache.pages_free >= need:
+                state = self.cache.copy_prefix(best, kept)
+                self.idle.move_to_end(best)
+        if best is not None and state is None:
+            state = best
+            del self.idle[best]
+            self.cache.truncate(best, kept)
+        r.state = state if state is not None else self.cache.new_seq()
+        r.fed = r.cached = kept
+        self.cached_tokens += kept
+        # every page promised to a live request (r's included) must be free when it asks
+        owed = sum(x.reserve - len(x.state.pages) for x in self.live if x.state is not None)
+        while self.idle and self.cache.pages_free < owed:
+            self._evict(next(iter(self.idle)))                       # the least recently used
+
+    def _park(self, r: Request):
+        """Keep r's sequence for later prompts (what it cached: its prompt, then its answer)."""
+        self.idle[r.state] = np.asarray((r.prompt + r.out)[:r.state.length], np.int64)
+        while len(self.idle) > self.max_idle:
+            self._evict(next(iter(self.idle)))
+
+    def _evict(self, st):
+        del self.idle[st]
+        self.cache.free(st)
+
+    # ------------------------------------------------------------ the loop
+    def _loop(self):
+        while True:
+            with self.cond:
+                while not (self._stopping or self.live or self.waiting):
+                    self.cond.wait()
+                if self._stopping:
+                    break
+            try:
+                with self.cond:
+                    for r in [r for r in self.waiting if r.cancelled]:
+                        self.waiting.remove(r)
+                        self._finish(r, "cancelled")
+                    self._admit()
+                for r in [r for r in self.live if r.cancelled]:
+                    self._finish(r, "cancelled")
+                self._step()
+            except Exception as e:   # a bug or a kernel error: fail these requests, keep serving
+                log.error("generation step failed: %s: %s", type(e).__name__, e)
+                for r in list(self.live):
+                    self._finish(r, "error")
+        with self.cond:
+            for r in list(self.waiting) + list(self.live):
+                self._finish(r, "shutdown")
+            self.waiting.clear()
+            while self.idle:                # the cache goes back whole (the LLM may serve again)
+                self._evict(next(iter(self.idle)))
+
+    def _admit(self):
+        """Move waiting requests (FIFO) into the batch while the batch and the cache have room."""
+        slots, budget = self._room()
+        while self.waiting and slots > 0 and self.waiting[0].reserve <= budget:
+            r = self.waiting.popleft()
+            slots, budget = slots - 1, budget - r.reserve
+            self.live.append(r)
+            try:
+                self._adopt(r)
+                tok = self.llm.tokenizer
+                r.decoder = tok.stream_decoder() if tok is not None else None
+                r.by_id = r.parser is not None and not r.stop and r.parser.tokenizer is not None
+                r.forced = self.force(r) if self.force else None
+            except Exception as e:
+                log.error("request %s failed: %s: %s", r.id, type(e).__name__, e)
+                self._finish(r, "error")
+        if self.waiting and not self.live and self.waiting[0].reserve > self._room()[1]:
+            r = self.waiting.popleft()       # nothing running will free pages: it would wait forever
+            log.error("request %s needs %d cache pages, only %d are free", r.id, r.reserve, self._room()[1])
+            self._finish(r, "error")
+
+    def _step(self):
+        """One prefill chunk of the oldest new request, then one decode step for all the others."""
+        pre = next((r for r in self.live if r.fed < len(r.prompt)), None)
+        if pre is not None:    # chunked, so a long prompt delays the running answers one chunk at most
+            chunk = pre.prompt[pre.fed:pre.fed + self.llm.prefill_chunk]
+            last = pre.fed + len(chunk) == len(pre.prompt)
+            logits = self.model.forward(chunk, self.cache, [pre.state], decode=False, last_only=True,
+                                        head=last)         # earlier chunks only fill the cache
+            pre.fed += len(chunk)
+            if pre.fed == len(pre.prompt):
+                self._emit(pre, logits[-1])
+        batch = [r for r in self.live if r.fed == len(r.prompt)]
+        if not batch:
+            return
+        # tokens [B], one per sequence: each weight is read once for the whole batch
+        logits = self.model.forward([r.next_token for r in batch], self.cache, [r.state for r in batch],
+                                    decode=True)
+        self.steps += 1
+        self.max_batch_seen = max(self.max_batch_seen, len(batch))
+        for r, z in zip(batch, logits):
+            self._emit(r, z)
+
+    def _emit(self, r: Request, logits):
+        """Sample r's next token and account it; a failure here fails r alone."""
+        try:
+            self._account(r, self._sample(r, logits))
+        except Exception as e:
+            log.error("request %s failed: %s: %s", r.id, type(e).__name__, e)
+            self._finish(r, "error")
+
+    def _sample(self, r: Request, logits) -> int:
+        if r.forced is not None:
+            i = len(r.out)
+            return int(r.forced[i]) if i < len(r.forced) else min(r.eos, default=0)
+        if r.bias is not None or (r.out and (r.presence or r.frequency)):
+            logits = np.array(logits, np.float32)
+            if r.bias is not None:
+                logits[r.bias[0]] += r.bias[1]
+            if r.out and (r.presence or r.frequency):
+                ids, counts = np.unique(np.asarray(r.out), return_counts=True)
+                logits[ids] -= r.frequency * counts + r.presence
+        return int(r.sampler(logits))
+
+    # ------------------------------------------------------------ output
+    def _account(self, r: Request, t: int):
+        """One sampled token: stop at eos / a stop string / max_tokens, else send text."""
+        if t in r.eos:
+            return self._finish(r, "stop")
+        r.out.append(t)
+        r.next_token = t
+        if r.by_id:
+            self._deliver(r, r.parser.feed_token(t))
+        elif r.decoder is not None:
+            r.text += r.decoder.feed(t)
+            cuts = [i for i in (r.text.find(s, max(r.sent - len(s), 0)) for s in r.stop) if i >= 0]
+            if cuts:
+                r.text = r.text[:min(cuts)]
+                return self._finish(r, "stop", flush=False)
+            end = len(r.text) - _stop_hold(r.text, r.stop)   # hold back what may start a stop string
+            self._send(r, r.text[r.sent:end])
+            r.sent = max(r.sent, end)
+        if len(r.out) >= r.max_tokens:
+            self._finish(r, "length")
+
+    def _send(self, r: Request, s: str):
+        if not s:
+            return
+        if r.parser is None:
+            r.events.put((r, "delta", {"text": s}))
+        else:
+            self._deliver(r, r.parser.feed_text(s))
+
+    def _deliver(self, r: Request, deltas):
+        """Parser deltas to the client; a malformed or cut-off tool call is dropped, not half-sent."""
+        for d in deltas:
+            if "tool_call" in d:
+                if "error" in d["tool_call"] or not r.tools:
+                    if r.tools:
+                        log.warning("dropped a malformed tool call: %s", d["tool_call"]["error"])
+                    continue
+                d = {"tool_call": d["tool_call"], "index": r.calls}
+                r.calls += 1
+            r.events.put((r, "delta", d))
+
+    def _finish(self, r: Request, reason: str, flush: bool = True):
+        """End a request: last text, parser tail, the "end" event, then its pages: parked for
+        later prompts, or freed (last, so that a failure before it frees them instead)."""
+        if r in self.live:
+            self.live.remove(r)
+        if reason in ("cancelled", "error", "shutdown"):
+            self.cancelled += reason == "cancelled"
+            r.finish_reason = reason
+            r.events.put({"cancelled": (r, "end", None),
+                          "error": (r, "error", (500, "generation failed (see the server log)")),
+                          "shutdown": (r, "error", (503, "the server is shutting down"))}[reason])
+        else:
+            if flush and r.decoder is not None and not r.by_id:
+                r.text += r.decoder.flush()
+            self._send(r, r.text[r.sent:])
+            r.sent = len(r.text)
+            if r.parser is not None:
+                self._deliver(r, r.parser.finish())
+                if r.calls and reason == "stop":
+                    reason = "tool_calls"
+            r.finish_reason = reason
+            r.events.put((r, "end", None))
+        if r.state is not None and not r.state.closed and r.state not in self.idle:
+            if reason in ("stop", "length", "tool_calls", "cancelled") and r.state.length:
+                self._park(r)
+            else:                       # an error may have left the cache half-written
+                self.cache.free(r.state)
