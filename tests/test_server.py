@@ -21,7 +21,8 @@ import openai
 import pytest
 
 import k2lite
-from k2lite.server import ApiError, Scheduler, completion_request, serve
+from k2lite.scheduler import ApiError, Scheduler
+from k2lite.server import completion_request, serve
 from k2lite.testing.random_model import preset, write_random_model
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
