@@ -1,6 +1,6 @@
 """`k2lite serve`: an OpenAI-compatible HTTP server with continuous batching.
 
-    python -m k2lite.server --model DIR --host 127.0.0.1 --port 8000 --max-batch 8 --context 8192
+    k2lite serve --model DIR --host 127.0.0.1 --port 8000 --max-batch 8 --context 8192   (= python -m k2lite.server ...)
 
 Endpoints: POST /v1/chat/completions, POST /v1/completions (both JSON or SSE streams),
 GET /v1/models, GET /v1/models/{id}, GET /health; HEAD works on the GETs and OPTIONS answers
@@ -31,7 +31,6 @@ place), so an event loop buys nothing, and an SSE stream is just chunked writes.
 """
 from __future__ import annotations
 
-import argparse
 import contextlib
 import json
 import logging
@@ -646,30 +645,9 @@ def serve(model, host: str = "127.0.0.1", port: int = 8000, max_batch: int = 8, 
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(prog="k2lite serve", description=__doc__.split("\n")[0])
-    p.add_argument("--model", "-m", help="checkpoint folder (default: the bundled k2-nano)")
-    p.add_argument("--host", default="127.0.0.1", help="bind address (loopback by default)")
-    p.add_argument("--port", type=int, default=8000)
-    p.add_argument("--max-batch", type=int, default=8, help="sequences decoded together at most")
-    p.add_argument("--context", type=int, help="max tokens per sequence (prompt + answer)")
-    p.add_argument("--cache-tokens", type=int, help="KV cache capacity in tokens (default max-batch x context)")
-    p.add_argument("--max-queue", type=int, help="requests waiting for cache space before 429 (default 4 x max-batch)")
-    p.add_argument("--default-max-tokens", type=int, help="max_tokens when a request sets none "
-                   "(default: generation_config.json, else 256)")
-    p.add_argument("--device", default="cpu", choices=["cpu", "cuda", "ref"])
-    p.add_argument("--threads", "-t", type=int)
-    a = p.parse_args(argv)
-    try:
-        if a.model is None:
-            from .llm import default_model_dir
-            a.model = default_model_dir()
-        serve(a.model, a.host, a.port, a.max_batch, a.context, device=a.device, threads=a.threads,
-              cache_tokens=a.cache_tokens, max_queue=a.max_queue, default_max_tokens=a.default_max_tokens)
-    except (ValueError, OSError, RuntimeError) as e:     # bad folder, port in use: one line, exit 1
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(1)
-    except KeyboardInterrupt:                            # Ctrl-C while the model loads
-        sys.exit(130)
+    """`python -m k2lite.server ...` is `k2lite serve ...` (the options live in cli.py)."""
+    from .cli import main as cli
+    cli(["serve"] + list(sys.argv[1:] if argv is None else argv))
 
 
 if __name__ == "__main__":
