@@ -62,6 +62,16 @@ class Sequence:
             raise
         return logits
 
+    def fork(self) -> "Sequence":
+        """A new sequence holding a copy of this one's cache: branch (sample several
+        continuations, try another turn) without prefilling the shared start again."""
+        if self.state.closed:
+            raise ValueError("sequence is closed")
+        new = Sequence(self.llm)
+        new.state = self.llm.cache.copy_prefix(self.state, len(self))
+        new.tokens = list(self.tokens)
+        return new
+
     def truncate(self, n: int) -> None:
         """Keep the first n tokens and forget the rest (their pages are freed)."""
         if not 0 <= n <= len(self):

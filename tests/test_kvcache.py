@@ -138,3 +138,18 @@ def test_chunking_does_not_change_the_logits_on_cpu(tiny_model, exact):
             assert np.abs(got - want).max() <= 1e-4 * np.abs(want).max(), (chunk, split)
     finally:
         cpu.set_exact(False)
+
+
+def test_fork_branches_without_touching_the_original(tiny_model):
+    llm = k2lite.load(tiny_model, device="ref", page_size=8)
+    total = llm.cache.pages_free
+    ids = [5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15]           # a partial second page
+    with llm.sequence() as a:
+        a.append(ids)
+        with a.fork() as b:
+            assert b.tokens == a.tokens and len(b) == len(a) and set(a.state.pages).isdisjoint(b.state.pages)
+            got_b = b.append([20, 21])
+            got_a = a.append([30])
+        assert np.abs(got_b - llm.logits(ids + [20, 21])[-2:]).max() < 1e-5
+        assert np.abs(got_a - llm.logits(ids + [30])[-1:]).max() < 1e-5
+    assert llm.cache.pages_free == total
