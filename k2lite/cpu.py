@@ -61,13 +61,15 @@ if "OMP_NUM_THREADS" not in os.environ:     # the user's OpenMP setting wins
     set_threads(physical_cores())
 
 
-# Quantized activations, where they buy speed (process-wide): INT4 ops with bf16 scales run on
-# int8 activations where the CPU has AVX512-VNNI (NMSE ~1e-5, llama.cpp's q4_0 x q8_0 scheme),
-# and the BF16 matmuls on bf16 activations, as a GPU runs the model (NMSE ~3e-6; from 16 tokens
-# on, prefill, that doubles their speed on AVX512-BF16: src/cpu/bf16_gemm.cpp). The latent
-# cache keeps bf16-rounded rows to match (cache_rows), so decode and prefill still agree to
-# fp32 rounding. Exact mode keeps fp32 everywhere (slower; reproduces ref to fp32 rounding).
+# Quantized activations, where the CPU has the instructions (process-wide): INT4 ops with bf16
+# scales run on int8 activations with AVX512-VNNI (NMSE ~1e-5, llama.cpp's q4_0 x q8_0 scheme),
+# the BF16 matmuls on bf16 activations with AVX512-BF16 dot products (NMSE ~3e-6, as a GPU runs
+# the model; prefill 1.3-1.6x), each sum in one order whatever the token count, so decode,
+# prefill chunks and batches agree bit for bit (src/common.h). The latent cache then keeps
+# bf16-rounded rows (cache_rows), so the prefill and absorbed-decode forms read the same latent.
+# Exact mode keeps fp32 everywhere (slower; reproduces ref to fp32 rounding).
 INT4_VNNI = bool(getattr(_cpu, "int4_vnni", False))
+BF16_DP = bool(getattr(_cpu, "bf16_dp", False))
 
 
 def set_exact(on: bool) -> None:
@@ -79,8 +81,8 @@ def get_exact() -> bool:
 
 
 def cache_rows(rows: np.ndarray) -> np.ndarray:
-    """New latent-cache rows as the BF16 matmuls see activations: bf16-rounded (see above)."""
-    return rows if get_exact() else round_bf16(rows)
+    """New latent-cache rows as the BF16 matmuls see activations (see above)."""
+    return round_bf16(rows) if BF16_DP and not get_exact() else rows
 
 
 # ---------------------------------------------------------------- linear layers

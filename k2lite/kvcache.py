@@ -16,6 +16,14 @@ from dataclasses import dataclass, field
 import numpy as np
 
 
+def common_prefix(a, b) -> int:
+    """How many ids two sequences share from the start (prompt caching; numpy, as prompts can
+    be 100K tokens)."""
+    m = min(len(a), len(b))
+    differ = np.flatnonzero(np.asarray(a[:m], np.int64) != np.asarray(b[:m], np.int64))
+    return int(differ[0]) if len(differ) else m
+
+
 class CacheFullError(RuntimeError):
     """No free page is left for a sequence to grow (or it would pass the context limit)."""
 
@@ -48,6 +56,17 @@ class PagedKVCache:
     def new_seq(self) -> SeqState:
         return SeqState()
 
+    def pages_for(self, n: int) -> int:
+        """Pages that hold n tokens."""
+        return -(-n // self.page_size)
+
+    def _take_pages(self, seq: SeqState, k: int):
+        """Grow seq to k pages from the free list (the caller checked pages_free)."""
+        while len(seq.pages) < k:
+            if not self.free_pages:
+                self._grow()
+            seq.pages.append(self.free_pages.pop())
+
     def _grow(self):
         """Double the pool (up to max_pages); page ids stay valid."""
         old = self.pool.shape[1]
@@ -72,28 +91,22 @@ class PagedKVCache:
             raise CacheFullError(f"KV cache is full: {need} more pages needed, {self.pages_free} free "
                                  f"(capacity {self.capacity_tokens} tokens)")
         for s, p in last:
-            while len(s.pages) <= p // self.page_size:
-                if not self.free_pages:
-                    self._grow()
-                s.pages.append(self.free_pages.pop())
+            self._take_pages(s, p // self.page_size + 1)
 
     def truncate(self, seq: SeqState, n: int):
         """Forget positions n.. of a sequence; pages it no longer needs go back to the pool."""
-        keep = -(-n // self.page_size)
+        keep = self.pages_for(n)
         self.free_pages.extend(reversed(seq.pages[keep:]))
         del seq.pages[keep:]
         seq.length = min(seq.length, n)
 
     def copy_prefix(self, src: SeqState, n: int) -> SeqState:
         """A new sequence holding a copy of src's first n rows, in pages of its own."""
-        k = -(-n // self.page_size)
+        k = self.pages_for(n)
         if k > self.pages_free:
             raise CacheFullError(f"KV cache is full: {k} pages needed to copy a prefix, {self.pages_free} free")
         dst = SeqState()
-        while len(dst.pages) < k:
-            if not self.free_pages:
-                self._grow()
-            dst.pages.append(self.free_pages.pop())
+        self._take_pages(dst, k)
         self.pool[:, dst.pages] = self.pool[:, src.pages[:k]]
         dst.length = n
         return dst
@@ -117,7 +130,7 @@ class PagedKVCache:
 
     def gather(self, layer: int, seq: SeqState, n: int) -> np.ndarray:
         """The first n cached rows of one sequence, [n, width]."""
-        pages = np.asarray(seq.pages[:(n + self.page_size - 1) // self.page_size], np.int64)
+        pages = np.asarray(seq.pages[:self.pages_for(n)], np.int64)
         return self.pool[layer, pages].reshape(-1, self.width)[:n]
 
     def page_table(self, seqs):

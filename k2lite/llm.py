@@ -14,7 +14,7 @@ import numpy as np
 from . import ops
 from .config import Config
 from .errors import ModelFormatError
-from .kvcache import PagedKVCache, SeqState
+from .kvcache import PagedKVCache, SeqState, common_prefix
 from .loader import Checkpoint, load_weights
 from .model import Model
 
@@ -85,11 +85,7 @@ class Sequence:
         how many were kept. The caller appends ids[kept:]."""
         if self.state.closed:
             raise ValueError("sequence is closed")
-        n = 0
-        for a, b in zip(self.tokens, ids[:len(ids) - 1]):
-            if a != b:
-                break
-            n += 1
+        n = common_prefix(self.tokens, list(ids)[:len(ids) - 1])
         self.truncate(n)
         return n
 

@@ -25,9 +25,10 @@ import numpy as np
 
 from .chat import StreamParser
 from .generate import _stop_hold
+from .kvcache import common_prefix
 from .sampler import Sampler
 
-log = logging.getLogger("k2lite.server")
+log = logging.getLogger("k2lite.scheduler")
 
 
 class ApiError(Exception):
@@ -150,12 +151,15 @@ class Scheduler:
     def _idle_pages(self) -> int:
         return sum(len(st.pages) for st in list(self.idle))
 
+    def _owed(self, live) -> int:
+        """Pages promised to live requests and not taken yet."""
+        return sum(r.reserve - len(r.state.pages) for r in live if r.state is not None)
+
     def _room(self):
         """(free batch slots, cache pages not promised to a live request; the prompt cache's
         pages count as free: they are given back whenever a request needs them)."""
         live = list(self.live)
-        owed = sum(r.reserve - len(r.state.pages) for r in live if r.state is not None)
-        return self.max_batch - len(live), self.cache.pages_free + self._idle_pages() - owed
+        return self.max_batch - len(live), self.cache.pages_free + self._idle_pages() - self._owed(live)
 
     # ------------------------------------------------------------ the prompt cache
     def _adopt(self, r: Request):
@@ -167,14 +171,12 @@ class Scheduler:
         best, kept = None, 0
         prompt = np.asarray(r.prompt[:-1], np.int64)
         for st, ids in self.idle.items():
-            m = min(len(ids), len(prompt))
-            differ = np.flatnonzero(ids[:m] != prompt[:m])    # numpy: prompts can be 100K tokens
-            n = int(differ[0]) if len(differ) else m
+            n = common_prefix(ids, prompt)
             if n > kept:
                 best, kept = st, n
         state = None
         if best is not None and kept < len(self.idle[best]) - 1:    # a shared start only
-            need = -(-kept // self.cache.page_size)
+            need = self.cache.pages_for(kept)
             for st in [st for st in self.idle if st is not best]:   # least recently used first
                 if self.cache.pages_free >= need:
                     break
@@ -190,7 +192,7 @@ class Scheduler:
         r.fed = r.cached = kept
         self.cached_tokens += kept
         # every page promised to a live request (r's included) must be free when it asks
-        owed = sum(x.reserve - len(x.state.pages) for x in self.live if x.state is not None)
+        owed = self._owed(self.live)
         while self.idle and self.cache.pages_free < owed:
             self._evict(next(iter(self.idle)))                       # the least recently used
 

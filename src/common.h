@@ -35,11 +35,6 @@ static inline float round_bf16(float f) {
     return f;
 }
 
-// Round n floats to bf16 in place (the BF16 matmuls' activations, unless g_exact).
-static inline void round_bf16_n(float* x, size_t n) {
-    for (size_t i = 0; i < n; i++) x[i] = round_bf16(x[i]);
-}
-
 static inline int ceil_div(int a, int b) { return (a + b - 1) / b; }
 
 // p rounded up to the next 64-byte boundary (a buffer allocated 64 bytes long enough).
@@ -79,7 +74,7 @@ void int4_rows(float* y, int ldy, const float* xp, int T, int I, const int32_t* 
 // (Q8_BLOCK_BYTES each, 64-byte aligned; layout in int4_matmul_vnni.cpp); results then differ
 // from ref by ~1e-5 NMSE.
 // g_exact (process-wide, default false) turns it off: every INT4 op then takes the exact path
-// above, and bf16_matmul keeps fp32 activations for every T (k2lite.cpu.set_exact).
+// above, and the BF16 matmuls keep fp32 activations (k2lite.cpu.set_exact).
 extern bool g_exact;
 #define Q8_BLOCK_BYTES 256
 bool int4_vnni(int I, int group, bool scales_f32);
@@ -96,13 +91,14 @@ void int4_rows_q8(float* y, int ldy, const void* const* xq, int T, int I, const 
 // even columns then odd ones; a copy elsewhere).
 void bf16_prep_x(float* xd, const float* x, int T, int I);
 void bf16_rows(float* y, int ldy, const float* xd, int T, int I, const uint16_t* w, int n0, int n1);
-// bf16_matmul and bf16_tiled_matmul take x rounded to bf16 (unless g_exact), as a GPU runs the
-// model. On AVX512-BF16 builds they multiply with vdpbf16ps (32 MACs per instruction, twice an
-// FMA: prefill 1.5x) in one fixed order for every (row, token): per chunk of BF16_DP_KC columns,
-// 16 lane sums over 32-column steps in order, reduced, then added to the earlier chunks'. The
-// order depends on neither T nor the layout, so a token's result is bit-identical in decode, in
-// any prefill chunk and in a batch: bf16 rounding would turn fp32-level differences into
-// 2^-9 jumps (prompt caching and batching rely on it).
+// On AVX512-BF16 builds (K2_BF16DP) and unless g_exact, bf16_matmul and bf16_tiled_matmul take
+// x rounded to bf16, as a GPU runs the model, and multiply with vdpbf16ps (32 MACs per
+// instruction, twice an FMA: prefill 1.3-1.6x) in one fixed order for every (row, token): per
+// chunk of BF16_DP_KC columns, 16 lane sums over 32-column steps in order, reduced, then added to
+// the earlier chunks'. The order depends on neither T nor the layout, so a token's result is
+// bit-identical in decode, in any prefill chunk and in a batch: bf16 rounding downstream would
+// turn fp32-level differences into 2^-9 jumps (prompt caching and batching rely on it). Other
+// builds and exact mode keep fp32 x (k2lite.cpu.cache_rows follows the same rule).
 #define BF16_DP_KC 2048
 #if defined(K2_AVX512) && defined(__AVX512BF16__)
 #define K2_BF16DP 1

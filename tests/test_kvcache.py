@@ -117,10 +117,10 @@ def test_reuse_prefix_keeps_the_common_start_and_one_token_to_compute(tiny_model
 
 @pytest.mark.parametrize("exact", [False, True])
 def test_chunking_does_not_change_the_logits_on_cpu(tiny_model, exact):
-    """The cpu backend's BF16 GEMM (>= 16 tokens) rounds activations to bf16; the row kernels
-    (fewer tokens, decode) and the latent cache round the same way (ops.cache_rows), so how a
+    """The cpu backend's BF16 matmuls round activations to bf16 and sum in one order for any
+    token count, and the latent cache keeps bf16-rounded rows (ops.cache_rows), so how a
     sequence is cut into prefill chunks and decode steps moves its logits by fp32 rounding only
-    (prompt caching and batching rely on it)."""
+    (prefill and absorbed decode attend differently; prompt caching and batching rely on it)."""
     from k2lite import cpu, ops
     if not ops.available("cpu"):
         pytest.skip("native CPU module not built")

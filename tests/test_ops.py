@@ -110,8 +110,8 @@ def mk_rope(rng, T, H, R):
 # for moe (SwiGLU outputs are heavier-tailed), against llama.cpp's 5e-4 budget. Float32 scales,
 # odd groups and k2lite.cpu.set_exact(True) stay exact (1e-10, test_exact_path).
 INT4_TOL, MOE_INT4_TOL = 1e-4, 2e-4
-# BF16 matmuls run on bf16-rounded activations (as on a GPU; >= 16 tokens on AVX512-BF16 CPUs
-# through src/cpu/bf16_gemm.cpp): measured NMSE ~3e-6 (2^-9 relative); exact mode keeps fp32.
+# BF16 matmuls run on bf16-rounded activations with AVX512-BF16 dot products (as on a GPU;
+# src/cpu/bf16_matmul.cpp): measured NMSE ~3e-6 (2^-9 relative); exact mode keeps fp32.
 BF16_TOL = 2e-5
 
 # (op, id, builder, kwargs, nmse tolerance, max-abs tolerance or None)
@@ -149,8 +149,8 @@ CASES += [
     ("int4_matmul", mk_int4_matmul, dict(T=20, I=256, N=70, g=32), INT4_TOL, None),  # T > 16
     ("int4_matmul", mk_int4_matmul, dict(T=37, I=160, N=130, g=32), INT4_TOL, None), # > 32 tokens
     ("bf16_matmul", mk_bf16_matmul, dict(T=6, I=3 * 8192 + 16 * 5 + 7, N=9), BF16_TOL, None),  # column chunks
-    # the GEMM: token tiles of 6 + a tail, 64-row panels + a partial one, 1024-column panels + a
-    # partial one, odd I (a half pair), I < 32, one column
+    # the dp rows: 4-token tiles + a tail, 32-token blocks, 4-row groups + single rows,
+    # 2048-column chunks + a partial one, odd I (a masked last step), I < 32, one column
     ("bf16_matmul", mk_bf16_matmul, dict(T=23, I=2 * 1024 + 37, N=130), BF16_TOL, None),
     ("bf16_matmul", mk_bf16_matmul, dict(T=17, I=7, N=65), BF16_TOL, None),
     ("bf16_matmul", mk_bf16_matmul, dict(T=40, I=1, N=3), BF16_TOL, None),
@@ -409,8 +409,9 @@ def test_bad_input_raises(name, case):
 
 @pytest.mark.parametrize("name", BACKENDS)
 def test_empty_sums_are_zero(name):
-    """I = 0: every output is an empty sum (the kernels' column loops write nothing then)."""
+    """I = 0: every output is an empty sum, 0 (the column loops write nothing then)."""
+    from k2lite.formats import tile_bf16
     be = backend(name)
     x, w = np.zeros((3, 0), np.float32), np.zeros((5, 0), np.uint16)
-    np.full((1 << 16,), 7.0, np.float32)        # leave non-zero garbage where out may be allocated
     assert np.array_equal(be.bf16_matmul(x, w), np.zeros((3, 5), np.float32))
+    assert np.array_equal(be.bf16_tiled_matmul(x, tile_bf16(w).data, 5), np.zeros((3, 5), np.float32))

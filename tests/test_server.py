@@ -728,7 +728,7 @@ def test_sigterm_answers_requests_in_flight(model_dir):
                           "--context", "4096", "--max-batch", "1"], stderr=subprocess.PIPE, text=True, cwd=REPO)
     try:
         url = None
-        while url is None:
+        while url is None:      # readline ends at the process's exit too
             line = p.stderr.readline()
             assert line, "server did not start"
             url = line.split(" on ")[1].split()[0] if " on http://" in line else None
@@ -743,10 +743,12 @@ def test_sigterm_answers_requests_in_flight(model_dir):
             type("S", (), {"server_address": (host, int(port))}), "/v1/completions", json.dumps(endless).encode()))))
         t.start()
         health = http.client.HTTPConnection(host, int(port), timeout=TIMEOUT)
-        for _ in range(500):
+        t0 = time.time()
+        while True:             # SIGTERM only once the second request waits (else it is refused)
             health.request("GET", "/health")
             if json.loads(health.getresponse().read())["waiting"] == 1:
                 break
+            assert time.time() - t0 < TIMEOUT, "the second request never queued"
             time.sleep(0.01)
         p.send_signal(signal.SIGTERM)
         rest = resp.read().decode()                  # http.client raises IncompleteRead on a cut stream

@@ -1,5 +1,7 @@
-// BF16 matmul: y[T,N] = x[T,I] · w[N,I]ᵀ with w as bf16 bits. Widening bf16 -> fp32 is a
-// 16-bit shift, so products are exact and sums fp32, as ref.bf16_matmul.
+// BF16 matmul: y[T,N] = x[T,I] · w[N,I]ᵀ with w as bf16 bits. With AVX512-BF16 (and not g_exact)
+// x is rounded to bf16 and multiplied with vdpbf16ps in one fixed order (common.h). Otherwise, and
+// in exact mode, x stays fp32: widening bf16 -> fp32 is a 16-bit shift, so products are exact
+// and sums fp32, as ref.bf16_matmul.
 // On the AVX-512 path a 64-byte load holds 32 columns of a row, dword k = columns 2k (low
 // half) and 2k+1 (high half): `v << 16` is the even columns as fp32 and `v & 0xFFFF0000` the
 // odd ones, two plain ALU ops per 32 weights (a zero-extending 16->32 widen is a cross-lane
@@ -245,7 +247,6 @@ void bf16_matmul(float* out, const float* x, const uint16_t* w, int T, int I, in
 #endif
     std::vector<float> xd((size_t)T * I);
     bf16_prep_x(xd.data(), x, T, I);
-    if (!g_exact) round_bf16_n(xd.data(), xd.size());    // bf16 activations (common.h)
     // 16 rows per work item, handed out one at a time: dynamic items ride out a busy core, and
     // single items keep the end of the call even (chunks of 4 items = 0.9 MB at I = 7168 left
     // one thread idle for up to that long: kv_a 576x7168 at T=1 0.62-0.75 -> 0.79-0.80 of read)

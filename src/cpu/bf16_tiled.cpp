@@ -174,7 +174,6 @@ void bf16_tiled_matmul(float* out, const float* x, const uint16_t* data, int T, 
 #endif
     std::vector<float> xd((size_t)T * Ip);
     deinterleave_x(xd.data(), x, T, I, Ip);
-    if (!g_exact) round_bf16_n(xd.data(), xd.size());    // as bf16_matmul (common.h)
     #pragma omp parallel
     {
         std::vector<float> s((size_t)T * TR);

@@ -1,7 +1,7 @@
 // INT4 (compressed-tensors pack-quantized) matmul: y[T,N] = x[T,I] · W[N,I]ᵀ, reading the
 // checkpoint layout directly. int4_matmul takes the int8-activation VNNI path of
 // int4_matmul_vnni.cpp when int4_vnni() allows (bf16 scales, the usual case); this file is the
-// exact path (float32 scales, other groups, set_int4_exact): activations stay fp32 (exact
+// exact path (float32 scales, other groups, set_exact): activations stay fp32 (exact
 // products, fp32 sums).
 // Each group of 32 inputs is 4 int32 words = 16 bytes; byte k holds column 2k in its low
 // nibble and 2k+1 in its high nibble, so on the SIMD path x is de-interleaved once per call
