@@ -158,15 +158,19 @@ class ChatResult:
                 "usage": self.usage.to_dict()}
 
 
-def _stop_hold(text: str, stops) -> int:
-    """Length of the longest tail of `text` that is a proper prefix of some stop string."""
-    best = 0
+def find_stop(text: str, sent: int, stops) -> tuple:
+    """Stop strings over streamed text, of which text[:sent] was already shown: (cut, end).
+    cut: where the first stop string starts (-1: none yet; the text ends there, unshown).
+    end: how far text may be shown now, holding back the longest tail that is a proper
+    prefix of some stop string (it may grow into one)."""
+    cut = min((i for i in (text.find(s, max(sent - len(s), 0)) for s in stops) if i >= 0), default=-1)
+    hold = 0
     for s in stops:
-        for n in range(min(len(s) - 1, len(text)), best, -1):
+        for n in range(min(len(s) - 1, len(text)), hold, -1):
             if text.endswith(s[:n]):
-                best = n
+                hold = n
                 break
-    return best
+    return cut, max(sent, len(text) - hold)
 
 
 def _nothing():
@@ -230,12 +234,10 @@ class TextStream(_Stream):
                     self.on_token(t)
                 if dec is not None:
                     text += dec.feed(t)
-                    cut = min((i for i in (text.find(s, max(sent - len(s), 0)) for s in self.stop) if i >= 0),
-                              default=-1)
+                    cut, end = find_stop(text, sent, self.stop)
                     if cut >= 0:
                         text, reason = text[:cut], "stop"
                         break
-                    end = len(text) - _stop_hold(text, self.stop)
                     if end > sent:
                         yield text[sent:end]
                         sent = end

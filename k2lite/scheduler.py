@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from .chat import StreamParser
-from .generate import _stop_hold
+from .generate import find_stop
 from .kvcache import common_prefix
 from .sampler import Sampler
 
@@ -309,13 +309,12 @@ class Scheduler:
             self._deliver(r, r.parser.feed_token(t))
         elif r.decoder is not None:
             r.text += r.decoder.feed(t)
-            cuts = [i for i in (r.text.find(s, max(r.sent - len(s), 0)) for s in r.stop) if i >= 0]
-            if cuts:
-                r.text = r.text[:min(cuts)]
+            cut, end = find_stop(r.text, r.sent, r.stop)
+            if cut >= 0:
+                r.text = r.text[:cut]
                 return self._finish(r, "stop", flush=False)
-            end = len(r.text) - _stop_hold(r.text, r.stop)   # hold back what may start a stop string
             self._send(r, r.text[r.sent:end])
-            r.sent = max(r.sent, end)
+            r.sent = end
         if len(r.out) >= r.max_tokens:
             self._finish(r, "length")
 
