@@ -1,5 +1,6 @@
 """Continuous batching over the paged latent cache, with a prompt cache: the engine of
-`k2lite serve` (server.py is its HTTP side), usable without HTTP too.
+`k2lite serve` (server.py is its HTTP side), usable without HTTP too. It speaks the server's
+terms where it refuses or fails a request: ApiError and error events carry an HTTP status.
 
 One thread owns the model: `Scheduler.submit(requests)` queues them; the loop admits waiting
 requests while the batch and the cache have room, prefills one chunk of one new request, then
