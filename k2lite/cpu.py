@@ -22,7 +22,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 from . import _cpu, ref  # noqa: E402
 from .checks import activation as _act, bf16_args, cdiv as _cdiv, fp8_args, int4_args  # noqa: E402
 from .checks import fp8_weight as _fp8_weight, group_scales as _group_scales, weight as _weight  # noqa: E402
-from .formats import Fp8Tensor, Int4Tensor, round_bf16, tiled_bf16_shape
+from .formats import Fp8Tensor, Int4Tensor, tiled_bf16_shape
 
 SIMD = _cpu.simd
 
@@ -65,8 +65,8 @@ if "OMP_NUM_THREADS" not in os.environ:     # the user's OpenMP setting wins
 # scales run on int8 activations with AVX512-VNNI (NMSE ~1e-5, llama.cpp's q4_0 x q8_0 scheme),
 # the BF16 matmuls on bf16 activations with AVX512-BF16 dot products (NMSE ~3e-6, as a GPU runs
 # the model; prefill 1.3-1.6x), each sum in one order whatever the token count, so decode,
-# prefill chunks and batches agree bit for bit (src/common.h). The latent cache then keeps
-# bf16-rounded rows (cache_rows), so the prefill and absorbed-decode forms read the same latent.
+# prefill chunks and batches agree bit for bit (src/common.h). The latent cache then stores bf16
+# (cache_dtype), so the prefill and absorbed-decode forms read the same latent, in half the bytes.
 # Exact mode keeps fp32 everywhere (slower; reproduces ref to fp32 rounding).
 INT4_VNNI = bool(getattr(_cpu, "int4_vnni", False))
 BF16_DP = bool(getattr(_cpu, "bf16_dp", False))
@@ -80,9 +80,10 @@ def get_exact() -> bool:
     return bool(_cpu.get_exact())
 
 
-def cache_rows(rows: np.ndarray) -> np.ndarray:
-    """New latent-cache rows as the BF16 matmuls see activations (see above)."""
-    return round_bf16(rows) if BF16_DP and not get_exact() else rows
+def cache_dtype():
+    """bf16 (uint16 bits) where the BF16 matmuls take bf16 activations, else float32 (see above;
+    decided when an LLM is loaded)."""
+    return np.uint16 if BF16_DP and not get_exact() else np.float32
 
 
 # ---------------------------------------------------------------- linear layers
@@ -282,7 +283,10 @@ def mla_decode(q_latent: np.ndarray, q_pe: np.ndarray, pool: np.ndarray, page_ta
     if q_pe.shape[:2] != (b, h):
         raise ValueError(f"q_pe: expected shape ({b}, {h}, R), got {q_pe.shape}")
     r = q_pe.shape[2]
-    pool = _act(pool, "pool", 3)   # the cache is float32 already; no copy then
+    if pool.dtype != np.uint16:    # float32 rows, or bf16 bits (a bf16 cache) read as they are
+        pool = _act(pool, "pool", 3)   # the cache is float32 already; no copy then
+    elif pool.ndim != 3 or not pool.flags.c_contiguous:
+        raise ValueError(f"pool: expected a C-contiguous [pages, page, C+R] array, got {pool.shape}")
     if pool.shape[2] != c + r:
         raise ValueError(f"pool: expected last dim C+R = {c + r}, got {pool.shape}")
     page_table = _act(page_table, "page_table", 2, np.int32)

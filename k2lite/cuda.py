@@ -19,7 +19,7 @@ import numpy as np
 
 from . import _cuda
 from .checks import bf16_args, fp8_args, int4_args
-from .ref import cache_rows  # noqa: F401  (fp32 activations here: the cache keeps exact rows, not the cpu's)
+from .ref import cache_dtype  # noqa: F401  (fp32 activations here: a float32 cache, not the cpu's bf16)
 from .formats import Fp8Tensor, dequantize_fp8, f32_to_bf16
 
 if _cuda.device_count() == 0:

@@ -164,8 +164,8 @@ def summary(info: ModelInfo, context: int) -> str:
     lines += [
         f"KV per token   latent {kv} values = {human(2 * kv)} bf16 / {human(4 * kv)} f32; plain MHA "
         f"would need {mha} = {human(2 * mha)} bf16 ({mha / kv:.1f}x)",
-        f"at {context} tokens  KV {human(4 * kv * context)} (f32, as k2lite caches) / "
-        f"{human(2 * kv * context)} bf16; weights + KV = {human(info.context_bytes(context))}",
+        f"at {context} tokens  KV {human(2 * kv * context)} bf16 (k2lite's cache on AVX512-BF16 CPUs) / "
+        f"{human(4 * kv * context)} f32; weights + bf16 KV = {human(info.context_bytes(context, 2))}",
     ]
     return "\n".join(lines)
 

@@ -1,19 +1,22 @@
 """The paged latent KV cache.
 
 MLA caches one row per token per layer: the normalised latent c (kv_lora_rank) followed by
-the rotated rope key k_pe (qk_rope_head_dim): 576 floats for K2. Rows live in fixed-size
+the rotated rope key k_pe (qk_rope_head_dim): 576 values for K2, float32 or bf16 (uint16 bits,
+rounded on write: the backend's ops.cache_dtype). Rows live in fixed-size
 pages of `page_size` tokens taken from one pool shared by every sequence; each sequence owns
 a list of page ids (its page table), the same ids in every layer. A sequence that closes
 returns its pages at once, so many conversations of different lengths share the memory
 without fragmentation (vLLM's PagedAttention idea, applied to the latent).
 
-    pool: [layers, pages, page_size, width]   float32
+    pool: [layers, pages, page_size, width]   float32, or uint16 (bf16 bits)
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
 import numpy as np
+
+from .formats import bf16_to_f32, f32_to_bf16
 
 
 def common_prefix(a, b) -> int:
@@ -126,12 +129,13 @@ class PagedKVCache:
 
     def write(self, layer: int, seqs, positions, rows: np.ndarray):
         pages, offs = self._slots(seqs, positions)
-        self.pool[layer, pages, offs] = rows
+        self.pool[layer, pages, offs] = f32_to_bf16(rows) if self.pool.dtype == np.uint16 else rows
 
     def gather(self, layer: int, seq: SeqState, n: int) -> np.ndarray:
         """The first n cached rows of one sequence, [n, width]."""
         pages = np.asarray(seq.pages[:self.pages_for(n)], np.int64)
-        return self.pool[layer, pages].reshape(-1, self.width)[:n]
+        rows = self.pool[layer, pages].reshape(-1, self.width)[:n]
+        return bf16_to_f32(rows) if rows.dtype == np.uint16 else rows
 
     def page_table(self, seqs):
         """(table i32 [B, max pages], lengths i32 [B]) for this step; lengths include the new token."""

@@ -145,7 +145,7 @@ class LLM(GenerationMixin):
         cap = max_cache_tokens or max(self.context, 4096)
         width = self.config.kv_lora_rank + self.config.qk_rope_head_dim
         self.cache = PagedKVCache(self.config.num_hidden_layers, width, page_size,
-                                  max_pages=-(-cap // page_size))
+                                  max_pages=-(-cap // page_size), dtype=self.ops.cache_dtype())
         self.tokenizer = self._load_tokenizer(path)
         if self.tokenizer is not None and self.tokenizer.vocab_size > self.config.vocab_size:
             raise ModelFormatError(f"{path}: the tokenizer has {self.tokenizer.vocab_size} ids, more than "

@@ -144,7 +144,7 @@ class Model:
         q_pe = ops.rope(np.ascontiguousarray(q_pe), positions, self.inv_freq) * np.float32(self.rope_factor)
         k_pe = ops.rope(np.ascontiguousarray(k_pe), positions, self.inv_freq) * np.float32(self.rope_factor)
         # the cache keeps the *normalised* latent and the *rotated* rope key
-        cache.write(layer, seqs, positions, ops.cache_rows(np.concatenate([kv_latent, k_pe[:, 0]], axis=1)))
+        cache.write(layer, seqs, positions, np.concatenate([kv_latent, k_pe[:, 0]], axis=1))
         if trace:
             trace("q_nope", layer, q_nope); trace("q_pe", layer, q_pe)
             trace("kv_latent", layer, kv_latent); trace("k_pe", layer, k_pe[:, 0])

@@ -77,11 +77,12 @@ def rmsnorm(x: np.ndarray, w: np.ndarray, eps: float) -> np.ndarray:
     return (x / np.sqrt(var + np.float32(eps))).astype(np.float32) * w
 
 
-def cache_rows(rows: np.ndarray) -> np.ndarray:
-    """The values the latent cache keeps of new rows: exactly these (float32) here; a backend
-    whose BF16 matmuls take bf16 activations keeps them bf16-rounded, so that the prefill form
-    (kv_b applied to the cached latent) and the absorbed decode form see the same latent."""
-    return rows
+def cache_dtype():
+    """What the latent cache stores: float32 here, exactly what was computed. A backend whose
+    BF16 matmuls take bf16 activations stores bf16 (half the memory and decode reads), so that
+    the prefill form (kv_b applied to the cached latent) and the absorbed decode form see the
+    same latent."""
+    return np.float32
 
 
 def silu(x: np.ndarray) -> np.ndarray:
@@ -163,7 +164,8 @@ def mla_decode(q_latent: np.ndarray, q_pe: np.ndarray, pool: np.ndarray, page_ta
                lengths: np.ndarray, scale: float) -> np.ndarray:
     """Absorbed MLA decode for B sequences, one new query each, over the paged latent cache.
     q_latent[B,H,C] (q_nope already folded through W_UK), q_pe[B,H,R] (rotated),
-    pool[P, page, C+R] one layer's pages (latent c then rotated k_pe per token),
+    pool[P, page, C+R] one layer's pages (latent c then rotated k_pe per token; float32, or
+    uint16 bf16 bits for a bf16 cache),
     page_table[B, maxpages] page ids, lengths[B] tokens cached (the new one included).
     Returns u[B,H,C] = Σ_t softmax_t(scale·(q_latent·c_t + q_pe·k_pe_t)) · c_t (zeros for an
     empty sequence)."""
@@ -176,6 +178,7 @@ def mla_decode(q_latent: np.ndarray, q_pe: np.ndarray, pool: np.ndarray, page_ta
             continue
         pages = page_table[b, :(n + page - 1) // page]
         kv = pool[pages].reshape(-1, pool.shape[2])[:n]                      # [S, C+R]
+        kv = bf16_to_f32(kv) if kv.dtype == np.uint16 else kv
         c, k_pe = kv[:, :C], kv[:, C:]
         scores = (q_latent[b] @ c.T + q_pe[b] @ k_pe.T) * np.float32(scale)  # [H, S]
         out[b] = softmax(scores) @ c

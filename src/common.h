@@ -133,7 +133,8 @@ struct ExpertMats {
 void moe(float* out, const float* x, const int32_t* lidx, const float* weights,
          const ExpertMats* experts, int n_used, int fmt, int group, int T, int D, int F, int K);
 
-void mla_decode(float* out, const float* q_latent, const float* q_pe, const float* pool,
+// pool: [pages][page][C+R] float32, or bf16 bits when bf16 (widened as they are read)
+void mla_decode(float* out, const float* q_latent, const float* q_pe, const void* pool, bool bf16,
                 const int32_t* page_table, const int32_t* lengths, int B, int H, int C, int R,
                 int page, int max_pages, float scale);
 // q_latent[B,H,C] = q_nope[B,H,N] folded through W_UK; o[B,H,V] = u[B,H,C] through W_UV;

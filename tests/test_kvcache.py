@@ -3,6 +3,7 @@ import numpy as np
 import pytest
 
 import k2lite
+from k2lite.formats import bf16_to_f32, f32_to_bf16
 from k2lite.kvcache import CacheFullError, PagedKVCache
 
 
@@ -153,3 +154,16 @@ def test_fork_branches_without_touching_the_original(tiny_model):
         assert np.abs(got_b - llm.logits(ids + [20, 21])[-2:]).max() < 1e-5
         assert np.abs(got_a - llm.logits(ids + [30])[-1:]).max() < 1e-5
     assert llm.cache.pages_free == total
+
+
+def test_bf16_cache_rounds_on_write_and_widens_on_read():
+    cache = PagedKVCache(n_layers=2, width=5, page_size=4, max_pages=4, initial_pages=1, dtype=np.uint16)
+    s = cache.new_seq()
+    rows = np.random.default_rng(0).standard_normal((6, 5)).astype(np.float32)
+    cache.reserve([s], np.arange(6))
+    cache.write(1, [s], np.arange(6), rows)
+    cache.advance([s], np.arange(6))
+    got = cache.gather(1, s, 6)
+    assert got.dtype == np.float32 and np.array_equal(got, bf16_to_f32(f32_to_bf16(rows)))
+    copy = cache.copy_prefix(s, 5)
+    assert np.array_equal(cache.gather(1, copy, 5), got[:5]) and cache.pool.dtype == np.uint16

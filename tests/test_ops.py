@@ -72,11 +72,12 @@ def mk_moe(rng, T, D, F, E, K, fmt):
     return (f32(rng, T, D), experts, idx, rng.random((T, K)).astype(np.float32))
 
 
-def mk_mla(rng, B, H, C, R, page, P):
+def mk_mla(rng, B, H, C, R, page, P, bf16=False):
     lengths = rng.integers(1, 6 * page + 1, B).astype(np.int32)
     lengths[0] = 6 * page                          # one full table
     table = rng.permutation(P)[: B * 6].reshape(B, 6).astype(np.int32)
-    return (f32(rng, B, H, C), f32(rng, B, H, R), f32(rng, P, page, C + R), table, lengths,
+    pool = f32(rng, P, page, C + R)
+    return (f32(rng, B, H, C), f32(rng, B, H, R), f32_to_bf16(pool) if bf16 else pool, table, lengths,
             float(1 / np.sqrt(C + R)))
 
 
@@ -167,6 +168,10 @@ CASES += [
     ("mla_decode", mk_mla, dict(B=3, H=11, C=96, R=16, page=7, P=30), 1e-10, 1e-5),
     ("mla_decode", mk_mla, dict(B=1, H=16, C=512, R=64, page=100, P=8), 1e-10, 1e-5),  # split-KV
     ("mla_decode", mk_mla, dict(B=2, H=11, C=40, R=9, page=90, P=14), 1e-10, 1e-5),    # tails, split
+    # a bf16 cache (uint16 bits, the cpu backend's with AVX512-BF16): widened as rows are read
+    ("mla_decode", mk_mla, dict(B=3, H=11, C=96, R=16, page=7, P=30, bf16=True), 1e-10, 1e-5),
+    ("mla_decode", mk_mla, dict(B=1, H=16, C=512, R=64, page=100, P=8, bf16=True), 1e-10, 1e-5),  # split-KV
+    ("mla_decode", mk_mla, dict(B=2, H=11, C=40, R=9, page=90, P=14, bf16=True), 1e-10, 1e-5),
     ("attention", mk_attention, dict(T=1, S=9, H=3, Dk=24, Dv=20, off=8), 1e-10, 1e-5),
     ("attention", mk_attention, dict(T=13, S=13, H=4, Dk=40, Dv=24, off=0), 1e-10, 1e-5),
     ("attention", mk_attention, dict(T=5, S=21, H=2, Dk=16, Dv=16, off=16), 1e-10, 1e-5),

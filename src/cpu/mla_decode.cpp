@@ -57,17 +57,24 @@ inline __m512 hsum16(const __m512* v) {
                          _mm512_shuffle_f32x4(w01, w23, _MM_SHUFFLE(3, 1, 3, 1)));
 }
 
+// 16 cache elements from p as fp32 (m: which; the rest zero): float32 rows, or bf16 bits.
+inline __m512 load16(__mmask16 m, const float* p) { return _mm512_maskz_loadu_ps(m, p); }
+inline __m512 load16(__mmask16 m, const uint16_t* p) {
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, p)), 16));
+}
+
 // s[i*BS + j] = scale · q_i·row_j for 4 heads (q rows Wp apart, zero past W) x 4 rows of W
-// floats; the rows are not padded: the last step's masked loads stay inside them.
-inline void score_tile(float* s, const float* q, int Wp, const float* const* row, int W, float scale) {
-    const float *r0 = row[0], *r1 = row[1], *r2 = row[2], *r3 = row[3];
+// elements; the rows are not padded: the last step's masked loads stay inside them.
+template <class E>
+inline void score_tile(float* s, const float* q, int Wp, const E* const* row, int W, float scale) {
+    const E *r0 = row[0], *r1 = row[1], *r2 = row[2], *r3 = row[3];
     // named accumulators (head i, token j: aij), as in pv_tile
     __m512 a00 = _mm512_setzero_ps(), a01 = a00, a02 = a00, a03 = a00, a10 = a00, a11 = a00, a12 = a00;
     __m512 a13 = a00, a20 = a00, a21 = a00, a22 = a00, a23 = a00, a30 = a00, a31 = a00, a32 = a00, a33 = a00;
     for (int c = 0; c < W; c += 16) {
         const __mmask16 m = W - c >= 16 ? 0xFFFF : (__mmask16)((1u << (W - c)) - 1);
-        const __m512 x0 = _mm512_maskz_loadu_ps(m, r0 + c), x1 = _mm512_maskz_loadu_ps(m, r1 + c);
-        const __m512 x2 = _mm512_maskz_loadu_ps(m, r2 + c), x3 = _mm512_maskz_loadu_ps(m, r3 + c);
+        const __m512 x0 = load16(m, r0 + c), x1 = load16(m, r1 + c);
+        const __m512 x2 = load16(m, r2 + c), x3 = load16(m, r3 + c);
 #define K2_QK_HEAD(i)                                                                              \
         {                                                                                          \
             const __m512 qi = _mm512_load_ps(q + (size_t)i * Wp + c);                              \
@@ -89,16 +96,17 @@ inline void score_tile(float* s, const float* q, int Wp, const float* const* row
 
 // acc[i][c0..c0+64) = acc·corr[i] + Σ_{j<nb} p[i*BS + j] · row_j[c0..c0+64) for 4 heads
 // (acc rows Cp apart); m masks the columns past C (loaded as zeros).
-inline void pv_tile(float* acc, int Cp, const float* p, const float* corr, const float* const* row, int nb,
+template <class E>
+inline void pv_tile(float* acc, int Cp, const float* p, const float* corr, const E* const* row, int nb,
                     int c0, const __mmask16* m) {
     // named accumulators (head i, columns 16k: aik): gcc 12 stores an array of them to the
     // stack on every token here (1.6x slower)
     __m512 a00 = _mm512_setzero_ps(), a01 = a00, a02 = a00, a03 = a00, a10 = a00, a11 = a00, a12 = a00;
     __m512 a13 = a00, a20 = a00, a21 = a00, a22 = a00, a23 = a00, a30 = a00, a31 = a00, a32 = a00, a33 = a00;
     for (int j = 0; j < nb; j++) {
-        const float* r = row[j] + c0;
-        const __m512 x0 = _mm512_maskz_loadu_ps(m[0], r), x1 = _mm512_maskz_loadu_ps(m[1], r + 16);
-        const __m512 x2 = _mm512_maskz_loadu_ps(m[2], r + 32), x3 = _mm512_maskz_loadu_ps(m[3], r + 48);
+        const E* r = row[j] + c0;
+        const __m512 x0 = load16(m[0], r), x1 = load16(m[1], r + 16);
+        const __m512 x2 = load16(m[2], r + 32), x3 = load16(m[3], r + 48);
 #define K2_PV_HEAD(i)                                                                              \
         {                                                                                          \
             const __m512 pi = _mm512_set1_ps(p[i * BS + j]);                                       \
@@ -120,18 +128,19 @@ inline void pv_tile(float* acc, int Cp, const float* p, const float* corr, const
 struct Item { int b, h0, h1, t0, t1, slot; };   // slot < 0: whole sequence, written to out
 
 struct Args {
-    float* out; const float* q_latent; const float* q_pe; const float* pool; const int32_t* page_table;
+    float* out; const float* q_latent; const float* q_pe; const void* pool; const int32_t* page_table;
     int H, C, R, page, max_pages; float scale;
     float* part_acc; float* part_ml;   // per slot: acc [H][C]; m [H] then l [H]
 };
 
+template <class E>
 void run_item(const Args& A, const Item& it) {
     const int C = A.C, R = A.R, W = C + R, H = A.H;
     const int Wp = ceil_div(W, 16) * 16, Cp = ceil_div(C, 64) * 64;
     const int nh = it.h1 - it.h0, nhp = ceil_div(nh, HQ) * HQ;
     // per thread, kept between calls: O(H·(C+R)), independent of the context length
     static thread_local std::vector<float> buf;
-    static thread_local std::vector<const float*> rows(2 * BS);   // this block's, the next's
+    static thread_local std::vector<const E*> rows(2 * BS);   // this block's, the next's
     const size_t need = (size_t)nhp * (Wp + Cp + BS + 3) + 16;
     if (buf.size() < need) buf.resize(need);
     float* qc = align64(buf.data());              // [nhp][Wp]: q_latent | q_pe | zeros
@@ -155,13 +164,14 @@ void run_item(const Args& A, const Item& it) {
     }
     std::fill(acc, acc + (size_t)nhp * Cp, 0.f);
     const int32_t* pt = A.page_table + (size_t)it.b * A.max_pages;
-    const float** cur = rows.data();
-    const float** nxt = cur + BS;
-    auto block_rows = [&](const float** r, int t0) {
+    const E** cur = rows.data();
+    const E** nxt = cur + BS;
+    const E* pool = (const E*)A.pool;
+    auto block_rows = [&](const E** r, int t0) {
         const int nb = std::min(BS, it.t1 - t0);
         for (int j = 0; j < nb; j++) {
             const int t = t0 + j;
-            r[j] = A.pool + ((size_t)pt[t / A.page] * A.page + t % A.page) * W;
+            r[j] = pool + ((size_t)pt[t / A.page] * A.page + t % A.page) * W;
         }
         return nb;
     };
@@ -177,8 +187,9 @@ void run_item(const Args& A, const Item& it) {
                 score_tile(S + (size_t)i * BS + j, qc + (size_t)i * Wp, Wp, cur + j, W, A.scale);
             for (int j = nbn * (i / HQ) / nq; j < nbn * (i / HQ + 1) / nq; j++) {
                 const char* r = (const char*)nxt[j];
-                for (int o = 0; o < W * 4; o += 64) _mm_prefetch(r + o, _MM_HINT_T1);
-                _mm_prefetch(r + W * 4 - 1, _MM_HINT_T1);
+                const int bytes = W * (int)sizeof(E);
+                for (int o = 0; o < bytes; o += 64) _mm_prefetch(r + o, _MM_HINT_T1);
+                _mm_prefetch(r + bytes - 1, _MM_HINT_T1);
             }
         }
         for (int i = 0; i < nhp; i++) {   // online softmax; S becomes P (zeros past nb)
@@ -230,7 +241,7 @@ void run_item(const Args& A, const Item& it) {
 
 }  // namespace
 
-void mla_decode(float* out, const float* q_latent, const float* q_pe, const float* pool,
+void mla_decode(float* out, const float* q_latent, const float* q_pe, const void* pool, bool bf16,
                 const int32_t* page_table, const int32_t* lengths, int B, int H, int C, int R,
                 int page, int max_pages, float scale) {
     if (B <= 0 || H <= 0 || C <= 0) return;
@@ -282,7 +293,10 @@ void mla_decode(float* out, const float* q_latent, const float* q_pe, const floa
     #pragma omp parallel
     {
         #pragma omp for schedule(dynamic, 1)
-        for (int i = 0; i < (int)items.size(); i++) run_item(A, items[i]);
+        for (int i = 0; i < (int)items.size(); i++) {
+            if (bf16) run_item<uint16_t>(A, items[i]);
+            else run_item<float>(A, items[i]);
+        }
         #pragma omp for schedule(static)
         for (int i = 0; i < nmerge; i++) {   // out = Σ_k e^(m_k-M) acc_k / Σ_k e^(m_k-M) l_k
             const int b = split[i / H], h = i % H;
@@ -307,9 +321,13 @@ void mla_decode(float* out, const float* q_latent, const float* q_pe, const floa
 }
 
 #else
-void mla_decode(float* out, const float* q_latent, const float* q_pe, const float* pool,
-                const int32_t* page_table, const int32_t* lengths, int B, int H, int C, int R,
-                int page, int max_pages, float scale) {
+static inline float elem(const float* p, int i) { return p[i]; }
+static inline float elem(const uint16_t* p, int i) { return bf16_to_f32(p[i]); }
+
+template <class E>
+static void mla_decode_portable(float* out, const float* q_latent, const float* q_pe, const E* pool,
+                                const int32_t* page_table, const int32_t* lengths, int B, int H, int C, int R,
+                                int page, int max_pages, float scale) {
     const int W = C + R;               // floats per cached token
     const int HC = 8;                  // heads per work item
     const int BS = 64;                 // tokens per block
@@ -317,7 +335,7 @@ void mla_decode(float* out, const float* q_latent, const float* q_pe, const floa
     #pragma omp parallel
     {
         std::vector<float> acc((size_t)HC * C), m(HC), l(HC), s(BS);
-        std::vector<const float*> rows(BS);
+        std::vector<const E*> rows(BS);
         #pragma omp for schedule(dynamic, 1)
         for (int it = 0; it < B * nhc; it++) {
             const int b = it / nhc, h0 = (it % nhc) * HC, h1 = std::min(H, h0 + HC);
@@ -336,12 +354,12 @@ void mla_decode(float* out, const float* q_latent, const float* q_pe, const floa
                     const float* qr = q_pe + ((size_t)b * H + h) * R;
                     float mb = -INFINITY;
                     for (int j = 0; j < nb; j++) {
-                        const float* kv = rows[j];
+                        const E* kv = rows[j];
                         float d1 = 0.f, d2 = 0.f;
                         #pragma omp simd reduction(+:d1)
-                        for (int c = 0; c < C; c++) d1 += ql[c] * kv[c];
+                        for (int c = 0; c < C; c++) d1 += ql[c] * elem(kv, c);
                         #pragma omp simd reduction(+:d2)
-                        for (int r = 0; r < R; r++) d2 += qr[r] * kv[C + r];
+                        for (int r = 0; r < R; r++) d2 += qr[r] * elem(kv, C + r);
                         s[j] = (d1 + d2) * scale;
                         mb = std::max(mb, s[j]);
                     }
@@ -355,9 +373,9 @@ void mla_decode(float* out, const float* q_latent, const float* q_pe, const floa
                     for (int j = 0; j < nb; j++) {
                         const float p = std::exp(s[j] - mn);
                         lsum += p;
-                        const float* kv = rows[j];
+                        const E* kv = rows[j];
                         #pragma omp simd
-                        for (int c = 0; c < C; c++) a[c] += p * kv[c];
+                        for (int c = 0; c < C; c++) a[c] += p * elem(kv, c);
                     }
                     m[hh] = mn;
                     l[hh] = lsum;
@@ -371,6 +389,17 @@ void mla_decode(float* out, const float* q_latent, const float* q_pe, const floa
             }
         }
     }
+}
+
+void mla_decode(float* out, const float* q_latent, const float* q_pe, const void* pool, bool bf16,
+                const int32_t* page_table, const int32_t* lengths, int B, int H, int C, int R,
+                int page, int max_pages, float scale) {
+    if (bf16)
+        mla_decode_portable(out, q_latent, q_pe, (const uint16_t*)pool, page_table, lengths, B, H, C, R, page,
+                            max_pages, scale);
+    else
+        mla_decode_portable(out, q_latent, q_pe, (const float*)pool, page_table, lengths, B, H, C, R, page,
+                            max_pages, scale);
 }
 #endif
 
