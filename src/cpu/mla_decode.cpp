@@ -12,6 +12,7 @@
 // 64-column register tiles, each row slice loaded once per 4 heads.
 // Elsewhere: the portable loops, work items (sequence, chunk of 8 heads).
 #include "common.h"
+#include <type_traits>
 #include <vector>
 #include <algorithm>
 
@@ -57,7 +58,9 @@ inline __m512 hsum16(const __m512* v) {
                          _mm512_shuffle_f32x4(w01, w23, _MM_SHUFFLE(3, 1, 3, 1)));
 }
 
-// 16 cache elements from p as fp32 (m: which; the rest zero): float32 rows, or bf16 bits.
+// 16 cache elements from p as fp32 (m: which; the rest zero): float32 rows, or bf16 bits
+// (a bf16 block is widened once into scratch rows, not in the tiles, which every head quad
+// runs over each row again).
 inline __m512 load16(__mmask16 m, const float* p) { return _mm512_maskz_loadu_ps(m, p); }
 inline __m512 load16(__mmask16 m, const uint16_t* p) {
     return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, p)), 16));
@@ -65,9 +68,8 @@ inline __m512 load16(__mmask16 m, const uint16_t* p) {
 
 // s[i*BS + j] = scale · q_i·row_j for 4 heads (q rows Wp apart, zero past W) x 4 rows of W
 // elements; the rows are not padded: the last step's masked loads stay inside them.
-template <class E>
-inline void score_tile(float* s, const float* q, int Wp, const E* const* row, int W, float scale) {
-    const E *r0 = row[0], *r1 = row[1], *r2 = row[2], *r3 = row[3];
+inline void score_tile(float* s, const float* q, int Wp, const float* const* row, int W, float scale) {
+    const float *r0 = row[0], *r1 = row[1], *r2 = row[2], *r3 = row[3];
     // named accumulators (head i, token j: aij), as in pv_tile
     __m512 a00 = _mm512_setzero_ps(), a01 = a00, a02 = a00, a03 = a00, a10 = a00, a11 = a00, a12 = a00;
     __m512 a13 = a00, a20 = a00, a21 = a00, a22 = a00, a23 = a00, a30 = a00, a31 = a00, a32 = a00, a33 = a00;
@@ -96,15 +98,14 @@ inline void score_tile(float* s, const float* q, int Wp, const E* const* row, in
 
 // acc[i][c0..c0+64) = acc·corr[i] + Σ_{j<nb} p[i*BS + j] · row_j[c0..c0+64) for 4 heads
 // (acc rows Cp apart); m masks the columns past C (loaded as zeros).
-template <class E>
-inline void pv_tile(float* acc, int Cp, const float* p, const float* corr, const E* const* row, int nb,
+inline void pv_tile(float* acc, int Cp, const float* p, const float* corr, const float* const* row, int nb,
                     int c0, const __mmask16* m) {
     // named accumulators (head i, columns 16k: aik): gcc 12 stores an array of them to the
     // stack on every token here (1.6x slower)
     __m512 a00 = _mm512_setzero_ps(), a01 = a00, a02 = a00, a03 = a00, a10 = a00, a11 = a00, a12 = a00;
     __m512 a13 = a00, a20 = a00, a21 = a00, a22 = a00, a23 = a00, a30 = a00, a31 = a00, a32 = a00, a33 = a00;
     for (int j = 0; j < nb; j++) {
-        const E* r = row[j] + c0;
+        const float* r = row[j] + c0;
         const __m512 x0 = load16(m[0], r), x1 = load16(m[1], r + 16);
         const __m512 x2 = load16(m[2], r + 32), x3 = load16(m[3], r + 48);
 #define K2_PV_HEAD(i)                                                                              \
@@ -141,6 +142,8 @@ void run_item(const Args& A, const Item& it) {
     // per thread, kept between calls: O(H·(C+R)), independent of the context length
     static thread_local std::vector<float> buf;
     static thread_local std::vector<const E*> rows(2 * BS);   // this block's, the next's
+    static thread_local std::vector<const float*> frows(BS);  // this block's as float32 rows
+    static thread_local std::vector<float> wide;              // bf16 pools: [BS][Wp] widened
     const size_t need = (size_t)nhp * (Wp + Cp + BS + 3) + 16;
     if (buf.size() < need) buf.resize(need);
     float* qc = align64(buf.data());              // [nhp][Wp]: q_latent | q_pe | zeros
@@ -179,12 +182,25 @@ void run_item(const Args& A, const Item& it) {
     int nb = it.t1 > it.t0 ? block_rows(cur, it.t0) : 0;
     for (int t0 = it.t0; t0 < it.t1; t0 += BS) {
         const int nb4 = ceil_div(nb, 4) * 4;
-        for (int j = nb; j < nb4; j++) cur[j] = cur[nb - 1];   // score padding, unused
+        for (int j = 0; j < nb; j++) {
+            if constexpr (std::is_same<E, float>::value) {
+                frows[j] = cur[j];
+            } else {
+                if (wide.size() < (size_t)BS * Wp) wide.resize((size_t)BS * Wp);
+                float* w = wide.data() + (size_t)j * Wp;
+                for (int c = 0; c < W; c += 16) {
+                    const __mmask16 k = W - c >= 16 ? 0xFFFF : (__mmask16)((1u << (W - c)) - 1);
+                    _mm512_mask_storeu_ps(w + c, k, load16(k, cur[j] + c));
+                }
+                frows[j] = w;
+            }
+        }
+        for (int j = nb; j < nb4; j++) frows[j] = frows[nb - 1];   // score padding, unused
         // the next block's rows (scattered pages) are prefetched into L2 a slice per head quad
         const int nbn = t0 + BS < it.t1 ? block_rows(nxt, t0 + BS) : 0;
         for (int i = 0; i < nhp; i += HQ) {
             for (int j = 0; j < nb4; j += 4)
-                score_tile(S + (size_t)i * BS + j, qc + (size_t)i * Wp, Wp, cur + j, W, A.scale);
+                score_tile(S + (size_t)i * BS + j, qc + (size_t)i * Wp, Wp, frows.data() + j, W, A.scale);
             for (int j = nbn * (i / HQ) / nq; j < nbn * (i / HQ + 1) / nq; j++) {
                 const char* r = (const char*)nxt[j];
                 const int bytes = W * (int)sizeof(E);
@@ -219,7 +235,7 @@ void run_item(const Args& A, const Item& it) {
                     const int left = C - c0 - 16 * k;
                     cm[k] = left >= 16 ? 0xFFFF : left <= 0 ? 0 : (__mmask16)((1u << left) - 1);
                 }
-                pv_tile(acc + (size_t)i * Cp, Cp, S + (size_t)i * BS, corr + i, cur, nb, c0, cm);
+                pv_tile(acc + (size_t)i * Cp, Cp, S + (size_t)i * BS, corr + i, frows.data(), nb, c0, cm);
             }
         std::swap(cur, nxt);
         nb = nbn;
