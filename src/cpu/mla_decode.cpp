@@ -66,6 +66,16 @@ inline __m512 load16(__mmask16 m, const uint16_t* p) {
     return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, p)), 16));
 }
 
+// Row i of a 4x4 register tile (named accumulators aij, see below): aij += v · xj, j < 4.
+#define K2_FMA4(i, v)                                                                              \
+    {                                                                                              \
+        const __m512 v_ = (v);                                                                     \
+        a##i##0 = _mm512_fmadd_ps(v_, x0, a##i##0);                                                \
+        a##i##1 = _mm512_fmadd_ps(v_, x1, a##i##1);                                                \
+        a##i##2 = _mm512_fmadd_ps(v_, x2, a##i##2);                                                \
+        a##i##3 = _mm512_fmadd_ps(v_, x3, a##i##3);                                                \
+    }
+
 // s[i*BS + j] = scale · q_i·row_j for 4 heads (q rows Wp apart, zero past W) x 4 rows of W
 // elements; the rows are not padded: the last step's masked loads stay inside them.
 inline void score_tile(float* s, const float* q, int Wp, const float* const* row, int W, float scale) {
@@ -77,14 +87,7 @@ inline void score_tile(float* s, const float* q, int Wp, const float* const* row
         const __mmask16 m = W - c >= 16 ? 0xFFFF : (__mmask16)((1u << (W - c)) - 1);
         const __m512 x0 = load16(m, r0 + c), x1 = load16(m, r1 + c);
         const __m512 x2 = load16(m, r2 + c), x3 = load16(m, r3 + c);
-#define K2_QK_HEAD(i)                                                                              \
-        {                                                                                          \
-            const __m512 qi = _mm512_load_ps(q + (size_t)i * Wp + c);                              \
-            a##i##0 = _mm512_fmadd_ps(qi, x0, a##i##0);                                            \
-            a##i##1 = _mm512_fmadd_ps(qi, x1, a##i##1);                                            \
-            a##i##2 = _mm512_fmadd_ps(qi, x2, a##i##2);                                            \
-            a##i##3 = _mm512_fmadd_ps(qi, x3, a##i##3);                                            \
-        }
+#define K2_QK_HEAD(i) K2_FMA4(i, _mm512_load_ps(q + (size_t)i * Wp + c))
         K2_QK_HEAD(0) K2_QK_HEAD(1) K2_QK_HEAD(2) K2_QK_HEAD(3)
 #undef K2_QK_HEAD
     }
@@ -108,14 +111,7 @@ inline void pv_tile(float* acc, int Cp, const float* p, const float* corr, const
         const float* r = row[j] + c0;
         const __m512 x0 = load16(m[0], r), x1 = load16(m[1], r + 16);
         const __m512 x2 = load16(m[2], r + 32), x3 = load16(m[3], r + 48);
-#define K2_PV_HEAD(i)                                                                              \
-        {                                                                                          \
-            const __m512 pi = _mm512_set1_ps(p[i * BS + j]);                                       \
-            a##i##0 = _mm512_fmadd_ps(pi, x0, a##i##0);                                            \
-            a##i##1 = _mm512_fmadd_ps(pi, x1, a##i##1);                                            \
-            a##i##2 = _mm512_fmadd_ps(pi, x2, a##i##2);                                            \
-            a##i##3 = _mm512_fmadd_ps(pi, x3, a##i##3);                                            \
-        }
+#define K2_PV_HEAD(i) K2_FMA4(i, _mm512_set1_ps(p[i * BS + j]))
         K2_PV_HEAD(0) K2_PV_HEAD(1) K2_PV_HEAD(2) K2_PV_HEAD(3)
 #undef K2_PV_HEAD
     }
