@@ -98,7 +98,7 @@ void bf16_rows(float* y, int ldy, const float* xd, int T, int I, const uint16_t*
 // the earlier chunks'. The order depends on neither T nor the layout, so a token's result is
 // bit-identical in decode, in any prefill chunk and in a batch: bf16 rounding downstream would
 // turn fp32-level differences into 2^-9 jumps (prompt caching and batching rely on it). Other
-// builds and exact mode keep fp32 x (k2lite.cpu.cache_rows follows the same rule).
+// builds and exact mode keep fp32 x (k2lite.cpu.cache_dtype follows the same rule).
 #define BF16_DP_KC 2048
 #if defined(K2_AVX512) && defined(__AVX512BF16__)
 #define K2_BF16DP 1

@@ -154,37 +154,39 @@ static void tile_sums(float* s, const float* xd, int Ip, const uint16_t* tile, i
 
 void bf16_tiled_matmul(float* out, const float* x, const uint16_t* data, int T, int I, int N) {
     const int Ip = ceil_div(I, TC) * TC, ntiles = ceil_div(N, TR);
+    // x as the tile sums take it: bf16 for vdpbf16ps in bf16_matmul's order (common.h), else
+    // fp32 de-interleaved (exact mode, builds without AVX512-BF16)
+    std::vector<uint16_t> xb;
+    std::vector<float> xd;
 #ifdef K2_BF16DP
-    if (!g_exact) {     // bf16 x, vdpbf16ps, in bf16_matmul's order (common.h)
-        std::vector<uint16_t> xb((size_t)T * Ip);
+    const bool dp = !g_exact;
+    if (dp) {
+        xb.resize((size_t)T * Ip);
         bf16_round_x(xb.data(), Ip, x, T, I);
-        #pragma omp parallel
-        {
-            std::vector<float> s((size_t)T * TR);
-            #pragma omp for schedule(dynamic, 1)
-            for (int it = 0; it < ntiles; it++) {
-                const int nr = N - it * TR < TR ? N - it * TR : TR;
-                tile_sums_dp(s.data(), xb.data(), Ip, data + (size_t)it * TR * Ip, T);
-                for (int t = 0; t < T; t++)
-                    for (int r = 0; r < nr; r++) out[(size_t)t * N + it * TR + r] = s[(size_t)t * TR + r];
-            }
-        }
-        return;
     }
+#else
+    const bool dp = false;
 #endif
-    std::vector<float> xd((size_t)T * Ip);
-    deinterleave_x(xd.data(), x, T, I, Ip);
+    if (!dp) {
+        xd.resize((size_t)T * Ip);
+        deinterleave_x(xd.data(), x, T, I, Ip);
+    }
     #pragma omp parallel
     {
         std::vector<float> s((size_t)T * TR);
-        // 64-byte aligned scratch for tile_many's vector accumulators
-        std::vector<float> scratch(((size_t)TR + (size_t)64 * ceil_div(T - 1, 4)) * 16 + 16);
+        // 64-byte aligned scratch for tile_many's vector accumulators (the fp32 path)
+        std::vector<float> scratch(dp ? 0 : ((size_t)TR + (size_t)64 * ceil_div(T - 1, 4)) * 16 + 16);
         void* sp = align64(scratch.data());
         #pragma omp for schedule(dynamic, 1)
         for (int it = 0; it < ntiles; it++) {
             const uint16_t* tile = data + (size_t)it * TR * Ip;
             const int nr = N - it * TR < TR ? N - it * TR : TR;
-            tile_sums(s.data(), xd.data(), Ip, tile, T, sp);
+#ifdef K2_BF16DP
+            if (dp)
+                tile_sums_dp(s.data(), xb.data(), Ip, tile, T);
+            else
+#endif
+                tile_sums(s.data(), xd.data(), Ip, tile, T, sp);
             for (int t = 0; t < T; t++)
                 for (int r = 0; r < nr; r++) out[(size_t)t * N + it * TR + r] = s[(size_t)t * TR + r];
         }
