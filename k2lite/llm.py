@@ -57,8 +57,7 @@ class Sequence:
                 logits = logits[-1] if last_only else np.concatenate(logits)
             self.tokens.extend(int(t) for t in ids)
         except BaseException:
-            cache.truncate(self.state, start)    # chunks that did run are forgotten too
-            del self.tokens[start:]
+            self.truncate(start)                # chunks that did run are forgotten too
             raise
         return logits
 
