@@ -73,10 +73,17 @@ class Config:
     torch_dtype: str = "bfloat16"
     extra: dict = field(default_factory=dict, compare=False, repr=False)  # whole original dict
 
+    # The sizes are required: a config.json without them cannot describe the checkpoint's shapes.
     REQUIRED = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
                 "num_attention_heads", "kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim",
                 "v_head_dim")
-    REQUIRED_MOE = ("num_experts_per_tok",)     # with n_routed_experts: no default is right
+    # A missing key the model reads takes transformers' DeepseekV3Config default, as the oracle
+    # builds the model (an explicit null q_lora_rank / n_routed_experts still means none). The
+    # token ids stay None when missing (transformers says bos 0, eos 1: Kimi's come from its
+    # tokenizer), and num_nextn_predict_layers 0 (it only lets MTP tensors go unused).
+    HF_DEFAULTS = {"moe_intermediate_size": 2048, "q_lora_rank": 1536, "n_routed_experts": 256,
+                   "n_shared_experts": 1, "num_experts_per_tok": 8, "n_group": 8, "topk_group": 4,
+                   "routed_scaling_factor": 2.5, "first_k_dense_replace": 3}
 
     # ------------------------------------------------------------------ derived
     @property
@@ -118,6 +125,9 @@ class Config:
                 raise ModelFormatError(f"{source}: missing required key '{key}'")
         names = {f.name for f in dataclasses.fields(cls)} - {"quantization", "extra"}
         kw = {k: d[k] for k in names if k in d and d[k] is not None}
+        kw.update({k: v for k, v in cls.HF_DEFAULTS.items() if k not in d})
+        if "topk_group" not in d and _is_int(kw.get("n_group")):
+            kw["topk_group"] = min(kw["topk_group"], kw["n_group"])   # 4 of fewer groups: all of them
         rp = d.get("rope_parameters")                   # transformers 5 spelling
         if rp is not None and not isinstance(rp, dict):
             raise ModelFormatError(f"{source}: 'rope_parameters' must be an object, got {rp!r}")
@@ -129,13 +139,10 @@ class Config:
         if d.get("architectures") is not None and not _names(d["architectures"], f"{source}: 'architectures'"):
             raise ModelFormatError(f"{source}: 'architectures' is empty")
         if kw.get("n_routed_experts"):
-            for key in cls.REQUIRED_MOE:
-                if key not in kw:
-                    raise ModelFormatError(f"{source}: missing required key '{key}' (the model has routed experts)")
             _check_routing(kw, source)
         else:
             kw["n_routed_experts"] = None
-        kw.setdefault("moe_intermediate_size", kw["intermediate_size"])
+        kw.setdefault("moe_intermediate_size", kw["intermediate_size"])   # an explicit null
         kw["rope_scaling"] = _rope_scaling(kw.get("rope_scaling"), source)
         kw["quantization"] = _quant_config(d.get("quantization_config"), source)
         return cls(**kw, extra=dict(d))
@@ -163,15 +170,20 @@ class Config:
         return d
 
 
-# config.json values checked by type and range: key -> smallest allowed integer
-INTS = {"vocab_size": 1, "hidden_size": 1, "intermediate_size": 1, "num_hidden_layers": 1,
-        "num_attention_heads": 1, "kv_lora_rank": 1, "qk_nope_head_dim": 0, "qk_rope_head_dim": 2,
-        "v_head_dim": 1, "moe_intermediate_size": 1, "n_routed_experts": 0, "n_shared_experts": 0,
-        "num_experts_per_tok": 1, "n_group": 1, "topk_group": 1, "first_k_dense_replace": 0,
-        "moe_layer_freq": 1, "num_nextn_predict_layers": 0, "q_lora_rank": 0,
-        "max_position_embeddings": 1}
-NUMBERS = {"rope_theta": (1.0, False), "rms_norm_eps": (0.0, True),      # key -> (bound, inclusive)
-           "routed_scaling_factor": (0.0, False)}
+# config.json values checked by type and range. Upper bounds are far above any released model;
+# past them a value cannot be right and would size arrays or loops from garbage (a corrupt
+# num_nextn_predict_layers of 10**12 made the loader build that many layer-name prefixes).
+INTS = {  # key -> (smallest, largest) allowed integer
+    "vocab_size": (1, 1 << 24), "hidden_size": (1, 1 << 17), "intermediate_size": (1, 1 << 20),
+    "num_hidden_layers": (1, 4096), "num_attention_heads": (1, 4096), "kv_lora_rank": (1, 1 << 16),
+    "qk_nope_head_dim": (0, 1 << 14), "qk_rope_head_dim": (2, 1 << 14), "v_head_dim": (1, 1 << 14),
+    "moe_intermediate_size": (1, 1 << 20), "n_routed_experts": (0, 1 << 16), "n_shared_experts": (0, 64),
+    "num_experts_per_tok": (1, 1 << 16), "n_group": (1, 1 << 16), "topk_group": (1, 1 << 16),
+    "first_k_dense_replace": (0, 4096), "moe_layer_freq": (1, 4096), "num_nextn_predict_layers": (0, 64),
+    "q_lora_rank": (0, 1 << 17), "max_position_embeddings": (1, 1 << 30)}
+NUMBERS = {  # key -> (lower bound, inclusive, upper bound inclusive); an eps of 0.5 is no epsilon
+    "rope_theta": (1.0, False, 1e12), "rms_norm_eps": (0.0, True, 0.1),
+    "routed_scaling_factor": (0.0, False, 1e4)}
 BOOLS = ("norm_topk_prob", "tie_word_embeddings")
 STRS = ("model_type", "torch_dtype")
 CHOICES = {"scoring_func": ("sigmoid", "softmax"), "topk_method": ("noaux_tc", "greedy", "group_limited_greedy")}
@@ -185,20 +197,22 @@ def _is_number(v) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
 
-def _check_number(v, what: str, bound: float | None, inclusive: bool, source: str):
-    """v is a finite number, above bound (at or above when inclusive; None: any)."""
-    if not _is_number(v) or (bound is not None and (v < bound or (v == bound and not inclusive))):
+def _check_number(v, what: str, bound: float | None, inclusive: bool, source: str, upper: float | None = None):
+    """v is a finite number, above bound (at or above when inclusive; None: any), at most upper."""
+    if (not _is_number(v) or (bound is not None and (v < bound or (v == bound and not inclusive)))
+            or (upper is not None and v > upper)):
         limit = "" if bound is None else f" {'>=' if inclusive else '>'} {bound:g}"
+        limit += "" if upper is None else f"{' and' if limit else ''} <= {upper:g}"
         raise ModelFormatError(f"{source}: {what} must be a number{limit}, got {v!r}")
 
 
 def _check_types(kw: dict, source: str):
-    for k, lo in INTS.items():
-        if k in kw and (not _is_int(kw[k]) or kw[k] < lo):
-            raise ModelFormatError(f"{source}: '{k}' must be an integer >= {lo}, got {kw[k]!r}")
-    for k, (bound, inclusive) in NUMBERS.items():
+    for k, (lo, hi) in INTS.items():
+        if k in kw and (not _is_int(kw[k]) or not lo <= kw[k] <= hi):
+            raise ModelFormatError(f"{source}: '{k}' must be an integer in {lo}..{hi}, got {kw[k]!r}")
+    for k, (bound, inclusive, upper) in NUMBERS.items():
         if k in kw:
-            _check_number(kw[k], f"'{k}'", bound, inclusive, source)
+            _check_number(kw[k], f"'{k}'", bound, inclusive, source, upper)
     for k in BOOLS:
         if k in kw and not isinstance(kw[k], bool):
             raise ModelFormatError(f"{source}: '{k}' must be true or false, got {kw[k]!r}")
@@ -211,7 +225,9 @@ def _check_types(kw: dict, source: str):
     if kw["qk_rope_head_dim"] % 2:
         raise ModelFormatError(f"{source}: 'qk_rope_head_dim' must be even, got {kw['qk_rope_head_dim']}")
     for k in ("bos_token_id", "eos_token_id", "pad_token_id"):   # pad: some configs use -1
-        ids = kw.get(k, [])
+        if k not in kw:          # optional (DeepSeek-V3 has no pad_token_id): transformers' default None
+            continue
+        ids = kw[k]
         ids = ids if isinstance(ids, list) and k == "eos_token_id" else [ids]
         if not all(_is_int(i) and (k == "pad_token_id" or 0 <= i < kw["vocab_size"]) for i in ids):
             raise ModelFormatError(f"{source}: '{k}' must be a token id below vocab_size={kw['vocab_size']}, "
@@ -246,15 +262,21 @@ def _rope_scaling(rs, source: str) -> Optional[dict]:
     if kind != "yarn":
         raise ModelFormatError(f"{source}: unsupported rope_scaling type {kind!r} (supported: yarn, default)")
     where = "rope_scaling"
-    _check_number(rs.get("factor"), f"{where}.factor", 1.0, True, source)
+    _check_number(rs.get("factor"), f"{where}.factor", 1.0, True, source, 1e4)
     orig = rs.get("original_max_position_embeddings")
     if not _is_int(orig) or orig < 1:
         raise ModelFormatError(f"{source}: {where}.original_max_position_embeddings must be a positive "
                                f"integer, got {orig!r}")
-    for k, bound, inclusive in (("beta_fast", 0.0, True), ("beta_slow", 0.0, True), ("mscale", None, False),
-                                ("mscale_all_dim", None, False), ("attention_factor", 0.0, False)):
+    if orig > 1 << 30:
+        raise ModelFormatError(f"{source}: {where}.original_max_position_embeddings must be at most "
+                               f"{1 << 30}, got {orig!r}")
+    # mscale enters the softmax scale as (0.1 * mscale * ln(factor) + 1)^2: released values are ~1
+    # (DeepSeek-V3, K2: 1.0); 1e30 overflowed to inf and gave NaN logits without a word
+    for k, bound, inclusive, upper in (("beta_fast", 0.0, True, 1e4), ("beta_slow", 0.0, True, 1e4),
+                                       ("mscale", 0.0, True, 100.0), ("mscale_all_dim", 0.0, True, 100.0),
+                                       ("attention_factor", 0.0, False, 100.0)):
         if rs.get(k) is not None:
-            _check_number(rs[k], f"{where}.{k}", bound, inclusive, source)
+            _check_number(rs[k], f"{where}.{k}", bound, inclusive, source, upper)
     if not isinstance(rs.get("truncate", True), bool):
         raise ModelFormatError(f"{source}: {where}.truncate must be true or false, got {rs['truncate']!r}")
     return rs

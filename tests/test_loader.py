@@ -1,5 +1,6 @@
 """Checkpoint parsing: corruption always gives ModelFormatError; opening maps, never reads."""
 import copy
+import dataclasses
 import json
 import os
 import shutil
@@ -331,10 +332,10 @@ ROPE = "rope_scaling"
 
 
 @pytest.mark.parametrize("base,edit,match", [
-    ("int4", lambda c: c.update(hidden_size=0), "'hidden_size' must be an integer >= 1, got 0"),
+    ("int4", lambda c: c.update(hidden_size=0), "'hidden_size' must be an integer in 1\\.\\.131072, got 0"),
     ("int4", lambda c: c.update(n_routed_experts=True), "n_routed_experts"),
     ("int4", lambda c: c.update(num_experts_per_tok=0), "num_experts_per_tok"),
-    ("int4", lambda c: c.pop("num_experts_per_tok"), "missing required key 'num_experts_per_tok'"),
+    ("int4", lambda c: c.update(n_group=3), "n_group=3 does not divide n_routed_experts"),
     ("int4", lambda c: c.update(topk_group=0), "topk_group"),
     ("int4", lambda c: c.update(n_group=2, num_experts_per_tok=5), "topk_group=1 of n_group=2 groups cannot hold"),
     ("int4", lambda c: c.update(n_group=2, topk_method="group_limited_greedy"), "topk_method"),
@@ -527,3 +528,95 @@ def test_bad_token_ids_name_the_id_and_position(tiny_model):
         llm.logits([1, 2, 384])
     with pytest.raises(ValueError, match=r"token id -1 at position 0"):
         llm.logits([-1])
+
+
+K2_CONFIG = os.path.join(REPO, "models", "kimi-k2-thinking", "config.json")
+# DeepSeek-V3's released config.json (and R1's): FP8, an MTP layer, no pad_token_id
+DEEPSEEK_V3 = {
+    "architectures": ["DeepseekV3ForCausalLM"], "attention_bias": False, "attention_dropout": 0.0,
+    "aux_loss_alpha": 0.001, "bos_token_id": 0, "eos_token_id": 1, "ep_size": 1, "first_k_dense_replace": 3,
+    "hidden_act": "silu", "hidden_size": 7168, "initializer_range": 0.02, "intermediate_size": 18432,
+    "kv_lora_rank": 512, "max_position_embeddings": 163840, "model_type": "deepseek_v3",
+    "moe_intermediate_size": 2048, "moe_layer_freq": 1, "n_group": 8, "n_routed_experts": 256,
+    "n_shared_experts": 1, "norm_topk_prob": True, "num_attention_heads": 128, "num_experts_per_tok": 8,
+    "num_hidden_layers": 61, "num_key_value_heads": 128, "num_nextn_predict_layers": 1, "q_lora_rank": 1536,
+    "qk_nope_head_dim": 128, "qk_rope_head_dim": 64,
+    "quantization_config": {"activation_scheme": "dynamic", "fmt": "e4m3", "quant_method": "fp8",
+                            "weight_block_size": [128, 128]},
+    "rms_norm_eps": 1e-06, "rope_scaling": {"beta_fast": 32, "beta_slow": 1, "factor": 40, "mscale": 1.0,
+                                             "mscale_all_dim": 1.0, "original_max_position_embeddings": 4096,
+                                             "type": "yarn"},
+    "rope_theta": 10000, "routed_scaling_factor": 2.5, "scoring_func": "sigmoid", "seq_aux": True,
+    "tie_word_embeddings": False, "topk_group": 4, "topk_method": "noaux_tc", "torch_dtype": "bfloat16",
+    "transformers_version": "4.33.1", "use_cache": True, "v_head_dim": 128, "vocab_size": 129280}
+
+
+def test_deepseek_v3_release_config_parses():
+    c = Config.from_dict(DEEPSEEK_V3)
+    assert c.pad_token_id is None and c.num_nextn_predict_layers == 1 and c.quantization.method == "fp8"
+    assert Config.from_dict(dict(DEEPSEEK_V3, rope_scaling=None)).rope_scaling is None
+
+
+def _optional_keys():
+    cfg = json.load(open(K2_CONFIG))
+    return sorted(k for k in cfg if k not in Config.REQUIRED)
+
+
+@pytest.mark.parametrize("key", _optional_keys())
+def test_each_optional_key_may_be_missing(key):
+    """Missing optional keys take transformers' DeepseekV3Config defaults; only a value that is
+    present and wrong is an error."""
+    cfg = json.load(open(K2_CONFIG))
+    cfg.pop(key)
+    c = Config.from_dict(cfg, source="config.json")
+    field = {"quantization_config": "quantization"}.get(key, key)
+    defaults = {f.name: f.default for f in dataclasses.fields(Config)}
+    if field == "topk_group":            # transformers' 4, capped at the config's n_group (1 for K2)
+        assert c.topk_group == min(4, c.n_group)
+    elif field in Config.HF_DEFAULTS:
+        assert getattr(c, field) == Config.HF_DEFAULTS[field]
+    elif field in defaults:
+        assert getattr(c, field) == defaults[field]
+
+
+def test_missing_keys_take_transformers_defaults_and_null_means_none():
+    from transformers import DeepseekV3Config
+    hf = DeepseekV3Config()
+    c = Config.from_dict({k: DEEPSEEK_V3[k] for k in Config.REQUIRED})
+    for k in Config.HF_DEFAULTS:
+        assert getattr(c, k) == getattr(hf, k), k
+    c = Config.from_dict(dict(DEEPSEEK_V3, q_lora_rank=None, n_routed_experts=None))
+    assert c.q_lora_rank is None and c.n_routed_experts is None
+
+
+def test_deepseek_style_checkpoint_loads_and_runs(tmp_path, model_factory):
+    """FP8 weights, no pad/bos ids, rope_scaling null, an MTP layer in the index (skipped)."""
+    from k2lite.testing.random_model import preset, write_random_model
+    cfg = preset("tiny", num_hidden_layers=3)
+    path = str(tmp_path / "dsv3")
+    write_random_model(path, cfg, seed=1, fp8=True)
+    add_tensor("model.layers.3.input_layernorm.weight", "model.norm.weight")(path)   # the MTP layer
+    edit_config(path, lambda c: (c.pop("pad_token_id", None), c.pop("bos_token_id", None),
+                                 c.update(num_nextn_predict_layers=1, rope_scaling=None)))
+    llm = k2lite.load(path, device="ref")
+    assert llm.tokenizer is None and llm.config.pad_token_id is None
+    assert np.isfinite(llm.logits([1, 2, 3])).all()
+
+
+@pytest.mark.parametrize("edit,match", [
+    (lambda c: c.update(num_nextn_predict_layers=10**12), r"'num_nextn_predict_layers' must be an integer in 0\.\.64"),
+    (lambda c: c["rope_scaling"].update(mscale_all_dim=1e30), r"rope_scaling\.mscale_all_dim must be a number >= 0 and <= 100"),
+    (lambda c: c["rope_scaling"].update(mscale=-3.0), r"rope_scaling\.mscale must be"),
+    (lambda c: c["rope_scaling"].update(factor=1e300), r"rope_scaling\.factor must be"),
+    (lambda c: c.update(rms_norm_eps=1.5), r"'rms_norm_eps' must be a number >= 0 and <= 0\.1"),
+    (lambda c: c.update(hidden_size=10**9), r"'hidden_size' must be an integer in"),
+    (lambda c: c.update(routed_scaling_factor=1e300), r"'routed_scaling_factor' must be"),
+    (lambda c: c.update(rope_theta=1e300), r"'rope_theta' must be"),
+], ids=["mtp_layers_1e12", "mscale_all_dim_1e30", "negative_mscale", "huge_factor", "eps_1.5",
+        "hidden_1e9", "huge_routed_scale", "huge_rope_theta"])
+def test_values_that_load_but_cannot_be_right(edit, match):
+    cfg = json.load(open(K2_CONFIG))
+    edit(cfg)
+    with pytest.raises(ModelFormatError, match=match) as e:
+        Config.from_dict(cfg, source="config.json")
+    assert str(e.value).startswith("config.json: ") and "\n" not in str(e.value)
