@@ -1,11 +1,16 @@
-"""K2 Thinking chat format: render prompts, parse assistant output (batch and streaming).
+"""Kimi chat format: render prompts, parse assistant output (batch and streaming).
 
-Rendering reproduces the released `chat_template.jinja` of Kimi-K2-Thinking (no jinja2 here):
-tool declaration first (compact sorted-key JSON), the default system prompt when the first message
-is not a system one, no newlines between messages, `<think></think>` for assistant turns up to the
-last assistant turn without tool calls, reasoning kept after it, generation prompt without `<think>`.
+Rendering reproduces the released chat templates of Kimi-K2-Thinking, Kimi-K2-Instruct and
+Kimi-K2.6/K2.5 (no jinja2 here; `Dialect` names what differs between them, and
+chat_template.py decides which one a checkpoint carries). What they share: the tool declaration
+first (compact sorted-key JSON), no newlines between messages, `## Return of <id>` before a tool
+result. K2 Thinking adds the default system prompt when the first message is not a system one and
+writes `<think></think>` for assistant turns up to the last assistant turn without tool calls,
+reasoning kept after it, generation prompt without `<think>`. K2 Instruct: no think tags, the
+default system prompt followed by a newline. K2.6: no default system prompt, the generation
+prompt opens `<think>` (closed with thinking=False), preserve_thinking keeps all reasoning.
 `render_parts` keeps markup and content apart so `Tokenizer.encode_chat` can encode content as
-plain text (prompt-injection safety). Like the template, any role renders (roles other than
+plain text (prompt-injection safety). Like the templates, any role renders (roles other than
 user/assistant as `<|im_system|>{role}`), and, like transformers, `thinking`/`reasoning` stand in
 for a missing `reasoning_content`. Two deliberate differences: a JSON null (reasoning_content,
 tool_call_id, a call id) renders as nothing where jinja prints "None", and input the template
@@ -33,11 +38,13 @@ special names (CONTROL_NAMES, `<|reserved_token_N|>`) are consumed; `<|im_end|>`
 import functools
 import json
 import re
+from dataclasses import dataclass
 
 DEFAULT_SYSTEM = "You are Kimi, an AI assistant created by Moonshot AI."
 # What the released template emits for an image part. `<|media_start|>` is not a named token in
 # any Kimi vocabulary (the others are), so it encodes as plain text, as it does upstream.
 IMAGE_MARKUP = ["<|media_start|>", "image", "<|media_content|>", "<|media_pad|>", "<|media_end|>"]
+VIDEO_MARKUP = "<|kimi_k25_video_placeholder|>"     # K2.5/K2.6 templates
 # The roles OpenAI clients send. The template itself renders any other role name too, as a
 # system-style turn (`<|im_system|>developer<|im_middle|>`), and so does render_parts.
 ROLES = ("system", "user", "assistant", "tool")
@@ -60,13 +67,41 @@ def _str(x):
     return "" if x is None else str(x)
 
 
-def is_image(part) -> bool:
-    """Whether a content part is an image (OpenAI `image_url`, or the template's `image`)."""
-    return isinstance(part, dict) and (part.get("type") in ("image", "image_url")
+def is_media(part) -> bool:
+    """Whether a content part is an image or a video (OpenAI `image_url`, the templates' `image`,
+    K2.5's `video`/`video_url`): markup no K2 text model can see."""
+    return isinstance(part, dict) and (part.get("type") in ("image", "image_url", "video", "video_url")
                                        or "image" in part or "image_url" in part)
 
 
-def _content_parts(msg, where):
+def is_image(part) -> bool:
+    """Whether K2 Thinking's and Instruct's templates render a content part as an image."""
+    return isinstance(part, dict) and (part.get("type") == "image" or "image" in part or "image_url" in part)
+
+
+@dataclass(frozen=True)
+class Dialect:
+    """How one released Kimi chat template renders: they share the markup and differ in a few
+    choices. Each field says what its template does (the templates themselves are the oracle in
+    tests/test_templates.py)."""
+    name: str
+    mode: str                 # "thinking" | "instruct" | "hybrid" (a `thinking` switch, on by default)
+    default_system: str       # "" none | "always" (also for no messages) | "first\n" (then a newline)
+    think_tags: bool          # assistant turns carry <think>reasoning</think>
+    media_begin: str          # the image markup's first token
+    images_by_type_only: bool  # only parts typed image/image_url are images (K2.6)
+
+
+KIMI_K2_THINKING = Dialect("kimi-k2-thinking", "thinking", "always", True, "<|media_start|>", False)
+KIMI_K2_INSTRUCT = Dialect("kimi-k2-instruct", "instruct", "first\n", False, "<|media_start|>", False)
+# K2.6 (and K2.5, whose released renderings it reproduces): no default system prompt, the
+# generation prompt opens `<think>` (`<think></think>` with thinking=False), preserve_thinking
+# keeps every turn's reasoning, tools_ts_str replaces the tools JSON, video parts.
+KIMI_K2_6 = Dialect("kimi-k2.6", "hybrid", "", True, "<|media_begin|>", True)
+DIALECTS = {d.name: d for d in (KIMI_K2_THINKING, KIMI_K2_INSTRUCT, KIMI_K2_6)}
+
+
+def _content_parts(msg, where, dialect=KIMI_K2_THINKING):
     """(is_markup, text) parts of a message's content: a string, None, or a list of parts."""
     c = msg.get("content")
     if c is None:
@@ -80,16 +115,19 @@ def _content_parts(msg, where):
     for j, part in enumerate(c):
         if not isinstance(part, dict):
             raise ValueError(f"{where}: content[{j}] must be a dict, not {type(part).__name__}")
-        if is_image(part):
-            out += [(True, m) for m in IMAGE_MARKUP]
-            # The released template leaves a newline after each image (jinja whitespace rules).
+        kind = part.get("type")
+        if kind in ("image", "image_url") if dialect.images_by_type_only else is_image(part):
+            out += [(True, dialect.media_begin)] + [(True, m) for m in IMAGE_MARKUP[1:]]
+            # The released templates leave a newline after each image (jinja whitespace rules).
             out.append((False, "\n"))
+        elif dialect.images_by_type_only and kind in ("video", "video_url"):
+            out += [(True, VIDEO_MARKUP), (False, "\n")]
         elif isinstance(part.get("text"), str):
             out.append((False, part["text"]))
         else:
             # The template would print nothing (or "None") here; a dropped part is a client bug.
             raise ValueError(f"{where}: content[{j}] needs a string 'text' or an image "
-                             f"(type {part.get('type')!r})")
+                             f"(type {kind!r})")
     return out
 
 
@@ -113,16 +151,18 @@ def _tool_calls_parts(msg, where):
     return out + [(True, "<|tool_calls_section_end|>")]
 
 
-def _reasoning(msg, where):
-    """The reasoning to keep in a suffix assistant turn: the first of REASONING_FIELDS not None."""
-    rc = next((msg[k] for k in REASONING_FIELDS if msg.get(k) is not None), "")
+def _reasoning(msg, where, dialect=KIMI_K2_THINKING):
+    """The reasoning to keep in a suffix assistant turn: the first of REASONING_FIELDS not None
+    (K2.6's template reads `reasoning` before `reasoning_content`)."""
+    fields = ("reasoning",) + REASONING_FIELDS if dialect is KIMI_K2_6 else REASONING_FIELDS
+    rc = next((msg[k] for k in fields if msg.get(k) is not None), "")
     if not isinstance(rc, str):
         raise ValueError(f"{where}: reasoning_content must be a string or None, not {type(rc).__name__}")
     return rc
 
 
-def render_parts(messages, tools=None, add_generation_prompt=True):
-    """The prompt as (is_markup, text) pieces; "".join of the texts is the template output."""
+def check_messages(messages, tools=None):
+    """The shape every renderer needs: a list of dicts with a role, tools a list of dicts."""
     if not isinstance(messages, (list, tuple)):
         raise ValueError(f"messages must be a list of dicts, not {type(messages).__name__}")
     if tools is not None and not (isinstance(tools, (list, tuple))
@@ -133,39 +173,74 @@ def render_parts(messages, tools=None, add_generation_prompt=True):
             raise ValueError(f"messages[{i}] must be a dict, not {type(m).__name__}")
         if not isinstance(m.get("role"), str) or not m["role"]:
             raise ValueError(f"messages[{i}]: 'role' must be a non-empty string, not {m.get('role')!r}")
+
+
+def render_parts(messages, tools=None, add_generation_prompt=True, dialect=KIMI_K2_THINKING,
+                 thinking=None, preserve_thinking=False, tools_ts_str=None, **_ignored):
+    """The prompt as (is_markup, text) pieces; "".join of the texts is the template output.
+
+    The keywords after `dialect` are template variables (transformers' chat_template_kwargs);
+    like jinja, a template ignores the ones it does not read. Only K2.6's reads them:
+    thinking=False closes the think block of the generation prompt and drops the reasoning of
+    the current turn; preserve_thinking=True keeps the reasoning of every earlier turn;
+    tools_ts_str replaces the tools JSON in the declaration.
+    """
+    check_messages(messages, tools)
+    switch = dialect.mode == "hybrid"
     # Earlier reasoning is dropped: everything up to the last assistant turn without tool calls is
     # history; reasoning after it is kept because it belongs to the tool loop still in progress.
     last = max((i for i, m in enumerate(messages)
                 if m["role"] == "assistant" and not m.get("tool_calls")), default=-1)
+    if switch and preserve_thinking:
+        last = -1
+    # `thinking is false` in jinja: only the boolean False switches it off
+    no_thinking = switch and thinking is False
     P = []
     if tools:
-        tools_json = json.dumps(_sort_keys(tools), separators=(",", ":"), ensure_ascii=False)
+        if switch and tools_ts_str:
+            tools_text = _str(tools_ts_str)
+        else:
+            tools_text = json.dumps(_sort_keys(tools), separators=(",", ":"), ensure_ascii=False)
         P += [(True, "<|im_system|>"), (False, "tool_declare"), (True, "<|im_middle|>"),
-              (False, tools_json), (True, "<|im_end|>")]
-    if not messages or messages[0]["role"] != "system":
+              (False, tools_text), (True, "<|im_end|>")]
+    first_not_system = not messages or messages[0]["role"] != "system"
+    if dialect.default_system == "always" and first_not_system:
         P += [(True, "<|im_system|>"), (False, "system"), (True, "<|im_middle|>"),
               (False, DEFAULT_SYSTEM), (True, "<|im_end|>")]
+    elif dialect.default_system == "first\n" and messages and first_not_system:
+        P += [(True, "<|im_system|>"), (False, "system"), (True, "<|im_middle|>"),
+              (False, DEFAULT_SYSTEM), (True, "<|im_end|>"), (False, "\n")]
     for i, m in enumerate(messages):
         where, role = f"messages[{i}]", m["role"]
         header = {"user": "<|im_user|>", "assistant": "<|im_assistant|>"}.get(role, "<|im_system|>")
         # A `name` replaces the role label (a tool result named get_weather shows that name).
         P += [(True, header), (False, str(m.get("name") or role)), (True, "<|im_middle|>")]
         if role == "assistant":
-            P += [(True, "<think>"), (False, _reasoning(m, where) if i > last else ""),
-                  (True, "</think>")]
-            P += _content_parts(m, where)
+            if dialect.think_tags:
+                keep = i > last and not (no_thinking and not preserve_thinking)
+                P += [(True, "<think>"), (False, _reasoning(m, where, dialect) if keep else ""),
+                      (True, "</think>")]
+            P += _content_parts(m, where, dialect)
             if m.get("tool_calls"):
                 P += _tool_calls_parts(m, where)
         elif role == "tool":
             P.append((False, f"## Return of {_str(m.get('tool_call_id'))}\n"))
-            P += _content_parts(m, where)
+            P += _content_parts(m, where, dialect)
         else:
-            P += _content_parts(m, where)
+            P += _content_parts(m, where, dialect)
         P.append((True, "<|im_end|>"))
     if add_generation_prompt:
-        # No `<think>` prefill: K2 Thinking opens its reasoning itself.
+        # K2 Thinking and Instruct: no `<think>` prefill (K2 Thinking opens its reasoning itself).
         P += [(True, "<|im_assistant|>"), (False, "assistant"), (True, "<|im_middle|>")]
+        if switch:
+            P += [(True, "<think>")] + ([(True, "</think>")] if no_thinking else [])
     return [(mk, t) for mk, t in P if t]
+
+
+def opens_in_reasoning(dialect, thinking=None, **_ignored) -> bool:
+    """Whether the answer to a generation prompt starts in reasoning (before any `</think>`):
+    K2 Thinking opens it itself, K2.6's prompt opens it unless thinking=False, Instruct never."""
+    return dialect.mode == "thinking" or (dialect.mode == "hybrid" and thinking is not False)
 
 
 # --- parsing ---------------------------------------------------------------------------------

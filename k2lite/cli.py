@@ -64,13 +64,34 @@ def sampling_options(f):
     return f
 
 
+def template_options(f):
+    f = click.option("--chat-template-kwargs", "template_kwargs", metavar="JSON", callback=_json_object,
+                     help='Chat template variables, e.g. \'{"thinking": false}\' for K2.6.')(f)
+    return click.option("--chat-template", "chat_template", metavar="FILE|NAME",
+                         help="Chat template replacing the checkpoint's: a jinja file, a folder with "
+                              "one, or kimi-k2-thinking / kimi-k2-instruct / kimi-k2.6.")(f)
+
+
+def _json_object(ctx, param, value):
+    if value is None:
+        return {}
+    try:
+        v = json.loads(value)
+    except ValueError as e:
+        raise click.BadParameter(f"not JSON ({e})") from None
+    if not isinstance(v, dict):
+        raise click.BadParameter("must be a JSON object")
+    return v
+
+
 def weight_mode(weights: str) -> dict:
     return {"mmap": dict(), "load": dict(mmap=False), "repack": dict(repack=True)}[weights]
 
 
-def load_model(model, device="cpu", threads=None, weights="mmap"):
+def load_model(model, device="cpu", threads=None, weights="mmap", chat_template=None):
     from .llm import default_model_dir, load
-    return load(model or default_model_dir(), device=device, threads=threads, **weight_mode(weights))
+    return load(model or default_model_dir(), device=device, threads=threads, chat_template=chat_template,
+                **weight_mode(weights))
 
 
 def sampling(kw) -> dict:
@@ -114,21 +135,25 @@ def show_chat(stream, tty: bool, reasoning: bool):
 @model_options
 @sampling_options
 @click.option("--chat/--raw", "chat", default=None, help="Apply the chat template (default: chat "
-              "for released Kimi checkpoints, raw for base models such as k2-nano).")
+              "when the checkpoint has one, raw for base models such as K2 Base and k2-nano).")
+@template_options
 @click.option("--json", "as_json", is_flag=True, help="Print one OpenAI-shaped JSON object.")
-def generate(prompt, model, device, threads, weights, chat, as_json, **kw):
+def generate(prompt, model, device, threads, weights, chat, chat_template, template_kwargs, as_json, **kw):
     """Complete PROMPT (or stdin), streaming the text as it is produced."""
     if prompt is None and not sys.stdin.isatty():
         prompt = sys.stdin.read()
     prompt = prompt or DEFAULT_PROMPT
-    llm = load_model(model, device, threads, weights)
+    llm = load_model(model, device, threads, weights, chat_template)
     chat = llm.is_chat_model if chat is None else chat
+    if chat and not llm.is_chat_model:
+        raise click.UsageError(f"{llm.path} has no chat template (a base model): drop --chat, or give "
+                               "one with --chat-template FILE|NAME")
     if kw["system"] and not chat:
         raise click.UsageError("--system needs --chat")
     if chat:
         messages = ([{"role": "system", "content": kw["system"]}] if kw["system"] else []) + \
                    [{"role": "user", "content": prompt}]
-        stream = llm.stream_chat(messages, **sampling(kw))
+        stream = llm.stream_chat(messages, chat_template_kwargs=template_kwargs, **sampling(kw))
         if as_json:
             for _ in stream:
                 pass
@@ -151,9 +176,13 @@ def generate(prompt, model, device, threads, weights, chat, as_json, **kw):
 @main.command()
 @model_options
 @sampling_options
-def chat(model, device, threads, weights, **kw):
+@template_options
+def chat(model, device, threads, weights, chat_template, template_kwargs, **kw):
     """Interactive multi-turn chat. /reset clears the history, /exit quits, Ctrl-C stops an answer."""
-    llm = load_model(model, device, threads, weights)
+    llm = load_model(model, device, threads, weights, chat_template)
+    if not llm.is_chat_model:
+        raise click.UsageError(f"{llm.path} has no chat template (a base model): use k2lite generate, "
+                               "or give one with --chat-template FILE|NAME")
     start = [{"role": "system", "content": kw["system"]}] if kw["system"] else []
     messages = list(start)
     seq = llm.sequence()        # the conversation's cache: each turn computes only what is new
@@ -178,7 +207,7 @@ def chat(model, device, threads, weights, **kw):
         if not cmd:
             continue
         messages.append({"role": "user", "content": line})
-        stream = llm.stream_chat(messages, sequence=seq, **sampling(kw))
+        stream = llm.stream_chat(messages, sequence=seq, chat_template_kwargs=template_kwargs, **sampling(kw))
         try:
             show_chat(stream, tty, reasoning=True)
         except KeyboardInterrupt:
@@ -290,14 +319,17 @@ def convert(src, dst, experts, group, qat_grid, shard_size, no_resume):
 @click.option("--cache-tokens", type=click.IntRange(1), help="KV cache size in tokens (default max-batch x context).")
 @click.option("--max-queue", type=click.IntRange(0), help="Requests that may wait for cache; beyond: HTTP 429.")
 @click.option("--default-max-tokens", type=click.IntRange(1), help="Answer limit when a request sets none.")
+@template_options
 def serve(model, device, threads, weights, host, port, max_batch, context, cache_tokens, max_queue,
-          default_max_tokens):
-    """OpenAI-compatible server: /v1/chat/completions, /v1/completions, /v1/models, /health."""
+          default_max_tokens, chat_template, template_kwargs):
+    """OpenAI-compatible server: /v1/chat/completions, /v1/completions, /v1/models, /health.
+    --chat-template-kwargs are the defaults a request's chat_template_kwargs go over."""
     from .llm import default_model_dir
     from .server import serve as run
     run(model or default_model_dir(), host=host, port=port, max_batch=max_batch, context=context,
         device=device, threads=threads, cache_tokens=cache_tokens, max_queue=max_queue,
-        default_max_tokens=default_max_tokens, **weight_mode(weights))
+        default_max_tokens=default_max_tokens, chat_template=chat_template,
+        chat_template_kwargs=template_kwargs, **weight_mode(weights))
 
 
 if __name__ == "__main__":

@@ -28,7 +28,6 @@ from .errors import ModelFormatError
 from .sampler import Sampler
 
 K2_DEFAULTS = {"temperature": 1.0, "top_p": 1.0, "top_k": 0, "min_p": 0.0, "max_tokens": 256}
-KIMI_VOCAB = 163840      # a full Kimi vocabulary: a released (chat) checkpoint
 
 
 def peak_memory_bytes() -> int:
@@ -310,17 +309,30 @@ class GenerationMixin:
         return tuple(dict.fromkeys(int(i) for i in ids))
 
     @property
+    def chat_template(self):
+        """The checkpoint's chat template (chat_template.ChatTemplate), None for a base model."""
+        return getattr(self.tokenizer, "chat_template", None)
+
+    @property
     def is_chat_model(self) -> bool:
-        """Whether the chat template is the natural default: a released Kimi vocabulary or a
-        template file next to the weights. Small base models (k2-nano) answer raw."""
-        if self.tokenizer is None:
-            return False
-        shipped = os.path.exists(os.path.join(self.path, "chat_template.jinja"))
-        tc = os.path.join(self.path, "tokenizer_config.json")
-        if not shipped and os.path.exists(tc):
-            with open(tc, encoding="utf-8") as f:
-                shipped = bool(json.load(f).get("chat_template"))
-        return shipped or self.config.vocab_size >= KIMI_VOCAB
+        """Whether the checkpoint carries a chat template: base models (K2 Base, k2-nano) have
+        none and are prompted raw."""
+        return self.chat_template is not None
+
+    @property
+    def kind(self) -> str:
+        """"base", or the chat template's mode: "thinking", "instruct", "hybrid" (a thinking switch)."""
+        t = self.chat_template
+        return "base" if t is None else t.mode
+
+    def describe(self) -> dict:
+        """What this checkpoint is, for `k2lite info` and the server's /v1/models: its model type,
+        mode (base / thinking / instruct / hybrid), chat template and whether k2lite knows it."""
+        t = self.chat_template
+        return {"model_type": self.config.model_type, "mode": self.kind,
+                "chat_template": None if t is None else t.name,
+                "chat_template_recognised": None if t is None else t.recognised,
+                "tokenizer": None if self.tokenizer is None else "tiktoken"}
 
     def make_sampler(self, temperature=None, top_p=None, top_k=None, min_p=None, seed=None) -> Sampler:
         d = self.generation_defaults
@@ -360,32 +372,49 @@ class GenerationMixin:
             pass
         return s.completion
 
-    def chat_ids(self, messages, tools=None) -> list:
+    def chat_prompt(self, messages, tools=None, thinking=None, chat_template_kwargs=None) -> tuple:
+        """(prompt ids, whether the answer opens in reasoning) for a conversation, through the
+        checkpoint's chat template. thinking: the template's `thinking` switch where it has one
+        (K2.6; None: its default); chat_template_kwargs: any other template variables."""
         if self.tokenizer is None:
             raise ValueError(f"{self.path} has no tokenizer (tiktoken.model): chat needs one")
-        from .chat import is_image
+        if self.chat_template is None:
+            raise ValueError(f"{self.path} has no chat template (a base model): use generate() with "
+                             "raw text, or load it with chat_template=FILE|NAME")
+        if chat_template_kwargs is not None and not isinstance(chat_template_kwargs, dict):
+            raise ValueError("chat_template_kwargs must be a dict of template variables")
+        kw = dict(chat_template_kwargs or {})
+        if thinking is not None:
+            kw["thinking"] = bool(thinking)
+        from .chat import is_media
         for i, m in enumerate(messages if isinstance(messages, (list, tuple)) else ()):
             c = m.get("content") if isinstance(m, dict) else None
-            if isinstance(c, list) and any(is_image(p) for p in c):
-                # the template has markup for images, but no K2 text model can see them
-                raise ValueError(f"messages[{i}]: image inputs are not supported (text only)")
-        return self.tokenizer.encode_chat(messages, tools=tools, add_generation_prompt=True)
+            if isinstance(c, list) and any(is_media(p) for p in c):
+                # the templates have markup for images, but no K2 text model can see them
+                raise ValueError(f"messages[{i}]: image and video inputs are not supported (text only)")
+        parts = self.chat_template.render_parts(messages, tools, True, **kw)
+        opens = self.chat_template.opens_in_reasoning("".join(t for _, t in parts), **kw)
+        return self.tokenizer.encode_parts(parts), opens
 
-    def stream_chat(self, messages, tools=None, thinking=None, **sampling) -> ChatStream:
+    def chat_ids(self, messages, tools=None, **template_kwargs) -> list:
+        return self.chat_prompt(messages, tools, chat_template_kwargs=template_kwargs)[0]
+
+    def stream_chat(self, messages, tools=None, thinking=None, chat_template_kwargs=None,
+                    **sampling) -> ChatStream:
         """Deltas of the assistant's answer; `.result` (a ChatResult) is set once it ends.
 
-        thinking: whether the answer starts in reasoning even without `<think>` (K2 Thinking).
-        None: yes for released Kimi checkpoints, no for base models (their text is content).
+        Whether the answer starts in reasoning follows the template and the rendered prompt: K2
+        Thinking always, K2.6 unless thinking=False, K2 Instruct never (see chat_prompt).
         sampling: stream()'s keywords, `sequence` among them: give the same Sequence every
         turn and only the new part of the conversation is computed.
         """
         from .chat import StreamParser
-        ts = self.stream(self.chat_ids(messages, tools), **sampling)
-        return ChatStream(ts, StreamParser(self.tokenizer, thinking=self.is_chat_model if thinking is None else thinking))
+        ids, opens = self.chat_prompt(messages, tools, thinking, chat_template_kwargs)
+        return ChatStream(self.stream(ids, **sampling), StreamParser(self.tokenizer, thinking=opens))
 
-    def chat(self, messages, tools=None, thinking=None, **sampling) -> ChatResult:
+    def chat(self, messages, tools=None, thinking=None, chat_template_kwargs=None, **sampling) -> ChatResult:
         """One assistant turn: ChatResult(content, reasoning_content, tool_calls, finish_reason, usage)."""
-        s = self.stream_chat(messages, tools, thinking, **sampling)
+        s = self.stream_chat(messages, tools, thinking, chat_template_kwargs, **sampling)
         for _ in s:
             pass
         return s.result

@@ -110,7 +110,8 @@ class LLM(GenerationMixin):
 
     def __init__(self, path: str, device: str = "cpu", threads: int | None = None,
                  context: int | None = None, page_size: int = 64, max_cache_tokens: int | None = None,
-                 prefill_chunk: int = 256, mmap: bool = True, repack: bool = False):
+                 prefill_chunk: int = 256, mmap: bool = True, repack: bool = False,
+                 chat_template: str | None = None):
         self.path = path
         if not os.path.isdir(path):
             raise ModelFormatError(f"{path}: not a checkpoint folder (config.json + *.safetensors)")
@@ -149,6 +150,11 @@ class LLM(GenerationMixin):
         if self.tokenizer is not None and self.tokenizer.vocab_size > self.config.vocab_size:
             raise ModelFormatError(f"{path}: the tokenizer has {self.tokenizer.vocab_size} ids, more than "
                                    f"config.json's vocab_size {self.config.vocab_size}")
+        if chat_template is not None:   # a file, a folder holding one, or a built-in name
+            if self.tokenizer is None:
+                raise ValueError(f"{path}: chat_template given, but the folder has no tokenizer (tiktoken.model)")
+            from .chat_template import ChatTemplate
+            self.tokenizer.chat_template = ChatTemplate.load(chat_template, self.tokenizer.template_vars)
 
     @staticmethod
     def _load_tokenizer(path):

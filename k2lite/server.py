@@ -188,10 +188,19 @@ def _check_tools(tools, tool_choice):
         raise _bad("tool_choice", "'tool_choice' must be \"auto\" or \"none\" (forcing a tool is not supported)")
 
 
-def chat_request(llm, body: dict, limits, thinking: bool) -> list:
-    """Validate a /v1/chat/completions body and tokenize it through the injection-safe chat path."""
+def chat_request(llm, body: dict, limits, template_kwargs: dict | None = None) -> list:
+    """Validate a /v1/chat/completions body and tokenize it through the checkpoint's chat template
+    (injection-safe where k2lite knows the template). `chat_template_kwargs` in the body (vLLM's
+    and SGLang's name) go over the server's defaults, `template_kwargs`; whether the answer opens
+    in reasoning follows the template and the rendered prompt, per request."""
     if llm.tokenizer is None:
         raise ApiError(400, "this model has no tokenizer (tiktoken.model): use /v1/completions with token ids")
+    if llm.chat_template is None:
+        raise ApiError(400, "this model has no chat template (a base model): use /v1/completions, or start "
+                            "the server with --chat-template FILE|NAME")
+    kwargs = body.get("chat_template_kwargs")
+    if kwargs is not None and not isinstance(kwargs, dict):
+        raise _bad("chat_template_kwargs", "'chat_template_kwargs' must be an object of template variables")
     messages, tools, choice = body.get("messages"), body.get("tools"), body.get("tool_choice")
     if isinstance(messages, list):   # OpenAI's "developer" role is the system prompt of newer models
         messages = [{**m, "role": "system"} if isinstance(m, dict) and m.get("role") == "developer" else m
@@ -199,10 +208,11 @@ def chat_request(llm, body: dict, limits, thinking: bool) -> list:
     _check_messages(messages)
     _check_tools(tools, choice)
     try:
-        prompt = llm.tokenizer.encode_chat(messages, tools=None if choice == "none" else tools or None)
+        prompt, opens = llm.chat_prompt(messages, tools=None if choice == "none" else tools or None,
+                                        chat_template_kwargs={**(template_kwargs or {}), **(kwargs or {})})
     except (ValueError, TypeError, AttributeError, RecursionError) as e:
         raise _bad("messages", f"invalid messages: {e}") from None
-    reqs = _requests(llm, body, [prompt], lambda: StreamParser(llm.tokenizer, thinking=thinking), limits, "messages")
+    reqs = _requests(llm, body, [prompt], lambda: StreamParser(llm.tokenizer, thinking=opens), limits, "messages")
     for r in reqs:
         r.tools = choice != "none"
     return reqs
@@ -405,7 +415,7 @@ class Handler(BaseHTTPRequestHandler):
     def _model_card(self):
         s = self.server
         return {"id": s.model_name, "object": "model", "created": s.created, "owned_by": "k2lite",
-                "max_model_len": s.limits[0]}
+                "max_model_len": s.limits[0], "k2lite": s.llm.describe()}
 
     def _models(self):
         self._json(200, {"object": "list", "data": [self._model_card()]})
@@ -418,7 +428,7 @@ class Handler(BaseHTTPRequestHandler):
 
     def _chat(self):
         body = self._body()
-        self._run(body, chat_request(self.server.llm, body, self.server.limits, self.server.thinking))
+        self._run(body, chat_request(self.server.llm, body, self.server.limits, self.server.template_kwargs))
 
     def _completions(self):
         body = self._body()
@@ -550,13 +560,12 @@ class Server(ThreadingHTTPServer):
     request_timeout = 60.0     # seconds a client may go silent while sending a request (or idle on keep-alive)
 
     def __init__(self, llm, host="127.0.0.1", port=8000, max_batch=8, max_queue=None, model_name=None,
-                 thinking=None, default_max_tokens=None):
+                 template_kwargs=None, default_max_tokens=None):
         self.llm = llm
         self.scheduler = Scheduler(llm, max_batch, max_queue)
         self.model_name = model_name or os.path.basename(os.path.normpath(str(llm.path))) or "k2lite"
         self.created = int(time.time())
-        # K2 Thinking writes reasoning first; a base model (k2-nano) answers directly.
-        self.thinking = getattr(llm, "is_chat_model", True) if thinking is None else bool(thinking)
+        self.template_kwargs = dict(template_kwargs or {})    # chat template variables of every request
         c = llm.cache
         default_max = default_max_tokens or llm.generation_defaults.get("max_tokens", 256)
         self.limits = (llm.context, c.capacity_tokens, c.page_size, int(default_max))
@@ -610,7 +619,7 @@ def _interrupt(signum, frame):
 
 def serve(model, host: str = "127.0.0.1", port: int = 8000, max_batch: int = 8, context: int | None = None,
           *, device: str = "cpu", threads: int | None = None, cache_tokens: int | None = None,
-          max_queue: int | None = None, model_name: str | None = None, thinking: bool | None = None,
+          max_queue: int | None = None, model_name: str | None = None, chat_template_kwargs: dict | None = None,
           default_max_tokens: int | None = None, block: bool = True, **load_kw) -> Server:
     """Serve `model` (a checkpoint folder or a loaded LLM). block=False returns the started Server
     (`.url`, `.scheduler`, `.stop()`); block=True serves until Ctrl-C or SIGTERM. load_kw (mmap=,
@@ -626,7 +635,7 @@ def serve(model, host: str = "127.0.0.1", port: int = 8000, max_batch: int = 8, 
         llm = model
         if context:
             llm.context = int(context)
-    srv = Server(llm, host, port, max_batch, max_queue, model_name, thinking, default_max_tokens)
+    srv = Server(llm, host, port, max_batch, max_queue, model_name, chat_template_kwargs, default_max_tokens)
     if not block:
         return srv.start()
     if not logging.getLogger().handlers:     # called as a library (the click CLI): still log

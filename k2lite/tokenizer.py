@@ -43,6 +43,12 @@ MAX_RUN_CHARS = 25_000
 _LONG_RUN = re.compile(r"(?<!\s)\s{%d}|(?<!\S)\S{%d}" % (MAX_RUN_CHARS + 1, MAX_RUN_CHARS + 1))
 
 
+def _token_name(v):
+    """tokenizer_config.json names a special token as a string or {"content": ...}."""
+    v = v.get("content") if isinstance(v, dict) else v
+    return v if isinstance(v, str) else None
+
+
 def load_ranks(path):
     """Read a tiktoken ranks file into {token bytes: rank}."""
     ranks = {}
@@ -107,8 +113,11 @@ class StreamDecoder:
 class Tokenizer:
     """The checkpoint's tokenizer: encode/decode, special ids by name, chat template."""
 
-    def __init__(self, ranks, added_tokens=None, name="kimi"):
-        """ranks: {bytes: id}; added_tokens: {id: name} for ids in the special range."""
+    def __init__(self, ranks, added_tokens=None, name="kimi", chat_template=None):
+        """ranks: {bytes: id}; added_tokens: {id: name} for ids in the special range;
+        chat_template: a chat_template.ChatTemplate, None for a base model (no chat)."""
+        self.chat_template = chat_template
+        self.template_vars = {}    # bos_token, eos_token, ... names for jinja chat templates
         n = len(ranks)
         added_tokens = added_tokens or {}
         self.n_ranks = n
@@ -130,7 +139,7 @@ class Tokenizer:
         """Load `tiktoken.model` + `tokenizer_config.json` from a checkpoint folder."""
         ranks = load_ranks(os.path.join(path, "tiktoken.model"))
         cfg_path = os.path.join(path, "tokenizer_config.json")
-        added = {}
+        added, special = {}, {}
         if os.path.exists(cfg_path):
             try:
                 with open(cfg_path, encoding="utf-8") as f:
@@ -150,7 +159,14 @@ class Tokenizer:
                     raise ModelFormatError(f"{cfg_path}: added token id {i} ({v['content']!r}) is "
                                            f"outside the special range {len(ranks)}..{len(ranks) + 255}")
                 added[i] = v["content"]
-        return cls(ranks, added, name=os.path.basename(os.path.normpath(path)) or "kimi")
+            # the special-token names a jinja chat template may print ({{ bos_token }})
+            special = {k: _token_name(cfg.get(k)) for k in ("bos_token", "eos_token", "unk_token", "pad_token")
+                       if _token_name(cfg.get(k)) is not None}
+        from .chat_template import ChatTemplate
+        tok = cls(ranks, added, name=os.path.basename(os.path.normpath(path)) or "kimi",
+                  chat_template=ChatTemplate.from_dir(path, special))
+        tok.template_vars = special
+        return tok
 
     # --- ids ---------------------------------------------------------------------------
     def special_id(self, name):
@@ -198,22 +214,37 @@ class Tokenizer:
         return StreamDecoder(self)
 
     # --- chat ----------------------------------------------------------------------------
-    def apply_chat_template(self, messages, tools=None, add_generation_prompt=True):
-        """The released K2 Thinking chat template, rendered to a string."""
-        from k2lite.chat import render_parts
-        return "".join(text for _, text in render_parts(messages, tools, add_generation_prompt))
+    def _template(self):
+        if self.chat_template is None:
+            raise ValueError(f"the tokenizer {self.enc.name!r} has no chat template (a base model: "
+                             "prompt it with raw text, or give a template: --chat-template FILE|NAME)")
+        return self.chat_template
 
-    def encode_chat(self, messages, tools=None, add_generation_prompt=True):
+    def apply_chat_template(self, messages, tools=None, add_generation_prompt=True, **template_kwargs):
+        """The checkpoint's chat template rendered to a string. template_kwargs are the
+        template's variables (transformers' convention), e.g. thinking=False for K2.6."""
+        return self._template().render(messages, tools, add_generation_prompt, **template_kwargs)
+
+    def encode_chat(self, messages, tools=None, add_generation_prompt=True, **template_kwargs):
         """Prompt token ids for generation: only template markup becomes control tokens.
 
         Message content (and names, ids, tool JSON) is encoded as plain text, so typing
         `<|im_end|>` or `<|tool_call_begin|>` in a message cannot forge a turn or a tool call.
         Adjacent text is encoded together, so for benign content the ids equal
-        encode(apply_chat_template(...)).
+        encode(apply_chat_template(...)). A template k2lite does not know (rendered by jinja2)
+        cannot keep the two apart: its output is encoded with special names recognised.
         """
-        from k2lite.chat import render_parts
+        parts = self._template().render_parts(messages, tools, add_generation_prompt, **template_kwargs)
+        return self.encode_parts(parts)
+
+    def encode_parts(self, parts):
+        """Ids of rendered (is_markup, text) pieces: markup that names a special token becomes
+        that id, everything else plain text. One (None, text) piece (a jinja-rendered template)
+        is encoded with special names recognised."""
         ids, text = [], []
-        for is_markup, piece in render_parts(messages, tools, add_generation_prompt):
+        for is_markup, piece in parts:
+            if is_markup is None:
+                return self.encode(piece)
             if is_markup and piece in self.special_tokens:
                 ids.extend(self.encode_ordinary("".join(text)))
                 text = []

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 
 import pytest
 
@@ -19,8 +20,10 @@ KIMI = os.path.join(REPO, "models", "kimi-k2-thinking")
 KIMI_SPECIAL_BASE = 163584
 
 
-def write_small_tokenizer(out_dir: str, n_ranks: int = 512):
-    """tiktoken.model with ranks < n_ranks + tokenizer_config.json with ids moved to n_ranks + i."""
+def write_small_tokenizer(out_dir: str, n_ranks: int = 512, chat_template: str | None = None):
+    """tiktoken.model with ranks < n_ranks + tokenizer_config.json with ids moved to n_ranks + i;
+    chat_template: the name of a released template (template_oracle.TEMPLATES) to ship as
+    chat_template.jinja, None for a base model."""
     os.makedirs(out_dir, exist_ok=True)
     with open(os.path.join(KIMI, "tiktoken.model"), "rb") as f, \
             open(os.path.join(out_dir, "tiktoken.model"), "wb") as g:
@@ -34,16 +37,21 @@ def write_small_tokenizer(out_dir: str, n_ranks: int = 512):
     cfg.pop("auto_map", None)
     with open(os.path.join(out_dir, "tokenizer_config.json"), "w", encoding="utf-8") as f:
         json.dump(cfg, f, ensure_ascii=False)
+    if chat_template is not None:
+        from template_oracle import TEMPLATES
+        shutil.copy(TEMPLATES[chat_template], os.path.join(out_dir, "chat_template.jinja"))
 
 
 def make_text_model(out_dir: str, n_ranks: int = 512, seed: int = 0, peak: float = 1.0,
-                    generation_config: dict | None = None, **overrides) -> str:
-    """A tiny random checkpoint + small Kimi tokenizer; eos = <|im_end|> as in K2 Thinking."""
+                    generation_config: dict | None = None, chat_template: str | None = None,
+                    **overrides) -> str:
+    """A tiny random checkpoint + small Kimi tokenizer; eos = <|im_end|> as in K2 Thinking.
+    chat_template: a released template's name (a chat model), None (a base model)."""
     im_end = n_ranks + 2
     cfg = preset("tiny", vocab_size=n_ranks + 256, bos_token_id=n_ranks, eos_token_id=im_end,
                  pad_token_id=n_ranks + 255, **overrides)
     write_random_model(out_dir, cfg, seed=seed, peak=peak)
-    write_small_tokenizer(out_dir, n_ranks)
+    write_small_tokenizer(out_dir, n_ranks, chat_template)
     if generation_config is not None:
         with open(os.path.join(out_dir, "generation_config.json"), "w") as f:
             json.dump(generation_config, f)
@@ -59,8 +67,15 @@ def token_of(tokenizer, text: str) -> int:
 
 @pytest.fixture(scope="session")
 def text_model(tmp_path_factory):
-    """A tiny random model with a 768-id Kimi tokenizer (no generation_config.json)."""
+    """A tiny random model with a 768-id Kimi tokenizer, no chat template (a base model, like
+    k2-nano) and no generation_config.json."""
     return make_text_model(str(tmp_path_factory.mktemp("text")))
+
+
+@pytest.fixture(scope="session")
+def chat_model(tmp_path_factory):
+    """text_model's weights and tokenizer with K2 Thinking's chat template: a chat model."""
+    return make_text_model(str(tmp_path_factory.mktemp("chat")), chat_template="kimi-k2-thinking")
 
 
 @pytest.fixture(scope="session")
@@ -68,3 +83,9 @@ def text_llm(text_model):
     """The text model loaded once; one kernel thread keeps tests light on a shared machine."""
     import k2lite
     return k2lite.load(text_model, threads=1)
+
+
+@pytest.fixture(scope="session")
+def chat_llm(chat_model):
+    import k2lite
+    return k2lite.load(chat_model, threads=1)

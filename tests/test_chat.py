@@ -10,8 +10,8 @@ from k2lite.chat import StreamParser, parse_assistant
 from k2lite.tokenizer import Tokenizer
 
 TOK_DIR = os.path.join(os.path.dirname(__file__), "..", "models", "kimi-k2-thinking")
-# The rendered cases live beside the tokenizer files in the shared folder next to the clone.
-CASES = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "kimi-tokenizer", "chat_cases.json")
+# K2 Thinking renderings with their token ids from the released tokenizer (tests/data/README.md)
+CASES = os.path.join(os.path.dirname(__file__), "data", "chat_cases.json")
 SYS = "<|im_system|>system<|im_middle|>You are Kimi, an AI assistant created by Moonshot AI.<|im_end|>"
 GEN = "<|im_assistant|>assistant<|im_middle|>"
 # A complete Kimi control-token name; plain text may still contain "<|", "[E" or `<|endoftext|>`.
@@ -27,14 +27,11 @@ def tok():
 
 
 def load_cases():
-    if not os.path.exists(CASES):
-        return []
     with open(CASES, encoding="utf-8") as f:
         return json.load(f)
 
 
 # --- template ---------------------------------------------------------------------------------
-@pytest.mark.skipif(not os.path.exists(CASES), reason="shared/kimi-tokenizer/chat_cases.json not found")
 @pytest.mark.parametrize("case", load_cases(), ids=lambda c: c["name"])
 def test_released_renderings(tok, case):
     args = (case["messages"], case["tools"], case["add_generation_prompt"])
@@ -395,7 +392,7 @@ def test_vocabulary_without_think_tokens(tok):
     named = {i: n for i, n in tok.special_names.items()
              if not n.startswith("<|reserved_token_") and n not in dropped}
     ranks = {tok.enc.decode_single_token_bytes(i): i for i in range(tok.n_ranks)}
-    k2 = Tokenizer(ranks, named)
+    k2 = Tokenizer(ranks, named, chat_template=tok.chat_template)
     assert not any(k2.is_special(i) for i in k2.encode("<think></think>"))
     for case in load_cases():
         args = (case["messages"], case["tools"], case["add_generation_prompt"])

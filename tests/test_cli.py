@@ -9,7 +9,7 @@ import pytest
 from click.testing import CliRunner
 
 import k2lite
-from conftest_generate import REPO, text_llm, text_model  # noqa: F401  (fixtures)
+from conftest_generate import REPO, chat_model, text_llm, text_model  # noqa: F401  (fixtures)
 from k2lite.cli import DEFAULT_PROMPT, main
 
 KIMI_CONFIG = os.path.join(REPO, "models", "kimi-k2-thinking", "config.json")
@@ -46,8 +46,8 @@ def test_generate_json_is_openai_shaped(text_model, text_llm):  # noqa: F811
     assert o["choices"][0]["text"] == text_llm.generate(DEFAULT_PROMPT, max_tokens=4, temperature=0).text
 
 
-def test_generate_chat_json(text_model):  # noqa: F811
-    r = run("generate", "Hi", "-m", text_model, "--chat", "--system", "Be brief.", "-n", 4, "--seed", 1,
+def test_generate_chat_json(chat_model):  # noqa: F811
+    r = run("generate", "Hi", "-m", chat_model, "--chat", "--system", "Be brief.", "-n", 4, "--seed", 1,
             "-t", 1, "--json")
     assert r.exit_code == 0, r.output
     o = json.loads(r.stdout)
@@ -107,8 +107,8 @@ def test_perplexity(text_model, tmp_path):  # noqa: F811
     assert "perplexity" in r.stdout and "mean NLL" in r.stdout
 
 
-def test_interactive_chat_keeps_history_and_resets(text_model):  # noqa: F811
-    r = run("chat", "-m", text_model, "-n", 3, "--seed", 0, "-t", 1, input="Hi\n/reset\nHello again\n/exit\n")
+def test_interactive_chat_keeps_history_and_resets(chat_model):  # noqa: F811
+    r = run("chat", "-m", chat_model, "-n", 3, "--seed", 0, "-t", 1, input="Hi\n/reset\nHello again\n/exit\n")
     assert r.exit_code == 0, r.output
     assert "[history cleared]" in r.stderr and r.stdout.count(">> ") == 4 and r.stdout.count("\n") >= 2
 
@@ -123,7 +123,7 @@ def test_subprocess_python_m(text_model, text_llm):  # noqa: F811
     assert "Prompt: " in p.stderr
 
 
-def test_ctrl_c_stops_the_answer_and_keeps_the_session(text_model, monkeypatch):  # noqa: F811
+def test_ctrl_c_stops_the_answer_and_keeps_the_session(chat_model, monkeypatch):  # noqa: F811
     import k2lite.cli as cli
     real, calls = cli.show_chat, []
 
@@ -134,7 +134,7 @@ def test_ctrl_c_stops_the_answer_and_keeps_the_session(text_model, monkeypatch):
             raise KeyboardInterrupt
         return real(stream, tty, reasoning)
     monkeypatch.setattr(cli, "show_chat", interrupted_once)
-    r = run("chat", "-m", text_model, "-n", 3, "--seed", 0, "-t", 1, input="Hi\nAgain\n")
+    r = run("chat", "-m", chat_model, "-n", 3, "--seed", 0, "-t", 1, input="Hi\nAgain\n")
     assert r.exit_code == 0, r.output
     assert "[stopped]" in r.stderr and len(calls) == 2 and r.stderr.count(" in context, ") == 2
     # the second turn computes only what follows the first turn's cached tokens
@@ -147,3 +147,30 @@ def test_device_cuda_without_a_gpu_is_a_one_line_error(text_model):  # noqa: F81
         pytest.skip("a CUDA build is present")
     r = run("generate", "Hi", "-m", text_model, "--device", "cuda", "-n", 1)
     assert r.exit_code == 2 and r.stderr.startswith("error: ") and r.stderr.count("\n") == 1
+
+
+def test_base_model_prompts_raw_and_refuses_chat(text_model, text_llm):  # noqa: F811
+    r = run("generate", "Hello there", "-m", text_model, "-n", 2, "--temperature", 0, "-t", 1, "--json")
+    assert r.exit_code == 0, r.output
+    o = json.loads(r.stdout)
+    assert o["object"] == "text_completion"
+    assert o["usage"]["prompt_tokens"] == len(text_llm.tokenizer.encode("Hello there"))   # raw: no template
+    for args in (("generate", "Hi", "--chat"), ("chat",)):
+        r = run(*args, "-m", text_model, "-n", 2, "-t", 1, input="Hi\n")
+        assert r.exit_code == 2 and "no chat template" in r.stderr and "--chat-template" in r.stderr
+        assert r.stderr.count("\n") == 1
+
+
+def test_chat_template_and_kwargs_options(text_model):  # noqa: F811
+    import k2lite
+    llm = k2lite.load(text_model, threads=1, chat_template="kimi-k2.6")
+    for kwargs in ("{}", '{"thinking": false}'):
+        r = run("generate", "Hi", "-m", text_model, "--chat", "--chat-template", "kimi-k2.6",
+                "--chat-template-kwargs", kwargs, "-n", 2, "-t", 1, "--json")
+        assert r.exit_code == 0, r.output
+        o = json.loads(r.stdout)
+        want = llm.chat_prompt([{"role": "user", "content": "Hi"}], chat_template_kwargs=json.loads(kwargs))[0]
+        assert o["object"] == "chat.completion" and o["usage"]["prompt_tokens"] == len(want)
+    for bad, match in (("[1]", "must be a JSON object"), ("{oops", "not JSON")):
+        r = run("generate", "Hi", "-m", text_model, "--chat-template-kwargs", bad, "-n", 1)
+        assert r.exit_code == 2 and match in r.stderr

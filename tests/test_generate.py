@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 import k2lite
-from conftest_generate import text_llm, text_model  # noqa: F401  (fixtures)
+from conftest_generate import chat_llm, chat_model, make_text_model, text_llm, text_model  # noqa: F401
 from k2lite.generate import ChatResult, Completion, GenerationMixin, generation_defaults
 from k2lite.tokenizer import Tokenizer
 
@@ -97,13 +97,13 @@ def test_closing_a_stream_early_frees_the_cache(text_llm):
     assert s.completion is not None and len(s.completion.token_ids) >= 1
 
 
-def test_chat_runs_the_template_and_returns_a_chat_result(text_llm):
+def test_chat_runs_the_template_and_returns_a_chat_result(chat_llm):
     msgs = [{"role": "user", "content": "Hi"}]
-    r = text_llm.chat(msgs, max_tokens=6, seed=0)
+    r = chat_llm.chat(msgs, max_tokens=6, seed=0)
     assert isinstance(r, ChatResult) and r.finish_reason in ("stop", "length", "tool_calls")
-    assert r.usage.prompt_tokens == len(text_llm.tokenizer.encode_chat(msgs))
+    assert r.usage.prompt_tokens == len(chat_llm.tokenizer.encode_chat(msgs))
     assert "<|im_end|>" not in r.content + r.reasoning_content
-    s = text_llm.stream_chat(msgs, max_tokens=6, seed=0)
+    s = chat_llm.stream_chat(msgs, max_tokens=6, seed=0)
     deltas = list(s)
     assert "".join(d.get("reasoning_content", "") for d in deltas) == r.reasoning_content == s.result.reasoning_content
     assert "".join(d.get("content", "") for d in deltas) == r.content
@@ -158,9 +158,9 @@ TOOL_ANSWER = ("<think>Need the tool.</think>Let me check.<|tool_calls_section_b
                "<|tool_calls_section_end|><|im_end|>trailing junk")
 
 
-def test_stream_chat_reasoning_content_and_tool_calls(text_model):  # noqa: F811
-    tok = Tokenizer.from_dir(text_model)
-    llm = Scripted(text_model, tok.encode(TOOL_ANSWER))
+def test_stream_chat_reasoning_content_and_tool_calls(chat_model):  # noqa: F811
+    tok = Tokenizer.from_dir(chat_model)
+    llm = Scripted(chat_model, tok.encode(TOOL_ANSWER))
     s = llm.stream_chat([{"role": "user", "content": "Weather in Paris?"}], temperature=0, max_tokens=200)
     deltas = list(s)
     r = s.result
@@ -184,17 +184,51 @@ def test_stop_string_held_back_across_tokens(text_model):  # noqa: F811
     assert s.completion.finish_reason == "stop"
 
 
-def test_thinking_default_follows_the_model_kind(text_model):  # noqa: F811
-    tok = Tokenizer.from_dir(text_model)
-    msgs = [{"role": "user", "content": "Hi"}]
-    base = Scripted(text_model, tok.encode("plain answer<|im_end|>"))
-    assert not base.is_chat_model                                   # small vocabulary: a base model
-    r = base.chat(msgs, temperature=0, max_tokens=20)
-    assert (r.content, r.reasoning_content, r.finish_reason) == ("plain answer", "", "stop")
-    thinker = Scripted(text_model, tok.encode("plain answer<|im_end|>"))
-    r = thinker.chat(msgs, thinking=True, temperature=0, max_tokens=20)
-    assert (r.content, r.reasoning_content) == ("", "plain answer")
+@pytest.mark.parametrize("template,thinking,opens", [
+    ("kimi-k2-thinking", None, True), ("kimi-k2-instruct", None, False),
+    ("kimi-k2.6", None, True), ("kimi-k2.6", False, False), ("kimi-k2.6", True, True)])
+def test_reasoning_follows_the_template(tmp_path, text_model, template, thinking, opens):  # noqa: F811
+    """K2 Thinking opens its reasoning itself, K2.6's prompt opens it unless thinking=False,
+    an Instruct answer (no <think>) is content."""
+    path = make_text_model(str(tmp_path / template), chat_template=template)
+    tok = Tokenizer.from_dir(path)
+    r = Scripted(path, tok.encode("plain answer<|im_end|>")).chat(
+        [{"role": "user", "content": "Hi"}], thinking=thinking, temperature=0, max_tokens=20)
+    assert (r.reasoning_content, r.content) == (("plain answer", "") if opens else ("", "plain answer"))
+    r = Scripted(path, tok.encode("<think>why</think>because<|im_end|>")).chat(
+        [{"role": "user", "content": "Hi"}], thinking=thinking, temperature=0, max_tokens=20)
+    assert (r.reasoning_content, r.content) == ("why", "because")
+    assert Scripted(path, [0]).kind == {"kimi-k2-thinking": "thinking", "kimi-k2-instruct": "instruct",
+                                        "kimi-k2.6": "hybrid"}[template]
 
+
+def test_a_base_model_prompts_raw_and_refuses_chat(text_llm):
+    assert text_llm.kind == "base" and not text_llm.is_chat_model
+    with pytest.raises(ValueError, match="no chat template"):
+        text_llm.chat([{"role": "user", "content": "Hi"}], max_tokens=2)
+    ids = text_llm.tokenizer.encode("Hello")
+    assert text_llm.generate("Hello", max_tokens=2, temperature=0).usage.prompt_tokens == len(ids)
+
+
+def test_chat_template_given_at_load_overrides_the_folder(text_model):  # noqa: F811
+    llm = k2lite.load(text_model, threads=1, chat_template="kimi-k2-instruct")
+    assert llm.kind == "instruct"
+    ids, opens = llm.chat_prompt([{"role": "user", "content": "Hi"}])
+    assert not opens and llm.tokenizer.decode(ids).startswith("<|im_system|>system")
+    with pytest.raises(ValueError, match="not a built-in name"):
+        k2lite.load(text_model, chat_template="no-such-template")
+
+
+def test_chat_template_kwargs_reach_the_template(tmp_path):
+    path = make_text_model(str(tmp_path / "k26"), chat_template="kimi-k2.6")
+    llm = Scripted(path, [0])
+    msgs = [{"role": "user", "content": "Hi"}]
+    on, _ = llm.chat_prompt(msgs)
+    off, opens = llm.chat_prompt(msgs, chat_template_kwargs={"thinking": False})
+    assert llm.tokenizer.decode(on).endswith("<think>") and llm.tokenizer.decode(off).endswith("</think>")
+    assert not opens and llm.chat_prompt(msgs, thinking=False)[0] == off
+    with pytest.raises(ValueError, match="chat_template_kwargs must be a dict"):
+        llm.chat_prompt(msgs, chat_template_kwargs=["thinking"])
 
 def test_prompt_caching_reuses_the_shared_start_and_changes_nothing(text_llm):
     tok = text_llm.tokenizer
@@ -214,12 +248,12 @@ def test_prompt_caching_reuses_the_shared_start_and_changes_nothing(text_llm):
     assert text_llm.cache.pages_free == free
 
 
-def test_multi_turn_chat_with_one_sequence_equals_recomputing(text_llm):
+def test_multi_turn_chat_with_one_sequence_equals_recomputing(chat_llm):
     msgs = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi there"}]
-    with text_llm.sequence() as seq:
+    with chat_llm.sequence() as seq:
         for turn in range(3):
-            r = text_llm.chat(msgs, max_tokens=5, temperature=0, sequence=seq)
-            fresh = text_llm.chat(msgs, max_tokens=5, temperature=0)
+            r = chat_llm.chat(msgs, max_tokens=5, temperature=0, sequence=seq)
+            fresh = chat_llm.chat(msgs, max_tokens=5, temperature=0)
             assert r.token_ids == fresh.token_ids
             assert (r.usage.cached_tokens > 0) == (turn > 0)
             msgs += [r.message(), {"role": "user", "content": f"And {turn}?"}]
@@ -235,25 +269,25 @@ def test_bad_generation_config_is_a_format_error(tmp_path, text, match):
         generation_defaults(str(tmp_path))
 
 
-def test_image_parts_are_refused_not_dropped(text_llm):
+def test_image_parts_are_refused_not_dropped(chat_llm):
     msgs = [{"role": "user", "content": [{"type": "text", "text": "What is this?"},
                                          {"type": "image_url", "image_url": {"url": "data:,"}}]}]
-    with pytest.raises(ValueError, match=r"messages\[0\]: image inputs are not supported"):
-        text_llm.chat(msgs, max_tokens=2)
+    with pytest.raises(ValueError, match=r"messages\[0\]: image and video inputs are not supported"):
+        chat_llm.chat(msgs, max_tokens=2)
 
 
-def test_plain_text_markup_from_the_model_stays_text(text_model):  # noqa: F811
+def test_plain_text_markup_from_the_model_stays_text(chat_model):  # noqa: F811
     """Without stop strings the chat parser reads ids: markup the model spells out in plain
     tokens (echoing a user, say) is content, not a tool call; the same markup as special ids is."""
-    tok = Tokenizer.from_dir(text_model)
+    tok = Tokenizer.from_dir(chat_model)
     answer = "<think>r</think>See <|tool_calls_section_begin|><|tool_call_begin|>functions.f:0" \
              "<|tool_call_argument_begin|>{}<|tool_call_end|><|tool_calls_section_end|>"
     for ids, calls in ((tok.encode(answer), 1), (tok.encode(answer[:16]) + tok.encode_ordinary(answer[16:]), 0)):
-        r = Scripted(text_model, ids + [tok.special_id("<|im_end|>")]).chat(
+        r = Scripted(chat_model, ids + [tok.special_id("<|im_end|>")]).chat(
             [{"role": "user", "content": "Hi"}], temperature=0, max_tokens=200)
         assert len(r.tool_calls) == calls and r.reasoning_content == "r"
         assert r.content == ("See " if calls else answer[16:])
     # with a stop string the parser reads text, where every control name is markup
-    r = Scripted(text_model, tok.encode(answer[:16]) + tok.encode_ordinary(answer[16:])).chat(
+    r = Scripted(chat_model, tok.encode(answer[:16]) + tok.encode_ordinary(answer[16:])).chat(
         [{"role": "user", "content": "Hi"}], temperature=0, max_tokens=200, stop=["NEVER"])
     assert len(r.tool_calls) == 1

@@ -24,6 +24,7 @@ import k2lite
 from k2lite.scheduler import ApiError, Scheduler
 from k2lite.server import completion_request, serve
 from k2lite.testing.random_model import preset, write_random_model
+from conftest_generate import make_text_model
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 KIMI = os.path.join(REPO, "models", "kimi-k2-thinking")
@@ -32,19 +33,10 @@ TIMEOUT = 30
 
 
 def make_chat_model(out_dir, n_ranks=N_RANKS):
-    """Tiny random model + the first n_ranks Kimi BPE ranks, specials renumbered to n_ranks + i."""
-    write_random_model(out_dir, preset("tiny", vocab_size=n_ranks + 256, bos_token_id=n_ranks,
-                                       eos_token_id=n_ranks + 2, pad_token_id=n_ranks + 255), seed=0)
-    with open(os.path.join(KIMI, "tiktoken.model"), "rb") as f, \
-            open(os.path.join(out_dir, "tiktoken.model"), "wb") as g:
-        g.writelines(line for line in f if line.strip() and int(line.split()[1]) < n_ranks)
-    with open(os.path.join(KIMI, "tokenizer_config.json"), encoding="utf-8") as f:
-        cfg = json.load(f)
-    cfg["added_tokens_decoder"] = {str(int(k) - 163584 + n_ranks): v for k, v in cfg["added_tokens_decoder"].items()}
-    cfg.pop("auto_map", None)
-    with open(os.path.join(out_dir, "tokenizer_config.json"), "w", encoding="utf-8") as f:
-        json.dump(cfg, f)
-    return out_dir
+    """Tiny random model + the first n_ranks Kimi BPE ranks (specials renumbered to n_ranks + i)
+    and K2 Instruct's chat template (answers are content unless they open <think>; reasoning by
+    template is tested in test_server_templates.py)."""
+    return make_text_model(out_dir, n_ranks, chat_template="kimi-k2-instruct")
 
 
 @pytest.fixture(scope="module")
