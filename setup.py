@@ -102,7 +102,9 @@ setup(
     python_requires=">=3.9",
     install_requires=["numpy>=1.22", "tiktoken>=0.5", "click>=8.0"],
     extras_require={
-        "test": ["pytest", "torch", "transformers>=4.57", "compressed-tensors", "safetensors", "openai"],
+        # jinja2 renders chat templates k2lite does not know itself (the Kimi ones need nothing)
+        "templates": ["jinja2"],
+        "test": ["pytest", "torch", "transformers>=4.57", "compressed-tensors", "safetensors", "openai", "jinja2"],
     },
     ext_modules=ext_modules,
     cmdclass={"build_ext": BuildExt},

@@ -227,8 +227,9 @@ def chat(model, device, threads, weights, chat_template, template_kwargs, **kw):
               help="Tokens of context to size the KV cache for.")
 def info(path, context):
     """Architecture, parameters, bytes and KV-cache memory of a checkpoint (or a config.json)."""
-    from .info import model_info, summary
+    from .info import chat_summary, model_info, summary
     click.echo(summary(model_info(path), context))
+    click.echo(chat_summary(path))
 
 
 @main.command()

@@ -170,6 +170,23 @@ def summary(info: ModelInfo, context: int) -> str:
     return "\n".join(lines)
 
 
+def chat_summary(path: str) -> str:
+    """The lines `k2lite info` prints about text: the tokenizer, and the chat template's family
+    and mode (base / thinking / instruct / hybrid), or what is missing for them."""
+    folder = os.path.dirname(os.path.abspath(path)) if os.path.isfile(path) else path
+    if not os.path.exists(os.path.join(folder, "tiktoken.model")):
+        other = [f for f in ("tokenizer.json", "tokenizer.model") if os.path.exists(os.path.join(folder, f))]
+        why = f" ({other[0]} is not a tiktoken vocabulary: k2lite reads Kimi's tiktoken.model)" if other else ""
+        return (f"tokenizer      none: no tiktoken.model{why}; token ids only (llm.logits, "
+                "sequence().append, /v1/completions with id prompts)")
+    from .tokenizer import Tokenizer
+    tok = Tokenizer.from_dir(folder)
+    t = tok.chat_template
+    mode = ("base model: no chat template, prompts go in raw (give one with --chat-template)"
+            if t is None else t.describe())
+    return f"tokenizer      tiktoken, {tok.vocab_size} ids\nchat           {mode}"
+
+
 # ---------------------------------------------------------------- measurement (k2lite bench)
 class ReadMeter:
     """Streaming-read bandwidth, sampled on demand: the native kernels' parallel sum over an

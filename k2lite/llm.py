@@ -123,7 +123,10 @@ class LLM(GenerationMixin):
             raise ValueError(f"unknown device {device!r}: expected ref, cpu or cuda")
         backend = device
         if device == "cpu" and not ops.available("cpu"):
-            backend = "ref"    # native module not built: the numpy reference still runs
+            # never fall back silently to the numpy reference: it is ~100x slower
+            raise RuntimeError(f"device='cpu' needs k2lite's native kernels, which are not built here "
+                               f"({ops.missing_reason('cpu')}): run `pip install -e .` or `python setup.py "
+                               "build_ext --inplace` in the source tree, or pass device='ref' for the numpy reference")
         if device == "cuda" and not ops.available("cuda"):
             raise RuntimeError("device='cuda' needs k2lite._cuda (built when nvcc is found) and a GPU")
         self.device, self.backend = device, backend

@@ -34,6 +34,26 @@ def available(name: str) -> bool:
         return False
 
 
+def missing_reason(name: str) -> str | None:
+    """Why backend `name` cannot be used here (one line), or None when it can."""
+    try:
+        _module(name)
+        return None
+    except ImportError as e:
+        return str(e).splitlines()[0] if str(e) else type(e).__name__
+
+
+def describe(name: str) -> str:
+    """The backend as benchmarks should name it: "cpu (avx512 build, 2 threads)", "ref (numpy)"."""
+    if name == "ref":
+        return "ref (numpy reference)"
+    mod = _module(name)
+    if name == "cpu":
+        from . import _cpu
+        return f"cpu ({_cpu.LEVEL} build, {mod.get_threads()} threads)"
+    return name
+
+
 def _module(name: str):
     if name == "ref":
         return ref

@@ -2,6 +2,7 @@
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 
@@ -174,3 +175,13 @@ def test_chat_template_and_kwargs_options(text_model):  # noqa: F811
     for bad, match in (("[1]", "must be a JSON object"), ("{oops", "not JSON")):
         r = run("generate", "Hi", "-m", text_model, "--chat-template-kwargs", bad, "-n", 1)
         assert r.exit_code == 2 and match in r.stderr
+
+
+def test_info_says_tokenizer_family_and_mode(text_model, chat_model, tmp_path):  # noqa: F811
+    r = run("info", os.path.join(REPO, "models", "kimi-k2-thinking"))
+    assert r.exit_code == 0 and "kimi-k2-thinking chat template (recognised), thinking mode" in r.stdout
+    assert "base model: no chat template" in run("info", text_model).stdout
+    shutil.copy(os.path.join(REPO, "models", "kimi-k2-thinking", "config.json"), tmp_path)
+    (tmp_path / "tokenizer.json").write_text("{}")
+    out = run("info", str(tmp_path)).stdout
+    assert "no tiktoken.model (tokenizer.json is not a tiktoken vocabulary" in out and "token ids only" in out

@@ -291,3 +291,24 @@ def test_plain_text_markup_from_the_model_stays_text(chat_model):  # noqa: F811
     r = Scripted(chat_model, tok.encode(answer[:16]) + tok.encode_ordinary(answer[16:])).chat(
         [{"role": "user", "content": "Hi"}], temperature=0, max_tokens=200, stop=["NEVER"])
     assert len(r.tool_calls) == 1
+
+
+def test_missing_native_module_is_a_one_line_error(text_model, monkeypatch):  # noqa: F811
+    """device="cpu" never falls back to the numpy reference (~100x slower) without a word."""
+    from k2lite import ops
+    real = ops._module
+
+    def no_cpu(name):
+        if name == "cpu":
+            raise ImportError("No module named 'k2lite._cpu_scalar'")
+        return real(name)
+    monkeypatch.setattr(ops, "_module", no_cpu)
+    with pytest.raises(RuntimeError, match=r"native kernels, which are not built here .*_cpu_scalar.*"
+                                           r"pip install -e \.") as e:
+        k2lite.load(text_model, device="cpu")
+    assert "\n" not in str(e.value)
+    assert k2lite.load(text_model, device="ref").backend == "ref"
+    assert ops.describe("ref").startswith("ref")
+    monkeypatch.undo()
+    if ops.available("cpu"):
+        assert ops.describe("cpu").startswith("cpu (") and "threads" in ops.describe("cpu")
