@@ -1,10 +1,10 @@
 """k2-nano quality on held-out Austen: bits per byte, the trainer vs k2lite, and samples.
 
-    python benchmarks/nano_quality.py [--corpus ../shared/corpus] [--metrics /tmp/k2-nano-train/metrics.json]
+    python benchmarks/nano_quality.py --corpus DIR [--metrics /tmp/k2-nano-train/metrics.json]
 
 Bits per byte = total next-token negative log-likelihood in bits ÷ UTF-8 bytes of the text, so
 it does not depend on the tokenizer. The held-out text (Pride and Prejudice ch. 59-61, never
-trained on) is cut and reflowed exactly as models/train_nano.py does, scored in the trainer's
+trained on) is cut and reflowed exactly as scripts/train_nano.py does, scored in the trainer's
 non-overlapping 256-token windows, through `LLM.logits` on each backend. The trainer's own
 figures (float and INT4 export) come from the metrics file its export writes.
 """
@@ -17,7 +17,7 @@ import sys
 import numpy as np
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.join(ROOT, "models"))
+sys.path.insert(0, os.path.join(ROOT, "scripts"))
 sys.path.insert(0, ROOT)
 import k2lite  # noqa: E402
 from k2lite import ops  # noqa: E402
@@ -49,7 +49,7 @@ def nll_nats(llm, ids, ctx=256):
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", default=os.path.join(ROOT, "models", "k2-nano"))
-    ap.add_argument("--corpus", default=os.path.join(ROOT, "..", "shared", "corpus"))
+    ap.add_argument("--corpus", required=True, help="folder of the novels k2-nano was trained on")
     ap.add_argument("--metrics", default="/tmp/k2-nano-train/metrics.json")
     a = ap.parse_args()
     text = heldout_text(a.corpus)

@@ -354,8 +354,10 @@ def export(model, cfg, enc, specials, a, heldout, train_tokens_seen, train_loss,
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--corpus", default=os.path.join(ROOT, "..", "shared", "corpus"))
-    ap.add_argument("--kimi-tokenizer", default=os.path.join(ROOT, "..", "shared", "kimi-tokenizer"))
+    ap.add_argument("--corpus", required=True,
+                    help="folder of the public-domain novels (plain text; see models/k2-nano/README.md)")
+    ap.add_argument("--kimi-tokenizer", default=os.path.join(ROOT, "models", "kimi-k2-thinking"),
+                    help="folder with Kimi's tiktoken.model and tokenizer_config.json")
     ap.add_argument("--out", default=os.path.join(ROOT, "models", "k2-nano"))
     ap.add_argument("--workdir", default="/tmp/k2-nano-train", help="resumable checkpoint + metrics")
     ap.add_argument("--ranks", type=int, default=8192, help="BPE ranks kept from Kimi's vocabulary")
