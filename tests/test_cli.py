@@ -10,7 +10,7 @@ import pytest
 from click.testing import CliRunner
 
 import k2lite
-from conftest_generate import REPO, chat_model, text_llm, text_model  # noqa: F401  (fixtures)
+from conftest import REPO
 from k2lite.cli import DEFAULT_PROMPT, main
 
 KIMI_CONFIG = os.path.join(REPO, "models", "kimi-k2-thinking", "config.json")
@@ -21,7 +21,7 @@ def run(*args, input=None):
     return r
 
 
-def test_generate_raw_streams_the_same_text_as_the_library(text_model, text_llm):  # noqa: F811
+def test_generate_raw_streams_the_same_text_as_the_library(text_model, text_llm):
     r = run("generate", "Hello", "-m", text_model, "-n", 8, "--seed", 0, "-t", 1)
     assert r.exit_code == 0, r.output
     assert r.stdout == text_llm.generate("Hello", max_tokens=8, seed=0).text + "\n"
@@ -29,7 +29,7 @@ def test_generate_raw_streams_the_same_text_as_the_library(text_model, text_llm)
 
 
 @pytest.mark.parametrize("weights", ["load", "repack"])
-def test_generate_weight_modes_give_the_same_text(text_model, weights):  # noqa: F811
+def test_generate_weight_modes_give_the_same_text(text_model, weights):
     args = ("generate", "Hello", "-m", text_model, "-n", 8, "--temperature", 0, "-t", 1)
     base = run(*args)
     r = run(*args, "--weights", weights)
@@ -37,7 +37,7 @@ def test_generate_weight_modes_give_the_same_text(text_model, weights):  # noqa:
     assert r.stdout == base.stdout
 
 
-def test_generate_json_is_openai_shaped(text_model, text_llm):  # noqa: F811
+def test_generate_json_is_openai_shaped(text_model, text_llm):
     r = run("generate", "-m", text_model, "-n", 4, "--temperature", 0, "-t", 1, "--json", input="")
     assert r.exit_code == 0, r.output
     o = json.loads(r.stdout)
@@ -47,7 +47,7 @@ def test_generate_json_is_openai_shaped(text_model, text_llm):  # noqa: F811
     assert o["choices"][0]["text"] == text_llm.generate(DEFAULT_PROMPT, max_tokens=4, temperature=0).text
 
 
-def test_generate_chat_json(chat_model):  # noqa: F811
+def test_generate_chat_json(chat_model):
     r = run("generate", "Hi", "-m", chat_model, "--chat", "--system", "Be brief.", "-n", 4, "--seed", 1,
             "-t", 1, "--json")
     assert r.exit_code == 0, r.output
@@ -56,7 +56,7 @@ def test_generate_chat_json(chat_model):  # noqa: F811
     assert o["usage"]["completion_tokens"] <= 4
 
 
-def test_prompt_from_stdin(text_model, text_llm):  # noqa: F811
+def test_prompt_from_stdin(text_model, text_llm):
     r = run("generate", "-m", text_model, "-n", 3, "--temperature", 0, "-t", 1, input="Hello")
     assert r.exit_code == 0
     assert r.stdout == text_llm.generate("Hello", max_tokens=3, temperature=0).text + "\n"
@@ -67,7 +67,7 @@ def test_prompt_from_stdin(text_model, text_llm):  # noqa: F811
                                   ["generate", "-m", "{tm}", "--raw", "--system", "x"],
                                   ["info", "/nonexistent"],
                                   ["generate", "--bogus-flag"]])
-def test_errors_are_one_line_and_exit_1(args, text_model):  # noqa: F811
+def test_errors_are_one_line_and_exit_1(args, text_model):
     r = run(*[a.format(tm=text_model) for a in args])
     assert r.exit_code == 2
     assert r.stderr.startswith("error: ") and r.stderr.count("\n") == 1, r.stderr
@@ -100,7 +100,7 @@ def test_bench(tiny_model):
     assert "memory bandwidth" in r.stdout and "% of measured bandwidth" in r.stdout
 
 
-def test_perplexity(text_model, tmp_path):  # noqa: F811
+def test_perplexity(text_model, tmp_path):
     f = tmp_path / "t.txt"
     f.write_text("It is a truth universally acknowledged, that a single man in possession " * 3)
     r = run("perplexity", text_model, "--file", f, "-c", 16, "-t", 1)
@@ -108,13 +108,13 @@ def test_perplexity(text_model, tmp_path):  # noqa: F811
     assert "perplexity" in r.stdout and "mean NLL" in r.stdout
 
 
-def test_interactive_chat_keeps_history_and_resets(chat_model):  # noqa: F811
+def test_interactive_chat_keeps_history_and_resets(chat_model):
     r = run("chat", "-m", chat_model, "-n", 3, "--seed", 0, "-t", 1, input="Hi\n/reset\nHello again\n/exit\n")
     assert r.exit_code == 0, r.output
     assert "[history cleared]" in r.stderr and r.stdout.count(">> ") == 4 and r.stdout.count("\n") >= 2
 
 
-def test_subprocess_python_m(text_model, text_llm):  # noqa: F811
+def test_subprocess_python_m(text_model, text_llm):
     env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
     p = subprocess.run([sys.executable, "-m", "k2lite.cli", "generate", "Hello", "-m", text_model, "-n", "5",
                         "--seed", "2", "-t", "1"], capture_output=True, text=True, env=env, timeout=120,
@@ -124,7 +124,7 @@ def test_subprocess_python_m(text_model, text_llm):  # noqa: F811
     assert "Prompt: " in p.stderr
 
 
-def test_ctrl_c_stops_the_answer_and_keeps_the_session(chat_model, monkeypatch):  # noqa: F811
+def test_ctrl_c_stops_the_answer_and_keeps_the_session(chat_model, monkeypatch):
     import k2lite.cli as cli
     real, calls = cli.show_chat, []
 
@@ -142,7 +142,7 @@ def test_ctrl_c_stops_the_answer_and_keeps_the_session(chat_model, monkeypatch):
     assert " 0 cached]" in r.stderr and re.search(r" [1-9]\d* cached\]", r.stderr)
 
 
-def test_device_cuda_without_a_gpu_is_a_one_line_error(text_model):  # noqa: F811
+def test_device_cuda_without_a_gpu_is_a_one_line_error(text_model):
     from k2lite import ops
     if ops.available("cuda"):
         pytest.skip("a CUDA build is present")
@@ -150,7 +150,7 @@ def test_device_cuda_without_a_gpu_is_a_one_line_error(text_model):  # noqa: F81
     assert r.exit_code == 2 and r.stderr.startswith("error: ") and r.stderr.count("\n") == 1
 
 
-def test_base_model_prompts_raw_and_refuses_chat(text_model, text_llm):  # noqa: F811
+def test_base_model_prompts_raw_and_refuses_chat(text_model, text_llm):
     r = run("generate", "Hello there", "-m", text_model, "-n", 2, "--temperature", 0, "-t", 1, "--json")
     assert r.exit_code == 0, r.output
     o = json.loads(r.stdout)
@@ -162,7 +162,7 @@ def test_base_model_prompts_raw_and_refuses_chat(text_model, text_llm):  # noqa:
         assert r.stderr.count("\n") == 1
 
 
-def test_chat_template_and_kwargs_options(text_model):  # noqa: F811
+def test_chat_template_and_kwargs_options(text_model):
     import k2lite
     llm = k2lite.load(text_model, threads=1, chat_template="kimi-k2.6")
     for kwargs in ("{}", '{"thinking": false}'):
@@ -177,7 +177,7 @@ def test_chat_template_and_kwargs_options(text_model):  # noqa: F811
         assert r.exit_code == 2 and match in r.stderr
 
 
-def test_info_says_tokenizer_family_and_mode(text_model, chat_model, tmp_path):  # noqa: F811
+def test_info_says_tokenizer_family_and_mode(text_model, chat_model, tmp_path):
     r = run("info", os.path.join(REPO, "models", "kimi-k2-thinking"))
     assert r.exit_code == 0 and "kimi-k2-thinking chat template (recognised), thinking mode" in r.stdout
     assert "base model: no chat template" in run("info", text_model).stdout

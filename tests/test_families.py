@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 import k2lite
-from conftest_generate import write_small_tokenizer
+from conftest import write_small_tokenizer
 from k2lite import ops
 from k2lite.safetensors import SafetensorsFile, save_file
 from k2lite.testing.random_model import preset, write_random_model

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 import k2lite
-from conftest_generate import chat_llm, chat_model, make_text_model, text_llm, text_model  # noqa: F401
+from conftest import make_text_model
 from k2lite.generate import ChatResult, Completion, GenerationMixin, generation_defaults
 from k2lite.tokenizer import Tokenizer
 
@@ -57,7 +57,7 @@ def test_stop_string_cuts_the_text(text_llm):
 
 
 @pytest.fixture(scope="module")
-def eos_model(text_llm, text_model, tmp_path_factory):  # noqa: F811
+def eos_model(text_llm, text_model, tmp_path_factory):
     """A copy of the text model whose generation_config makes the 3rd greedy token an eos."""
     greedy = text_llm.generate("Once", max_tokens=6, temperature=0).token_ids
     path = str(tmp_path_factory.mktemp("eos") / "m")
@@ -83,7 +83,7 @@ def test_length_finish(text_llm):
     assert text_llm.generate("Once", max_tokens=0).token_ids == []
 
 
-def test_defaults_without_generation_config(text_model):  # noqa: F811
+def test_defaults_without_generation_config(text_model):
     d = generation_defaults(text_model)
     assert d["temperature"] == 1.0 and d["top_p"] == 1.0 and d["top_k"] == 0 and d["min_p"] == 0.0
 
@@ -158,7 +158,7 @@ TOOL_ANSWER = ("<think>Need the tool.</think>Let me check.<|tool_calls_section_b
                "<|tool_calls_section_end|><|im_end|>trailing junk")
 
 
-def test_stream_chat_reasoning_content_and_tool_calls(chat_model):  # noqa: F811
+def test_stream_chat_reasoning_content_and_tool_calls(chat_model):
     tok = Tokenizer.from_dir(chat_model)
     llm = Scripted(chat_model, tok.encode(TOOL_ANSWER))
     s = llm.stream_chat([{"role": "user", "content": "Weather in Paris?"}], temperature=0, max_tokens=200)
@@ -175,7 +175,7 @@ def test_stream_chat_reasoning_content_and_tool_calls(chat_model):  # noqa: F811
     assert o["object"] == "chat.completion" and o["choices"][0]["finish_reason"] == "tool_calls"
 
 
-def test_stop_string_held_back_across_tokens(text_model):  # noqa: F811
+def test_stop_string_held_back_across_tokens(text_model):
     tok = Tokenizer.from_dir(text_model)
     llm = Scripted(text_model, tok.encode("abc STOP def"))
     s = llm.stream("x", temperature=0, max_tokens=50, stop="STOP")
@@ -187,7 +187,7 @@ def test_stop_string_held_back_across_tokens(text_model):  # noqa: F811
 @pytest.mark.parametrize("template,thinking,opens", [
     ("kimi-k2-thinking", None, True), ("kimi-k2-instruct", None, False),
     ("kimi-k2.6", None, True), ("kimi-k2.6", False, False), ("kimi-k2.6", True, True)])
-def test_reasoning_follows_the_template(tmp_path, text_model, template, thinking, opens):  # noqa: F811
+def test_reasoning_follows_the_template(tmp_path, text_model, template, thinking, opens):
     """K2 Thinking opens its reasoning itself, K2.6's prompt opens it unless thinking=False,
     an Instruct answer (no <think>) is content."""
     path = make_text_model(str(tmp_path / template), chat_template=template)
@@ -210,7 +210,7 @@ def test_a_base_model_prompts_raw_and_refuses_chat(text_llm):
     assert text_llm.generate("Hello", max_tokens=2, temperature=0).usage.prompt_tokens == len(ids)
 
 
-def test_chat_template_given_at_load_overrides_the_folder(text_model):  # noqa: F811
+def test_chat_template_given_at_load_overrides_the_folder(text_model):
     llm = k2lite.load(text_model, threads=1, chat_template="kimi-k2-instruct")
     assert llm.kind == "instruct"
     ids, opens = llm.chat_prompt([{"role": "user", "content": "Hi"}])
@@ -276,7 +276,7 @@ def test_image_parts_are_refused_not_dropped(chat_llm):
         chat_llm.chat(msgs, max_tokens=2)
 
 
-def test_plain_text_markup_from_the_model_stays_text(chat_model):  # noqa: F811
+def test_plain_text_markup_from_the_model_stays_text(chat_model):
     """Without stop strings the chat parser reads ids: markup the model spells out in plain
     tokens (echoing a user, say) is content, not a tool call; the same markup as special ids is."""
     tok = Tokenizer.from_dir(chat_model)
@@ -293,7 +293,7 @@ def test_plain_text_markup_from_the_model_stays_text(chat_model):  # noqa: F811
     assert len(r.tool_calls) == 1
 
 
-def test_missing_native_module_is_a_one_line_error(text_model, monkeypatch):  # noqa: F811
+def test_missing_native_module_is_a_one_line_error(text_model, monkeypatch):
     """device="cpu" never falls back to the numpy reference (~100x slower) without a word."""
     from k2lite import ops
     real = ops._module

@@ -24,7 +24,7 @@ import k2lite
 from k2lite.scheduler import ApiError, Scheduler
 from k2lite.server import completion_request, serve
 from k2lite.testing.random_model import preset, write_random_model
-from conftest_generate import make_text_model
+from conftest import make_text_model
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 KIMI = os.path.join(REPO, "models", "kimi-k2-thinking")

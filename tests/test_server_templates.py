@@ -7,7 +7,7 @@ import urllib.request
 import pytest
 
 import k2lite
-from conftest_generate import make_text_model
+from conftest import make_text_model
 from k2lite.server import serve
 
 
