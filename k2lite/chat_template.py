@@ -14,7 +14,8 @@ Recognising a template, in this order:
    tools, tool calls and results, reasoning, list contents, no system prompt, each `thinking`
    setting) and compared with each known dialect. A template that renders all of them exactly as
    a dialect does is that dialect (a copy with reformatted tags, or a revision that only moved
-   whitespace jinja strips);
+   whitespace jinja strips). Without jinja2, a template equal to a known one but for whitespace
+   (LOOSE_FINGERPRINTS) is taken for it, with a warning, since it cannot be checked;
 3. else it is rendered with jinja2 as transformers renders it (sandboxed, trim_blocks,
    lstrip_blocks, loopcontrols, its `tojson`, `raise_exception`, the special-token names), with
    a warning: the rendered string is then encoded with special names recognised, so markup and
@@ -39,14 +40,24 @@ FINGERPRINTS = {
     "44c73c89d00c440c": "kimi-k2-instruct",
     "006db05e0995b0aa": "kimi-k2.6",
 }
+# the same with every whitespace character removed: a re-indented copy
+LOOSE_FINGERPRINTS = {
+    "7783f6a2d617d910": "kimi-k2-thinking",
+    "452a1e6d75c0be23": "kimi-k2-instruct",
+    "e4c1aa751a52275f": "kimi-k2.6",
+}
 _COMMENT = re.compile(r"\{#.*?#\}", re.S)
 
 
-def fingerprint(text: str) -> str:
-    """16 hex digits identifying a template up to formatting that cannot change its output."""
+def fingerprint(text: str, loose: bool = False) -> str:
+    """16 hex digits identifying a template up to formatting that cannot change its output
+    (loose: up to all whitespace, which might)."""
     text = _COMMENT.sub("", text.replace("\r\n", "\n").replace("\r", "\n"))
-    lines = [line.rstrip() for line in text.split("\n")]
-    norm = "\n".join(line for line in lines if line)
+    if loose:
+        norm = re.sub(r"\s+", "", text)
+    else:
+        lines = [line.rstrip() for line in text.split("\n")]
+        norm = "\n".join(line for line in lines if line)
     return hashlib.sha256(norm.encode("utf-8")).hexdigest()[:16]
 
 
@@ -149,12 +160,17 @@ class ChatTemplate:
     @classmethod
     def from_text(cls, text: str, source: str, special: dict | None = None) -> "ChatTemplate":
         name = FINGERPRINTS.get(fingerprint(text))
-        if name is None:
+        if name is None and not _jinja2_missing():
             name = _recognise_by_behaviour(text, source)
         if name is not None:
             return cls(source, text, chat.DIALECTS[name], special)
-        if _jinja2_missing():   # loading still works (raw prompts); rendering says what is missing
-            return cls(source, text, None, special)
+        if _jinja2_missing():
+            name = LOOSE_FINGERPRINTS.get(fingerprint(text, loose=True))
+            if name is not None:
+                warnings.warn(f"{source}: chat template taken for {name}'s (the same but for whitespace; "
+                              "install jinja2 to check it by rendering)", stacklevel=2)
+                return cls(source, text, chat.DIALECTS[name], special)
+            return cls(source, text, None, special)   # raw prompts work; chat says what is missing
         warnings.warn(f"{source}: chat template not recognised (not Kimi K2 Thinking, K2 Instruct or "
                       "K2.5/K2.6): rendered with jinja2, so message content that spells control "
                       "tokens becomes control tokens", stacklevel=2)

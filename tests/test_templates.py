@@ -13,7 +13,7 @@ import warnings
 import pytest
 
 from k2lite import chat
-from k2lite.chat_template import FINGERPRINTS, ChatTemplate, fingerprint
+from k2lite.chat_template import FINGERPRINTS, LOOSE_FINGERPRINTS, ChatTemplate, fingerprint
 from k2lite.tokenizer import Tokenizer
 from template_oracle import (HERE, TEMPLATES, TOKENIZER_DIR, kwarg_variants, random_conversation, render,
                              template_text)
@@ -107,6 +107,17 @@ def test_unknown_template_renders_with_jinja_and_warns(tok):
     assert not t.opens_in_reasoning(t.render(msgs))
     tok.chat_template = t
     assert tok.encode_chat(msgs) == tok.encode(t.render(msgs))
+
+
+@pytest.mark.parametrize("name", list(TEMPLATES))
+def test_reindented_template_without_jinja2_is_taken_with_a_warning(name, monkeypatch):
+    import k2lite.chat_template as ct
+    text = template_text(name)
+    assert LOOSE_FINGERPRINTS[fingerprint(text, loose=True)] == name
+    monkeypatch.setattr(ct, "_jinja2_missing", lambda: True)
+    reindented = text.replace("\n  ", "\n\t").replace("{{ c }}", "{{c}}")
+    with pytest.warns(UserWarning, match=f"taken for {name}'s"):
+        assert ChatTemplate.from_text(reindented, "x.jinja").name == name
 
 
 def test_unknown_template_without_jinja2_is_a_one_line_error(monkeypatch):
