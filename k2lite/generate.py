@@ -172,6 +172,100 @@ def find_stop(text: str, sent: int, stops) -> tuple:
     return cut, max(sent, len(text) - hold)
 
 
+class TokenStream:
+    """One generation's output, token by token: the state machine the library's TextStream /
+    ChatStream and the server's scheduler both hold, so end-of-sequence, stop strings, parsing
+    and finish reasons are decided in one place.
+
+        out = TokenStream(tokenizer, eos_ids, stop, max_tokens, parser)
+        deltas = out.feed(token_id)      # list of deltas; out.done once this token ended it
+        deltas = out.finish()            # the tail (held-back text, the parser's last deltas)
+        out.finish_reason                # "stop", "length" or "tool_calls"
+
+    Deltas: {"text": s} without a parser; with one, the parser's {"reasoning_content": s},
+    {"content": s} and {"tool_call": call, "index": i} (chat.py). Ends: an eos id ("stop", never
+    shown), a stop string ("stop", cut off, never shown), max_tokens ("length"); "stop" with tool
+    calls becomes "tool_calls". Without stop strings a chat parser reads token ids, so only
+    special ids are markup (a model that spells `<|tool_call_begin|>` in plain tokens makes no
+    call); stop strings cut decoded text, so with them the parser reads that text.
+    tools: "all" keeps every parsed call (a malformed one carries "error"), "valid" drops the
+    malformed ones, "none" drops all (tool_choice "none"); indexes count the calls kept.
+    """
+
+    def __init__(self, tokenizer, eos_ids=(), stop=(), max_tokens=None, parser=None, tools="all"):
+        self.eos, self.stop = set(eos_ids), [s for s in stop if s]
+        if self.stop and tokenizer is None:
+            raise ValueError("stop strings need a tokenizer (the model folder has no tiktoken.model)")
+        self.max_tokens = max_tokens
+        self.parser, self.tools = parser, tools
+        self.decoder = tokenizer.stream_decoder() if tokenizer is not None else None
+        self.by_id = parser is not None and not self.stop and getattr(parser, "tokenizer", None) is not None
+        self.ids: list = []          # generated ids (no eos)
+        self.text = ""               # their decoded text, cut at a stop string
+        self.sent = 0                # chars of `text` already passed on
+        self.calls: list = []        # tool calls kept
+        self.finish_reason: str | None = None
+
+    @property
+    def done(self) -> bool:
+        return self.finish_reason is not None
+
+    def feed(self, t: int) -> list:
+        """One sampled token; returns its deltas. Ends the stream at eos, a stop string or max_tokens."""
+        if self.done:
+            raise ValueError("the stream has finished")
+        if t in self.eos:
+            return self.finish("stop")
+        self.ids.append(t)
+        out = []
+        if self.by_id:
+            out = self._calls(self.parser.feed_token(t))
+        elif self.decoder is not None:
+            self.text += self.decoder.feed(t)
+            cut, end = find_stop(self.text, self.sent, self.stop)
+            if cut >= 0:
+                self.text = self.text[:cut]
+                return self.finish("stop", flush=False)
+            out = self._show(end)
+        if self.max_tokens is not None and len(self.ids) >= self.max_tokens:
+            out += self.finish("length")
+        return out
+
+    def finish(self, reason: str = "length", flush: bool = True) -> list:
+        """End the stream (idempotent): the text held back and the parser's tail."""
+        if self.done:
+            return []
+        out = []
+        if self.decoder is not None and not self.by_id:
+            if flush:
+                self.text += self.decoder.flush()
+            out = self._show(len(self.text))
+        if self.parser is not None:
+            out += self._calls(self.parser.finish())
+        self.finish_reason = "tool_calls" if reason == "stop" and self.calls else reason
+        return out
+
+    def _show(self, end: int) -> list:
+        """Pass on text[sent:end]: as text, or through the chat parser."""
+        s, self.sent = self.text[self.sent:end], max(self.sent, end)
+        if not s:
+            return []
+        return [{"text": s}] if self.parser is None else self._calls(self.parser.feed_text(s))
+
+    def _calls(self, deltas) -> list:
+        """Parser deltas, tool calls kept or dropped by `tools` and numbered as kept."""
+        out = []
+        for d in deltas:
+            if "tool_call" in d:
+                call = d["tool_call"]
+                if self.tools == "none" or (self.tools == "valid" and "error" in call):
+                    continue
+                d = {"tool_call": call, "index": len(self.calls)}
+                self.calls.append(call)
+            out.append(d)
+        return out
+
+
 def _nothing():
     yield from ()
 
@@ -190,106 +284,79 @@ class _Stream:
 
 
 class TextStream(_Stream):
-    """Iterate for text deltas; afterwards `.completion` holds the whole Completion.
+    """Iterate for deltas; afterwards `.completion` holds the whole Completion.
 
-    Stops at an eos id (not shown), at the first stop string (cut off) or after max_tokens.
+    The deltas are text, or with a chat parser its deltas (ChatStream). Stops at an eos id (not
+    shown), at the first stop string (cut off) or after max_tokens (a TokenStream decides).
     Closing it early (break, Ctrl-C) frees the sequence and still fills `.completion`.
     """
 
-    def __init__(self, llm, prompt_ids, sampler, max_tokens, stop=(), eos_ids=(), seq=None):
+    def __init__(self, llm, prompt_ids, sampler, max_tokens, stop=(), eos_ids=(), seq=None, parser=None):
         self.llm, self.prompt_ids, self.sampler = llm, list(prompt_ids), sampler
-        self.max_tokens, self.stop, self.eos_ids = int(max_tokens), [s for s in stop if s], set(eos_ids)
-        self.seq = seq
-        self.on_token = None     # called with each generated id (not the eos) before its text
+        self.max_tokens, self.seq = int(max_tokens), seq
+        limit = min(self.max_tokens, max(llm.context - len(self.prompt_ids), 0))
+        self.out = TokenStream(llm.tokenizer, eos_ids, stop, limit, parser)
+        self.stop = self.out.stop
         self.completion: Completion | None = None
         self._it = self._run()
 
     def _run(self):
-        tok, llm = self.llm.tokenizer, self.llm
-        if (self.stop) and tok is None:
-            raise ValueError("stop strings need a tokenizer (the model folder has no tiktoken.model)")
-        dec = tok.stream_decoder() if tok is not None else None
+        llm, out = self.llm, self.out
         usage = Usage(prompt_tokens=len(self.prompt_ids))
-        ids, text, sent, reason = [], "", 0, "length"    # `sent`: chars of text already yielded
-        limit = min(self.max_tokens, max(llm.context - len(self.prompt_ids), 0))
         t0 = time.perf_counter()
         t1 = None
         todo = self.prompt_ids
-        if limit > 0 and self.seq is not None:
+        if out.max_tokens > 0 and self.seq is not None:
             usage.cached_tokens = self.seq.reuse_prefix(todo)
             todo = todo[usage.cached_tokens:]
-        steps = generate_step(llm, todo, self.sampler, self.seq) if limit > 0 else _nothing()
+        steps = generate_step(llm, todo, self.sampler, self.seq) if out.max_tokens > 0 else _nothing()
+        tail = []
         try:
             for t, _ in steps:
                 usage.decode_steps += t1 is not None
                 if t1 is None:
                     t1 = time.perf_counter()
                     usage.prompt_seconds = t1 - t0
-                if t in self.eos_ids:
-                    reason = "stop"
-                    break
-                ids.append(t)
-                if self.on_token is not None:
-                    self.on_token(t)
-                if dec is not None:
-                    text += dec.feed(t)
-                    cut, end = find_stop(text, sent, self.stop)
-                    if cut >= 0:
-                        text, reason = text[:cut], "stop"
-                        break
-                    if end > sent:
-                        yield text[sent:end]
-                        sent = end
-                if len(ids) >= limit:
+                yield from self._deltas(out.feed(t))
+                if out.done:
                     break
         finally:
             steps.close()
-            if dec is not None and reason != "stop":
-                text += dec.flush()
+            tail = out.finish("length")
             now = time.perf_counter()
             usage.generation_seconds = now - t1 if t1 is not None else 0.0
-            usage.completion_tokens = len(ids)
+            usage.completion_tokens = len(out.ids)
             usage.peak_memory = peak_memory_bytes()
-            self.completion = Completion(text, ids, reason, usage, os.path.basename(os.path.normpath(llm.path)))
-        if len(text) > sent:
-            yield text[sent:]
+            self.completion = Completion(out.text, out.ids, out.finish_reason, usage,
+                                         os.path.basename(os.path.normpath(llm.path)))
+            self._done()
+        yield from self._deltas(tail)
+
+    def _deltas(self, deltas):
+        for d in deltas:
+            yield d["text"]
+
+    def _done(self):
+        pass
 
 
-class ChatStream(_Stream):
+class ChatStream(TextStream):
     """Iterate for parser deltas ({"reasoning_content"}, {"content"}, {"tool_call", "index"});
-    afterwards `.result` holds the ChatResult.
+    afterwards `.result` holds the ChatResult (and `.completion` the raw Completion)."""
 
-    Without stop strings the parser is fed token ids, so only special ids are markup: a model
-    that writes the plain text `<|tool_call_begin|>` (echoing a user, say) does not make a tool
-    call. Stop strings cut the decoded text, so with them the parser reads that text (where
-    every control name counts as markup)."""
-
-    def __init__(self, text_stream: TextStream, parser):
-        self.text_stream, self.parser = text_stream, parser
+    def __init__(self, llm, prompt_ids, sampler, max_tokens, stop=(), eos_ids=(), seq=None, parser=None):
         self.result: ChatResult | None = None
-        self._by_id = not text_stream.stop and getattr(parser, "tokenizer", None) is not None
-        self._pending: list = []
-        if self._by_id:
-            text_stream.on_token = lambda t: self._pending.extend(parser.feed_token(t))
-        self._it = self._run()
+        super().__init__(llm, prompt_ids, sampler, max_tokens, stop, eos_ids, seq, parser)
 
-    def _run(self):
-        try:
-            for delta in self.text_stream:
-                if self._by_id:
-                    out, self._pending = self._pending, []
-                    yield from out
-                else:
-                    yield from self.parser.feed_text(delta)
-        finally:
-            self.text_stream.close()
-            tail, self._pending = self._pending + self.parser.finish(), []
-            c = self.text_stream.completion
-            r = self.parser.result()
-            reason = "tool_calls" if r["tool_calls"] and c.finish_reason == "stop" else c.finish_reason
-            self.result = ChatResult(r["content"], r["reasoning_content"], r["tool_calls"], reason,
-                                     c.usage, c.text, c.token_ids, c.model)
-        yield from tail
+    def _deltas(self, deltas):
+        yield from deltas
+
+    def _done(self):
+        c, r = self.completion, self.out.parser.result()
+        if c.finish_reason == "tool_calls":
+            c.finish_reason = "stop"            # the Completion tells how the text ended
+        self.result = ChatResult(r["content"], r["reasoning_content"], r["tool_calls"], self.out.finish_reason,
+                                 c.usage, c.text, c.token_ids, c.model)
 
 
 class GenerationMixin:
@@ -356,13 +423,18 @@ class GenerationMixin:
         text: the tokens already cached there that start it are reused, not recomputed
         (prompt caching; pass the same one every turn of a conversation).
         """
+        return self._stream(TextStream, prompt, max_tokens, temperature, top_p, top_k, min_p, seed, stop,
+                            sequence)
+
+    def _stream(self, cls, prompt, max_tokens=None, temperature=None, top_p=None, top_k=None, min_p=None,
+                seed=None, stop=None, sequence=None, parser=None):
         ids = self.encode_prompt(prompt)
         if not ids:
             raise ValueError("the prompt is empty")
         stop = [stop] if isinstance(stop, str) else list(stop or [])
         n = self.generation_defaults["max_tokens"] if max_tokens is None else int(max_tokens)
-        return TextStream(self, ids, self.make_sampler(temperature, top_p, top_k, min_p, seed), n,
-                          stop, self.eos_ids, sequence)
+        return cls(self, ids, self.make_sampler(temperature, top_p, top_k, min_p, seed), n,
+                   stop, self.eos_ids, sequence, parser)
 
     def generate(self, prompt, max_tokens=None, temperature=None, top_p=None, top_k=None, min_p=None,
                  seed=None, stop=None, sequence=None) -> Completion:
@@ -410,7 +482,7 @@ class GenerationMixin:
         """
         from .chat import StreamParser
         ids, opens = self.chat_prompt(messages, tools, thinking, chat_template_kwargs)
-        return ChatStream(self.stream(ids, **sampling), StreamParser(self.tokenizer, thinking=opens))
+        return self._stream(ChatStream, ids, parser=StreamParser(self.tokenizer, thinking=opens), **sampling)
 
     def chat(self, messages, tools=None, thinking=None, chat_template_kwargs=None, **sampling) -> ChatResult:
         """One assistant turn: ChatResult(content, reasoning_content, tool_calls, finish_reason, usage)."""
