@@ -3,7 +3,7 @@
 Importing this module fails with ImportError unless the CUDA module was built (setup.py does
 so when nvcc is found) and a GPU is visible, so `ops.available("cuda")` means "usable here".
 
-On the GPU (issue 7, first kernels): `bf16_matmul` and `int4_matmul` (src/cuda/gemv.cu), with
+On the GPU (first kernels, not yet run on one): `bf16_matmul` and `int4_matmul` (src/cuda/matmul.cu), with
 ref.py's signatures: host numpy in, host float32 numpy out. Each weight array is uploaded to
 the device once, on first use, and its DeviceBuffer cached (keyed by id() and holding a
 reference to the array, so the id cannot be reused while cached: weights must not be modified

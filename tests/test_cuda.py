@@ -26,7 +26,7 @@ def test_cuda_device_names():
 
 
 # ---------------------------------------------------------------- GEMV kernels vs ref
-# Fresh random inputs at sizes that hit every path of src/cuda/gemv.cu: I not a multiple of
+# Fresh random inputs at sizes that hit every path of src/cuda/matmul.cu: I not a multiple of
 # 8 / 32 / 256 (scalar and tail paths), N odd and not a multiple of the 8 rows per block, T
 # below, at and above the 16-token chunk, groups that do and do not divide 8.
 from k2lite import ref  # noqa: E402

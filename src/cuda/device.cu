@@ -1,6 +1,6 @@
-// Device discovery for k2lite._cuda. The GPU kernels (issue 7) build on this module; until
-// they land it only reports which GPUs are present, so the build path is exercised
-// wherever nvcc exists and k2lite can tell "built without a GPU" from "not built".
+// Device discovery for k2lite._cuda: how many GPUs there are and their names, so k2lite can
+// tell "built, but no GPU here" from "not built". The kernels live in files named by op
+// (matmul.cu: bf16_matmul and int4_matmul, with the device buffers they read).
 #include <cuda_runtime.h>
 
 #include <string>

@@ -1,4 +1,4 @@
-// GEMV-shaped matmuls for k2lite._cuda (issue 7): y[T,N] = x[T,I] · W[N,I]ᵀ, W in bf16 or in
+// GEMV-shaped matmuls for k2lite._cuda: y[T,N] = x[T,I] · W[N,I]ᵀ, W in bf16 or in
 // compressed-tensors INT4 (pack-quantized), x and y float32. Contracts: k2lite/ref.py
 // bf16_matmul / int4_matmul. Decode (T = 1) is bound by reading W once from HBM, so:
 //   - one warp per output row n; its 32 lanes stride along the row with 16-byte loads of W
