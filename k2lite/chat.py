@@ -8,7 +8,8 @@ result. K2 Thinking adds the default system prompt when the first message is not
 writes `<think></think>` for assistant turns up to the last assistant turn without tool calls,
 reasoning kept after it, generation prompt without `<think>`. K2 Instruct: no think tags, the
 default system prompt followed by a newline. K2.6: no default system prompt, the generation
-prompt opens `<think>` (closed with thinking=False), preserve_thinking keeps all reasoning.
+prompt opens `<think>` (closed with thinking=False), preserve_thinking keeps all reasoning, and
+tools are declared in TypeScript as its tokenizer writes them (tool_declaration.py).
 `render_parts` keeps markup and content apart so `Tokenizer.encode_chat` can encode content as
 plain text (prompt-injection safety). Like the templates, any role renders (roles other than
 user/assistant as `<|im_system|>{role}`), and, like transformers, `thinking`/`reasoning` stand in
@@ -183,7 +184,8 @@ def render_parts(messages, tools=None, add_generation_prompt=True, dialect=KIMI_
     like jinja, a template ignores the ones it does not read. Only K2.6's reads them:
     thinking=False closes the think block of the generation prompt and drops the reasoning of
     the current turn; preserve_thinking=True keeps the reasoning of every earlier turn;
-    tools_ts_str replaces the tools JSON in the declaration.
+    tools_ts_str is the tool declaration when the tools cannot be written as TypeScript (as
+    K2.6's tokenizer does, they are, see tool_declaration.py).
     """
     check_messages(messages, tools)
     switch = dialect.mode == "hybrid"
@@ -197,9 +199,8 @@ def render_parts(messages, tools=None, add_generation_prompt=True, dialect=KIMI_
     no_thinking = switch and thinking is False
     P = []
     if tools:
-        if switch and tools_ts_str:
-            tools_text = _str(tools_ts_str)
-        else:
+        tools_text = _tools_typescript(tools, tools_ts_str) if switch else None
+        if not tools_text:
             tools_text = json.dumps(_sort_keys(tools), separators=(",", ":"), ensure_ascii=False)
         P += [(True, "<|im_system|>"), (False, "tool_declare"), (True, "<|im_middle|>"),
               (False, tools_text), (True, "<|im_end|>")]
@@ -235,6 +236,17 @@ def render_parts(messages, tools=None, add_generation_prompt=True, dialect=KIMI_
         if switch:
             P += [(True, "<think>")] + ([(True, "</think>")] if no_thinking else [])
     return [(mk, t) for mk, t in P if t]
+
+
+def _tools_typescript(tools, given=None):
+    """K2.5/K2.6's tool declaration: the released tokenizer writes the (key-sorted) tools as
+    TypeScript declarations and passes them as `tools_ts_str`, replacing one given by the caller;
+    when they cannot be written that way the template falls back to the given one, else JSON."""
+    from .tool_declaration import to_typescript
+    try:
+        return to_typescript(_sort_keys(tools))
+    except Exception:   # any schema the converter cannot express: as the tokenizer, fall back
+        return _str(given)
 
 
 def opens_in_reasoning(dialect, thinking=None, **_ignored) -> bool:

@@ -255,11 +255,15 @@ def _recognise_by_behaviour(text: str, source: str):
         template = _compile(text, source)
     except (ImportError, ValueError):
         return None
+    # rendered as Moonshot's tokenizer calls its templates: tools key-sorted, and (K2.5/K2.6's)
+    # their TypeScript declaration in tools_ts_str, which the other templates ignore
+    def release_render(m, t, g, kw):
+        if t:
+            kw = {**kw, "tools_ts_str": chat._tools_typescript(t)}
+        return template.render(messages=m, tools=chat._sort_keys(t) if t else t, add_generation_prompt=g, **kw)
     for name, dialect in chat.DIALECTS.items():
         try:
-            if all(template.render(messages=m, tools=chat._sort_keys(t) if t else t,
-                                   add_generation_prompt=g, **kw)
-                   == "".join(x for _, x in chat.render_parts(m, t, g, dialect, **kw))
+            if all(release_render(m, t, g, kw) == "".join(x for _, x in chat.render_parts(m, t, g, dialect, **kw))
                    for m, t, g, kw in _probes()):
                 return name
         except Exception:

@@ -1,6 +1,6 @@
 """Write tests/data/chat_goldens.json: conversations rendered by each released Kimi chat template
-(jinja2 through transformers, the way a checkpoint's own template is rendered there) and their
-token ids. The templates are the oracle; rerun after adding a case or a template:
+(jinja2 through transformers, the way a checkpoint's own template is rendered there, with the
+tools prepared as Moonshot's tokenizer prepares them) and their token ids. The templates are the oracle; rerun after adding a case or a template:
 
     python tests/make_goldens.py
 """
@@ -59,7 +59,7 @@ def main():
         for case, (messages, tools) in CASES.items():
             for kw in KWARGS.get(name, [{}]):
                 for gen in (True, False) if case == "user_only" else (True,):
-                    rendered = render(text, messages, tools, gen, **kw)
+                    rendered = render(text, messages, tools, gen, typescript_tools=name == "kimi-k2.6", **kw)
                     out.append({"template": name, "case": case, "template_kwargs": kw,
                                 "add_generation_prompt": gen, "messages": messages, "tools": tools,
                                 "rendered": rendered, "token_ids": tok.encode(rendered)})

@@ -30,10 +30,19 @@ def sort_keys(x):
     return x
 
 
-def render(text, messages, tools=None, add_generation_prompt=True, **kwargs):
-    """What transformers' apply_chat_template renders with Moonshot's tool-key sorting."""
+def render(text, messages, tools=None, add_generation_prompt=True, typescript_tools=False, **kwargs):
+    """What transformers renders through Moonshot's tokenizer: tools key-sorted and, for K2.5/K2.6
+    (typescript_tools), their TypeScript declaration passed as tools_ts_str, replacing a given
+    one unless the conversion fails (k2lite's converter here; it is checked on its own against
+    the released tokenizer's outputs in tests/data/tools_typescript.json)."""
     from transformers.utils.chat_template_utils import render_jinja_template
     tools = sort_keys(tools) if tools else tools
+    if typescript_tools and tools:
+        from k2lite.tool_declaration import to_typescript
+        try:
+            kwargs["tools_ts_str"] = to_typescript(tools)
+        except Exception:
+            pass
     out, _ = render_jinja_template([messages], tools=tools, chat_template=text,
                                    add_generation_prompt=add_generation_prompt, **kwargs)
     return out[0]

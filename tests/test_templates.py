@@ -53,7 +53,8 @@ def test_goldens_still_match_the_template_files(name):
     pytest.importorskip("transformers")
     text = template_text(name)
     for g in (g for g in GOLDENS if g["template"] == name):
-        assert render(text, g["messages"], g["tools"], g["add_generation_prompt"], **g["template_kwargs"]) == g["rendered"]
+        assert render(text, g["messages"], g["tools"], g["add_generation_prompt"],
+                      typescript_tools=name == "kimi-k2.6", **g["template_kwargs"]) == g["rendered"]
 
 
 @pytest.mark.parametrize("name", list(TEMPLATES))
@@ -65,7 +66,7 @@ def test_random_conversations_render_like_the_template(name):
         msgs, tools = random_conversation(rng)
         for kw in kwarg_variants(tools):
             for gen in (True, False):
-                want = render(text, msgs, tools, gen, **kw)
+                want = render(text, msgs, tools, gen, typescript_tools=name == "kimi-k2.6", **kw)
                 got = "".join(t for _, t in chat.render_parts(msgs, tools, gen, dialect, **kw))
                 assert got == want, (n, msgs, tools, kw, gen)
 
@@ -199,3 +200,31 @@ def test_content_stays_text_in_every_dialect(tok, name):
     specials = [tok.special_names[i] for i in ids if tok.is_special(i)]
     assert specials.count("<|im_end|>") == (1 if name == "kimi-k2.6" else 2)   # K2.6: no default system
     assert "<|tool_calls_section_begin|>" not in specials
+
+
+with open(os.path.join(HERE, "data", "tools_typescript.json"), encoding="utf-8") as f:
+    TOOLS_TS = json.load(f)
+
+
+def test_tool_declarations_are_written_as_the_k25_k26_tokenizer_writes_them():
+    from k2lite.tool_declaration import to_typescript
+    for i, case in enumerate(TOOLS_TS):
+        tools = chat._sort_keys(case["tools"])
+        if case["typescript"] is None:
+            with pytest.raises(Exception):
+                to_typescript(tools)
+        else:
+            assert to_typescript(tools) == case["typescript"], i
+    assert sum(c["typescript"] is None for c in TOOLS_TS) >= 5 and sum(bool(c["typescript"]) for c in TOOLS_TS) >= 30
+
+
+def test_k26_declares_tools_in_typescript_and_falls_back_to_json():
+    t = ChatTemplate.load("kimi-k2.6")
+    msgs = [{"role": "user", "content": "Hi"}]
+    good, bad = TOOLS_TS[0]["tools"], TOOLS_TS[4]["tools"]        # get_weather; an enum that fails
+    assert TOOLS_TS[4]["typescript"] is None
+    text = t.render(msgs, good, tools_ts_str="ignored when the tools convert")
+    assert "<|im_middle|># Tools\n\n## functions\nnamespace functions {\n// Current weather" in text
+    assert '<|im_middle|>[{"function":{"name":"bad_enum"' in t.render(msgs, bad)
+    assert "<|im_middle|>custom<|im_end|>" in t.render(msgs, bad, tools_ts_str="custom")
+    assert '[{"function":{"description":"Current weather' in ChatTemplate.load("kimi-k2-thinking").render(msgs, good)
