@@ -124,8 +124,8 @@ class Scheduler:
 
     def submit(self, reqs):
         """Queue a request, or all the choices of one HTTP request (all or none: 429 when full).
-        max_queue counts HTTP requests waiting; those the batch and cache can take right away
-        do not count."""
+        max_queue counts HTTP requests of which no choice runs yet; those the batch and cache can
+        take right away do not count."""
         reqs = [reqs] if isinstance(reqs, Request) else list(reqs)
         group, now = object(), time.monotonic()
         for r in reqs:
@@ -133,9 +133,6 @@ class Scheduler:
         with self.cond:
             if self._stopping:
                 raise ApiError(503, "the server is shutting down", "server_error")
-            if len(reqs) > self.max_batch + self.max_queue:
-                raise ApiError(400, f"{len(reqs)} choices (n x prompts) is more than this server can queue "
-                                    f"({self.max_batch + self.max_queue})", param="n")
             slots, budget = self._room()
             queued = list(self.waiting) + reqs
             running = self._running_per_group()
@@ -146,7 +143,8 @@ class Scheduler:
                 queued.remove(r)
                 slots, budget = slots - 1, budget - r.reserve
                 running[r.group] = running.get(r.group, 0) + 1
-            if len({id(r.group) for r in queued}) > self.max_queue:
+            # a request some of whose choices run is running: only the ones not started wait
+            if len({id(r.group) for r in queued if not running.get(r.group)}) > self.max_queue:
                 raise ApiError(429, f"server busy: {len(self.live)} requests running and {len(self.waiting)} "
                                     "waiting for cache space; retry later", "rate_limit_exceeded",
                                headers={"Retry-After": "1"})

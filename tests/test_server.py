@@ -670,8 +670,8 @@ def test_failing_request_fails_alone(server, client):
 
 def test_max_queue_zero_still_serves(server):
     sched = Scheduler(server.llm, max_batch=2, max_queue=0)     # never started: only submit() runs
-    reqs = completion_request(server.llm, {"prompt": [1, 2], "max_tokens": 2, "n": 2}, server.limits)
-    sched.submit(reqs)                                           # room in the batch: no 429
+    for _ in range(2):                                           # room in the batch: no 429
+        sched.submit(completion_request(server.llm, {"prompt": [1, 2], "max_tokens": 2}, server.limits))
     assert len(sched.waiting) == 2
     with pytest.raises(ApiError) as e:
         sched.submit(completion_request(server.llm, {"prompt": [1, 2], "max_tokens": 2}, server.limits))
