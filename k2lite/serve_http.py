@@ -179,7 +179,7 @@ class Server:
 
     def _make_uvicorn(self):
         protocol = type("H11", (DeadlineH11,), {"header_timeout": self.header_timeout})
-        config = uvicorn.Config(self.app, http=protocol, lifespan="off", log_config=None, access_log=False,
+        config = uvicorn.Config(self.app, http=protocol, lifespan="off", log_config=None, access_log=True,
                                 timeout_keep_alive=int(max(1, self.header_timeout)),
                                 limit_concurrency=self.max_connections, timeout_graceful_shutdown=10,
                                 server_header=False)

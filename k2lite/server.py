@@ -1,33 +1,24 @@
-"""`k2lite serve`: an OpenAI-compatible HTTP server with continuous batching.
+"""`k2lite serve`: an OpenAI-compatible HTTP server with continuous batching, and its chat page.
 
-    k2lite serve --model DIR --host 127.0.0.1 --port 8000 --max-batch 8 --context 8192   (= python -m k2lite.server ...)
+    k2lite serve -m DIR_OR_ORG/NAME --host 127.0.0.1 --port 8000 --max-batch 8 --context 8192 \
+                 [--api-key KEY]                          (= python -m k2lite.server ...)
 
 Endpoints: POST /v1/chat/completions, POST /v1/completions (both JSON or SSE streams),
-GET /v1/models, GET /v1/models/{id}, GET /health; HEAD works on the GETs and OPTIONS answers
-CORS preflights (any origin, as vLLM and llama.cpp allow). Chat messages and deltas carry
+GET /v1/models, GET /v1/models/{id}, GET /health, GET /metrics (Prometheus text), GET / (the
+chat page, k2lite/static/chat.html); HEAD works on the GETs and OPTIONS answers CORS
+preflights (any origin, as vLLM and llama.cpp allow). Chat messages and deltas carry
 `reasoning_content` and `tool_calls` parsed from K2's output by chat.StreamParser, as Moonshot's
 API and vLLM return them. `n` > 1 and a list of prompts (/v1/completions) become one scheduler
 request per choice, batched like any others. Parameters the engine cannot honour (logprobs,
 response_format other than text, a forced tool, suffix, best_of) get a 400 naming the field
 instead of being ignored; every error is an OpenAI error object.
 
-Two kinds of threads, talking only through queues (the scheduler is k2lite/scheduler.py):
-
-    HTTP threads (one per connection)            scheduler thread (the only one that touches
-      read + validate JSON -> Requests               the model and the paged cache)
-      submit(reqs) ----------------------------->  waiting: a bounded deque (full -> HTTP 429)
-                                                   admit while the batch and cache have room
-                                                   prefill one chunk of one new request
-                                                   ONE batched decode step for every live seq
-      write JSON / SSE  <-- events (one Queue) --  sample per request, detokenize, parse, emit
-
-Admission, cache reservations, the prompt cache and cancellation live in scheduler.py. A client
-that hangs up is noticed within 0.25 s and cancelled. On shutdown (Ctrl-C, SIGTERM,
-Server.stop) requests in flight end with a 503 error that reaches their clients.
-
-Why the standard library and not starlette/uvicorn: run-time dependencies stay numpy, tiktoken
-and click; the model runs in one thread anyway (one batched step needs every sequence in one
-place), so an event loop buys nothing, and an SSE stream is just chunked writes.
+This module validates request bodies into scheduler Requests (no HTTP here, no dependency
+beyond the engine's) and starts the server; the HTTP side is serve_http.py (Starlette on
+uvicorn, the optional extra `pip install "k2lite[serve]"`), the batching scheduler.py.
+Limits applied before any work: the body's bytes (MAX_BODY), a prompt's bytes against the
+context (before tokenizing), the choices of one request against the cache (n x max_tokens
+share it), token ids, logit_bias keys, stop strings.
 """
 from __future__ import annotations
 
@@ -47,8 +38,6 @@ log = logging.getLogger("k2lite.server")
 MAX_BODY = 8 << 20          # bytes of JSON we accept in one request
 MAX_CHOICES = 128           # n x prompts in one request (OpenAI's limit for n)
 MAX_STOP = 256              # characters per stop string (each token re-checks every prefix of each)
-ROUTES = {("GET", "/health"): "_health", ("GET", "/v1/models"): "_models",
-          ("POST", "/v1/chat/completions"): "_chat", ("POST", "/v1/completions"): "_completions"}
 
 
 # ---------------------------------------------------------------- validation
@@ -314,7 +303,7 @@ def serve(model, host: str = "127.0.0.1", port: int = 8000, max_batch: int = 8, 
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGTERM, _interrupt)     # `docker stop`, systemd: shut down like Ctrl-C
-    if not srv.api_keys and host not in ("127.0.0.1", "localhost", "::1"):
+    if not srv.api_keys and srv.exposed():
         log.warning("listening on %s without an API key: anyone who can reach it can use it "
                     "(--api-key KEY or K2LITE_API_KEY)", host)
     log.info("k2lite serving %s on %s (max batch %d, context %d)", srv.model_name, srv.url, max_batch, llm.context)
