@@ -347,3 +347,16 @@ def test_serve_without_the_extra_is_one_line():
             "from k2lite.cli import main; main(['serve'])")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, timeout=60)
     assert out.returncode == 2 and out.stderr == 'error: the server needs its extra: pip install "k2lite[serve]"\n'
+
+
+def test_download_passes_its_options_to_huggingface_hub(monkeypatch, tmp_path):
+    hf = pytest.importorskip("huggingface_hub")
+    from k2lite.hub import download
+    calls = []
+    monkeypatch.setattr(hf, "snapshot_download", lambda *a, **k: calls.append((a, k)) or str(tmp_path))
+    assert download("acme/tiny-k2", "v1", ("*.json", "*.model")) == str(tmp_path)
+    assert calls == [(("acme/tiny-k2",), {"revision": "v1", "allow_patterns": ["*.json", "*.model"]})]
+    download("acme/tiny-k2", None, ())
+    assert calls[-1][1] == {"revision": None, "allow_patterns": None}
+    with pytest.raises(ValueError):
+        download("../etc", None, ())
