@@ -252,7 +252,13 @@ class Gate:
                                                   (b"access-control-allow-origin", b"*")]}
             await send(message)
         try:
-            if scope["method"] == "OPTIONS":
+            names = {k for k, _ in scope["headers"]}
+            if b"transfer-encoding" in names and b"content-length" in names:
+                # h11 reads such a body as chunked and would take what follows as a new request,
+                # where a proxy reading Content-Length sees one request: smuggling (RFC 9112 6.3)
+                e = ApiError(400, "a request must not have both Content-Length and Transfer-Encoding")
+                await error_response(e, close=True)(scope, receive, send_cors)
+            elif scope["method"] == "OPTIONS":
                 await preflight(scope, send_cors)
             elif self.srv.api_keys and path not in OPEN_PATHS and not self._authorized(scope):
                 e = ApiError(401, "Incorrect API key provided: send it as 'Authorization: Bearer KEY'",

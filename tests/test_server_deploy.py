@@ -94,6 +94,18 @@ def test_unknown_model_is_404_and_aliases_are_accepted(server, model_dir):
     assert client.models.retrieve("alias").id == "alias"
 
 
+def test_no_request_hides_in_a_body(server):
+    """Framing a proxy could read differently: refused, or the connection ends after one answer."""
+    body = b'{"prompt": "Hi", "max_tokens": 1}'
+    nxt = b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n"
+    for head in (b"Content-Length: %d\r\nTransfer-Encoding: chunked" % (len(body) + 5 + len(nxt)),
+                 b"Transfer-Encoding: xchunked\r\nContent-Length: %d" % len(body),
+                 b"Content-Length: %d\r\nContent-Length: %d" % (len(body), len(body) + len(nxt))):
+        chunked = b"%x\r\n%s\r\n0\r\n\r\n" % (len(body), body) if b"Transfer-Encoding: chunked" in head else body
+        out = raw(server, b"POST /v1/completions HTTP/1.1\r\nHost: x\r\n%s\r\n\r\n%s%s" % (head, chunked, nxt))
+        assert out.count(b"HTTP/1.1 ") == 1, (head, out)
+
+
 # ---------------------------------------------------------------- connections
 def test_header_deadline_and_connection_limit(model_dir):
     llm = k2lite.load(model_dir, threads=1, context=256)
