@@ -42,7 +42,7 @@ class Metrics:
         self.generation_tokens = 0
         self.ttft = Histogram()              # submit -> first token
         self.itl = Histogram()               # between two tokens of one answer
-        self.steps: deque = deque()          # (time, sequences) of recent decode steps
+        self.steps: deque = deque()          # (end time, sequences, seconds) of recent decode steps
 
     # hooks --------------------------------------------------------------------------
     def count_request(self, route: str, status: int):
@@ -60,10 +60,10 @@ class Metrics:
             self.generation_tokens += counted         # an end-of-turn token is no answer token
             (self.ttft if first else self.itl).observe(since)
 
-    def decode_step(self, sequences: int):
+    def decode_step(self, sequences: int, seconds: float):
         now = time.monotonic()
         with self.lock:
-            self.steps.append((now, sequences))
+            self.steps.append((now, sequences, seconds))
             while self.steps and self.steps[0][0] < now - RATE_WINDOW:
                 self.steps.popleft()
 
@@ -73,9 +73,10 @@ class Metrics:
         cache = scheduler.cache
         now = time.monotonic()
         with self.lock:
-            recent = [n for t, n in self.steps if t >= now - RATE_WINDOW]
-            span = (now - min(t for t, _ in self.steps)) if self.steps else 0.0
-            rate = sum(recent) / max(span, 1.0) if recent else 0.0
+            # speed while decoding (idle time left out), as llama-server's predicted_per_second
+            recent = [(n, dt) for t, n, dt in self.steps if t >= now - RATE_WINDOW]
+            busy = sum(dt for _, dt in recent)
+            rate = sum(n for n, _ in recent) / busy if busy > 0 else 0.0
             out = []
 
             def metric(name, kind, help_, samples):
@@ -104,6 +105,7 @@ class Metrics:
         metric("kv_pages", "gauge", "KV cache pages: used by requests, cached prompts, free.",
                [('{state="used"}', used), ('{state="cached"}', s["pages_cached"]), ('{state="free"}', s["pages_free"])])
         metric("kv_page_tokens", "gauge", "Tokens per KV cache page.", [("", cache.page_size)])
-        metric("decode_tokens_per_second", "gauge", f"Tokens decoded per second over the last {RATE_WINDOW:g} s.",
+        metric("decode_tokens_per_second", "gauge",
+               f"Tokens per second of the batched decode steps of the last {RATE_WINDOW:g} s (time decoding only).",
                [("", float(rate))])
         return "\n".join(out) + "\n"

@@ -305,11 +305,12 @@ class Scheduler:
         if not batch:
             return
         # tokens [B], one per sequence: each weight is read once for the whole batch
+        t0 = time.perf_counter()
         logits = self.model.forward([r.next_token for r in batch], self.cache, [r.state for r in batch],
                                     decode=True)
+        self.metrics.decode_step(len(batch), time.perf_counter() - t0)
         self.steps += 1
         self.max_batch_seen = max(self.max_batch_seen, len(batch))
-        self.metrics.decode_step(len(batch))
         for r, z in zip(batch, logits):
             self._emit(r, z)
 

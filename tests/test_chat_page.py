@@ -41,10 +41,7 @@ def browser():
     for arg in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu",
                 "--window-size=1100,860", "--force-device-scale-factor=1"):
         opts.add_argument(arg)
-    try:
-        b = webdriver.Chrome(service=Service(driver), options=opts)
-    except Exception as e:       # a broken install: say so instead of failing every test
-        pytest.skip(f"chromium did not start: {type(e).__name__}: {str(e).splitlines()[0]}")
+    b = webdriver.Chrome(service=Service(driver), options=opts)   # installed but broken: a failure
     yield b
     b.quit()
 
@@ -151,6 +148,7 @@ def test_chat_page_in_a_real_browser(browser, server, tmp_path):
         assert last(b, "m.querySelector('details.reasoning .text').textContent") == \
             "The user wants the weather; call the tool."
         assert last(b, "!m.querySelector('details.reasoning').hidden && !m.querySelector('details.reasoning').open")
+        assert last(b, "m.querySelector('details.reasoning summary').textContent") == "Reasoning · 8 words"
         assert last(b, "getComputedStyle(m.querySelector('details.reasoning')).color") != \
             last(b, "getComputedStyle(m.querySelector('.content')).color")            # dimmed
         assert last(b, "m.querySelector('.content').textContent") == "Checking the weather."
@@ -166,14 +164,19 @@ def test_chat_page_in_a_real_browser(browser, server, tmp_path):
 
         # 4. stop on a long answer: the fetch is aborted and the server frees the sequence
         cancelled = server.scheduler.cancelled
-        script.answers["Write a long story"] = ("<think>Planning a long story.</think>" + "Once upon a time " * 300,
-                                                True)
+        script.answers["Write a long story"] = ("<think>" + "Planning a long story. " * 10 + "</think>"
+                                                + "Once upon a time " * 300, True)
         set_field(b, "max_tokens", "500")
         send(b, "Write a long story")
+        wait(b, "(document.querySelectorAll('.msg.assistant')[4].querySelector('summary').textContent || '')"
+                ".startsWith('Thinking… ')", what="reasoning streaming, folded")
+        assert last(b, "!m.querySelector('details.reasoning').open && m.querySelector('.rtext, .text').textContent")
         wait(b, "(document.querySelectorAll('.msg.assistant')[4].querySelector('.content').textContent || '')"
                 ".length > 20", what="streamed text")
         assert js(b, "return document.getElementById('send').disabled && !document.getElementById('stop').disabled")
-        assert last(b, "m.querySelector('details.reasoning').open === false")        # folded once content came
+        assert last(b, "m.querySelector('details.reasoning').open === false")        # folded while streaming
+        assert last(b, "m.querySelector('details.reasoning summary').textContent") == "Reasoning · 40 words"
+        assert last(b, "m.dataset.state") == "streaming"
         b.find_element("id", "stop").click()
         wait(b, "document.querySelectorAll('.msg.assistant')[4].dataset.state === 'stopped'", what="stopped")
         t0 = time.time()

@@ -20,6 +20,8 @@ import numpy as np
 import openai
 import pytest
 
+pytest.importorskip("uvicorn", reason='the server needs its extra: pip install "k2lite[serve]"')
+
 import k2lite
 from k2lite.scheduler import ApiError, Scheduler
 from k2lite.server import completion_request, serve
