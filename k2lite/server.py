@@ -17,8 +17,9 @@ This module validates request bodies into scheduler Requests (no HTTP here, no d
 beyond the engine's) and starts the server; the HTTP side is serve_http.py (Starlette on
 uvicorn, the optional extra `pip install "k2lite[serve]"`), the batching scheduler.py.
 Limits applied before any work: the body's bytes (MAX_BODY), a prompt's bytes against the
-context (before tokenizing), the choices of one request against the cache (n x max_tokens
-share it), token ids, logit_bias keys, stop strings.
+context (before tokenizing; completion prompts are then encoded piecewise up to one context),
+the choices of one request against the cache (n x max_tokens share it), token ids, logit_bias
+keys, stop strings.
 """
 from __future__ import annotations
 
@@ -162,6 +163,23 @@ def check_text_size(tok, nbytes: int, room: int, param: str):
         raise context_error(room, nbytes // _longest_token(tok), param, more=True)
 
 
+def encode_prompt(tok, text: str, room: int, param: str) -> list:
+    """tok.encode(text), stopping with a 400 once the prompt cannot fit: pieces of the
+    tokenizer's own chunk size encode exactly as the whole text does, so a prompt of megabytes
+    costs the tokens of one context, not of all its bytes."""
+    check_text_size(tok, len(text.encode("utf-8", "replace")), room, param)
+    from . import tokenizer
+    step = getattr(tokenizer, "MAX_CHUNK_CHARS", 0) if isinstance(tok, tokenizer.Tokenizer) else 0
+    if not step:
+        return tok.encode(text)
+    ids = []
+    for i in range(0, len(text), step):
+        ids.extend(tok.encode(text[i:i + step]))
+        if len(ids) >= room:
+            raise context_error(room, len(ids), param, more=i + step < len(text))
+    return ids
+
+
 def _check_messages(messages):
     if not isinstance(messages, list) or not messages:
         raise _bad("messages", "'messages' must be a non-empty list of message objects")
@@ -236,8 +254,7 @@ def completion_request(llm, body: dict, limits) -> list:
         if isinstance(x, str):
             if tok is None:
                 raise _bad("prompt", "this model has no tokenizer: send 'prompt' as token ids")
-            check_text_size(tok, len(x.encode("utf-8", "replace")), min(limits[0], limits[1]), "prompt")
-            prompts.append(tok.encode(x))
+            prompts.append(encode_prompt(tok, x, min(limits[0], limits[1]), "prompt"))
         elif any(not 0 <= t < V for t in x):
             raise _bad("prompt", f"token ids in 'prompt' must be in [0, {V})")
         else:

@@ -81,6 +81,26 @@ def test_prompt_bytes_are_bounded_before_tokenizing(server, monkeypatch):
     assert calls == []
 
 
+def test_long_prompts_are_encoded_exactly_and_refused_early(server):
+    from k2lite.server import encode_prompt
+    from k2lite.tokenizer import MAX_CHUNK_CHARS
+    tok = server.llm.tokenizer
+    rng = np.random.default_rng(0)
+    text = "".join(rng.choice(list("abcdefgh  \n"), 2 * MAX_CHUNK_CHARS + 12345))
+    assert encode_prompt(tok, text, 10 ** 9, "prompt") == tok.encode(text)      # pieces == whole
+    seen = []
+
+    class Counting:            # a Tokenizer that records how much text it was given
+        __class__ = type(tok)
+
+        def encode(self, t):
+            seen.append(len(t))
+            return tok.encode(t)
+    with pytest.raises(k2lite.scheduler.ApiError) as e:
+        encode_prompt(Counting(), text, 1000, "prompt")
+    assert e.value.code == "context_length_exceeded" and sum(seen) == MAX_CHUNK_CHARS     # one piece, not all
+
+
 def test_unknown_model_is_404_and_aliases_are_accepted(server, model_dir):
     client = openai.OpenAI(base_url=server.url + "/v1", api_key="none", max_retries=0, timeout=TIMEOUT)
     with pytest.raises(openai.NotFoundError) as e:
