@@ -79,6 +79,7 @@ def cuda_home():
     return "/usr/local/cuda"
 
 
+SERVE = ["starlette>=0.37", "uvicorn>=0.30"]
 ext_modules = cpu_extensions()
 if want_cuda():
     home = cuda_home()
@@ -98,13 +99,17 @@ setup(
     # its default model (k2-nano) and the K2 Thinking config/tokenizer files
     packages=find_packages(include=["k2lite", "k2lite.*"]) + ["k2lite.models_data"],
     package_dir={"k2lite.models_data": "models"},
-    package_data={"k2lite.models_data": ["k2-nano/*", "kimi-k2-thinking/*"]},
+    package_data={"k2lite.models_data": ["k2-nano/*", "kimi-k2-thinking/*"], "k2lite": ["static/*.html"]},
     python_requires=">=3.9",
     install_requires=["numpy>=1.22", "tiktoken>=0.5", "click>=8.0"],
     extras_require={
+        # `k2lite serve`: the OpenAI API on an ASGI stack (the library and `generate` need none of it)
+        "serve": SERVE,
         # jinja2 renders chat templates k2lite does not know itself (the Kimi ones need nothing)
         "templates": ["jinja2"],
-        "test": ["pytest", "torch", "transformers>=4.57", "compressed-tensors", "safetensors", "openai", "jinja2"],
+        # prometheus_client parses /metrics; selenium drives Chromium through the chat page
+        "test": ["pytest", "torch", "transformers>=4.57", "compressed-tensors", "safetensors", "openai",
+                 "prometheus_client", "selenium>=4.11", "jinja2", *SERVE],
     },
     ext_modules=ext_modules,
     cmdclass={"build_ext": BuildExt},

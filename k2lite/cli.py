@@ -1,4 +1,4 @@
-"""`k2lite` command line: generate, chat, info, bench, perplexity, convert, serve. A click wrapper over the library
+"""`k2lite` command line: generate, chat, info, bench, perplexity, convert, serve, download. A click wrapper over the library
 API (generate.py, info.py); errors print one `error: ...` line and exit 2."""
 from __future__ import annotations
 
@@ -47,7 +47,8 @@ def model_options(f):
     f = WEIGHTS(f)
     f = click.option("--threads", "-t", type=click.IntRange(1), help="CPU threads for the kernels (default: physical cores, or OMP_NUM_THREADS).")(f)
     f = click.option("--device", type=click.Choice(["cpu", "cuda", "ref"]), default="cpu", show_default=True)(f)
-    return click.option("--model", "-m", "model", help="Checkpoint folder (default: the bundled k2-nano).")(f)
+    return click.option("--model", "-m", "model", help="Checkpoint folder or Hugging Face id org/name from the local cache "
+                        "(default: the bundled k2-nano).")(f)
 
 
 def sampling_options(f):
@@ -310,8 +311,19 @@ def convert(src, dst, experts, group, qat_grid, shard_size, no_resume):
                f"peak RSS {st['peak_rss_mb']:.0f} MB", err=True)
 
 
+def api_keys(keys, key_file) -> list:
+    """--api-key (repeatable; K2LITE_API_KEY may hold several, space-separated) and --api-key-file
+    (one key per line; blank lines and # comments skipped)."""
+    out = [k for arg in keys for k in arg.split()]
+    if key_file:
+        with open(key_file, encoding="utf-8") as f:
+            out += [ln.strip() for ln in f if ln.strip() and not ln.strip().startswith("#")]
+    return out
+
+
 @main.command()
 @model_options
+@click.option("--revision", help="Branch, tag or commit of a Hugging Face id given to -m (default: main).")
 @click.option("--host", default="127.0.0.1", show_default=True, help="Bind address (loopback by default).")
 @click.option("--port", type=click.IntRange(0, 65535), default=8000, show_default=True)
 @click.option("--max-batch", type=click.IntRange(1), default=8, show_default=True,
@@ -320,17 +332,40 @@ def convert(src, dst, experts, group, qat_grid, shard_size, no_resume):
 @click.option("--cache-tokens", type=click.IntRange(1), help="KV cache size in tokens (default max-batch x context).")
 @click.option("--max-queue", type=click.IntRange(0), help="Requests that may wait for cache; beyond: HTTP 429.")
 @click.option("--default-max-tokens", type=click.IntRange(1), help="Answer limit when a request sets none.")
+@click.option("--api-key", "keys", multiple=True, envvar="K2LITE_API_KEY",
+              help="Require 'Authorization: Bearer KEY' on /v1/* and /metrics (repeatable; env K2LITE_API_KEY).")
+@click.option("--api-key-file", type=click.Path(exists=True, dir_okay=False), help="Accepted keys, one per line.")
+@click.option("--served-model-name", "names", multiple=True,
+              help="The model id clients send (repeatable: the first is listed, all are accepted).")
+@click.option("--max-connections", type=click.IntRange(1), default=1024, show_default=True,
+              help="Open connections at most; requests beyond get 503.")
 @template_options
-def serve(model, device, threads, weights, host, port, max_batch, context, cache_tokens, max_queue,
-          default_max_tokens, chat_template, template_kwargs):
-    """OpenAI-compatible server: /v1/chat/completions, /v1/completions, /v1/models, /health.
+def serve(model, device, threads, weights, revision, host, port, max_batch, context, cache_tokens, max_queue,
+          default_max_tokens, keys, api_key_file, names, max_connections, chat_template, template_kwargs):
+    """OpenAI-compatible server and chat page: /, /v1/chat/completions, /v1/completions, /v1/models, /health, /metrics.
     --chat-template-kwargs are the defaults a request's chat_template_kwargs go over."""
+    try:
+        import starlette  # noqa: F401
+        import uvicorn  # noqa: F401
+    except ImportError:
+        raise click.ClickException('the server needs its extra: pip install "k2lite[serve]"') from None
     from .llm import default_model_dir
     from .server import serve as run
     run(model or default_model_dir(), host=host, port=port, max_batch=max_batch, context=context,
         device=device, threads=threads, cache_tokens=cache_tokens, max_queue=max_queue,
-        default_max_tokens=default_max_tokens, chat_template=chat_template,
+        default_max_tokens=default_max_tokens, api_keys=api_keys(keys, api_key_file), model_name=list(names),
+        max_connections=max_connections, revision=revision, chat_template=chat_template,
         chat_template_kwargs=template_kwargs, **weight_mode(weights))
+
+
+@main.command()
+@click.argument("repo_id")
+@click.option("--revision", help="Branch, tag or commit (default: main).")
+@click.option("--include", multiple=True, help="Only files matching this glob (repeatable), e.g. '*.json'.")
+def download(repo_id, revision, include):
+    """Fetch a Hugging Face model into the local cache (resumable), for -m ORG/NAME."""
+    from .hub import download as fetch
+    click.echo(fetch(repo_id, revision=revision, include=include))
 
 
 if __name__ == "__main__":

@@ -213,9 +213,10 @@ def default_model_dir() -> str:
 
 
 def load(path: str | None = None, device: str = "cpu", threads: int | None = None, **kw) -> LLM:
-    """Open a checkpoint folder (config.json + safetensors; default: the embedded k2-nano).
-    Weights are mmap'd, not read."""
-    path = default_model_dir() if path is None else path
+    """Open a checkpoint folder (config.json + safetensors; default: the embedded k2-nano) or a
+    Hugging Face id in the local cache (revision=). Weights are mmap'd, not read."""
+    from .hub import resolve    # "org/name": the model's folder in the Hugging Face cache
+    path = default_model_dir() if path is None else resolve(path, kw.pop("revision", None))
     if not os.path.exists(path):
         raise ModelFormatError(f"{path}: no such file or directory")
     return LLM(path, device=device, threads=threads, **kw)

@@ -4,7 +4,9 @@ The chain follows llama.cpp's samplers, applied in the order k2lite decided on:
 
     logits f32 [B, V] --/T--> top-k --> top-p --> min-p --> renormalise --> draw with rng
 
-  temperature  0 means greedy (argmax, ties to the lowest id); otherwise logits / T.
+  temperature  0 means greedy (argmax, ties to the lowest id); otherwise logits / T. Below
+               GREEDY_BELOW it is greedy too: logits / 1e-320 overflow to inf and inf - inf is
+               NaN, and the distribution is a point mass on the argmax long before that.
   top_k        keep the k most likely tokens (k <= 0 or k >= V: off). Exactly k survive (which of
                several tokens tied at the boundary is not specified, as in llama.cpp).
   top_p        keep the smallest most-likely prefix whose probability reaches p (p >= 1: off);
@@ -30,6 +32,7 @@ def _as_2d(logits) -> tuple:
 
 
 NUCLEUS_TRY = 1024
+GREEDY_BELOW = 1e-6
 
 
 def _best(z, k):
@@ -47,7 +50,7 @@ def filter_probs(logits, temperature=1.0, top_k=0, top_p=1.0, min_p=0.0):
     """The final sampling distribution, f64 [B, V] (or [V]); zeros where a filter cut a token."""
     x, squeeze = _as_2d(logits)
     B, V = x.shape
-    if temperature <= 0:                              # greedy: all mass on the argmax
+    if temperature < GREEDY_BELOW:                              # greedy: all mass on the argmax
         p = np.zeros((B, V))
         p[np.arange(B), np.argmax(x, axis=-1)] = 1.0
         return p[0] if squeeze else p
@@ -94,7 +97,7 @@ def filter_probs(logits, temperature=1.0, top_k=0, top_p=1.0, min_p=0.0):
 def sample(logits, temperature=1.0, top_k=0, top_p=1.0, min_p=0.0, rng=None):
     """Draw one token id per row: int for [V] logits, int64 [B] for [B, V]."""
     x, squeeze = _as_2d(logits)
-    if temperature <= 0:
+    if temperature < GREEDY_BELOW:
         ids = np.argmax(x, axis=-1)
     else:
         rng = rng if rng is not None else np.random.default_rng()

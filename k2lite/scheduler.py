@@ -9,16 +9,19 @@ runs ONE batched decode step for every live sequence, samples per request, detok
 
 Admission reserves the pages a request can ever need (prompt + max_tokens), so a decode step
 never runs out of cache mid-answer: when the cache is full new requests wait, and when the
-waiting queue is full too submit() raises a 429 ApiError. A finished or cancelled request gives
+waiting queue is full too submit() raises a 429 ApiError. The queue bound counts HTTP requests
+(the n choices of one count once), and admission is fair between them: the next request
+admitted is the oldest of those whose HTTP request has the fewest choices running, so one
+request with n = 40 takes turns with the others instead of holding the batch until it ends. A finished or cancelled request gives
 its pages back before the next step: its sequence is parked in the prompt cache, whose pages
 count as free and are evicted (least recently used) as soon as a reservation needs them.
 """
 from __future__ import annotations
 
-import itertools
 import logging
 import queue
 import threading
+import time
 from collections import OrderedDict, deque
 from dataclasses import dataclass, field
 
@@ -74,6 +77,9 @@ class Request:
     decoder: object = None          # tokenizer StreamDecoder
     by_id: bool = False             # chat without stop strings: the parser reads ids (generate.ChatStream)
     forced: list | None = None      # test hook: scripted ids instead of sampling
+    group: object = None            # shared by the choices of one submit() (one HTTP request)
+    submitted: float = 0.0          # time.monotonic() at submit (time to first token)
+    last_token: float = 0.0         # time.monotonic() of the last sampled token
     tools: bool = True              # deliver tool calls (tool_choice "none": drop them)
     calls: int = 0                  # tool calls delivered
     finish_reason: str | None = None
@@ -83,8 +89,10 @@ class Request:
 class Scheduler:
     """Continuous batching over the paged latent cache; owns the model from its own thread."""
 
-    def __init__(self, llm, max_batch: int = 8, max_queue: int | None = None):
+    def __init__(self, llm, max_batch: int = 8, max_queue: int | None = None, metrics=None):
+        from .metrics import Metrics
         self.llm, self.model, self.cache = llm, llm.model, llm.cache
+        self.metrics = metrics if metrics is not None else Metrics()
         self.max_batch = max(1, int(max_batch))
         self.max_queue = 4 * self.max_batch if max_queue is None else max(0, int(max_queue))
         self.waiting: deque = deque()    # submitted, not admitted (guarded by cond)
@@ -116,21 +124,27 @@ class Scheduler:
 
     def submit(self, reqs):
         """Queue a request, or all the choices of one HTTP request (all or none: 429 when full).
-        Requests the batch and cache can take right away do not count against max_queue."""
+        max_queue counts HTTP requests of which no choice runs yet; those the batch and cache can
+        take right away do not count."""
         reqs = [reqs] if isinstance(reqs, Request) else list(reqs)
+        group, now = object(), time.monotonic()
+        for r in reqs:
+            r.group, r.submitted = group, now
         with self.cond:
             if self._stopping:
                 raise ApiError(503, "the server is shutting down", "server_error")
-            if len(reqs) > self.max_batch + self.max_queue:
-                raise ApiError(400, f"{len(reqs)} choices (n x prompts) is more than this server can queue "
-                                    f"({self.max_batch + self.max_queue})", param="n")
             slots, budget = self._room()
-            now = 0
-            for r in itertools.chain(self.waiting, reqs):
-                if slots <= 0 or r.reserve > budget:
+            queued = list(self.waiting) + reqs
+            running = self._running_per_group()
+            while queued and slots > 0:         # what admission would take now
+                r = self._next(queued, running)
+                if r.reserve > budget:
                     break
-                slots, budget, now = slots - 1, budget - r.reserve, now + 1
-            if len(self.waiting) + len(reqs) - now > self.max_queue:
+                queued.remove(r)
+                slots, budget = slots - 1, budget - r.reserve
+                running[r.group] = running.get(r.group, 0) + 1
+            # a request some of whose choices run is running: only the ones not started wait
+            if len({id(r.group) for r in queued if not running.get(r.group)}) > self.max_queue:
                 raise ApiError(429, f"server busy: {len(self.live)} requests running and {len(self.waiting)} "
                                     "waiting for cache space; retry later", "rate_limit_exceeded",
                                headers={"Retry-After": "1"})
@@ -148,6 +162,17 @@ class Scheduler:
                 "max_batch_seen": self.max_batch_seen, "cancelled": self.cancelled,
                 "pages_free": self.cache.pages_free, "pages_cached": self._idle_pages(),
                 "cached_sequences": len(self.idle), "cached_tokens": self.cached_tokens}
+
+    def _running_per_group(self) -> dict:
+        running = {}
+        for r in list(self.live):
+            running[r.group] = running.get(r.group, 0) + 1
+        return running
+
+    @staticmethod
+    def _next(waiting, running):
+        """The request admission takes next: the oldest of those whose group runs fewest."""
+        return min(waiting, key=lambda r: running.get(r.group, 0))    # min keeps the first of ties
 
     def _idle_pages(self) -> int:
         return sum(len(st.pages) for st in list(self.idle))
@@ -192,6 +217,7 @@ class Scheduler:
         r.state = state if state is not None else self.cache.new_seq()
         r.fed = r.cached = kept
         self.cached_tokens += kept
+        self.metrics.admitted(len(r.prompt), kept)
         # every page promised to a live request (r's included) must be free when it asks
         owed = self._owed(self.live)
         while self.idle and self.cache.pages_free < owed:
@@ -236,11 +262,18 @@ class Scheduler:
                 self._evict(next(iter(self.idle)))
 
     def _admit(self):
-        """Move waiting requests (FIFO) into the batch while the batch and the cache have room."""
+        """Move waiting requests into the batch (fairly: _next) while the batch and the cache have
+        room. A request that does not fit waits, and the ones behind it too (no overtaking by
+        smaller ones, so a large request is never starved)."""
         slots, budget = self._room()
-        while self.waiting and slots > 0 and self.waiting[0].reserve <= budget:
-            r = self.waiting.popleft()
+        running = self._running_per_group()
+        while self.waiting and slots > 0:
+            r = self._next(self.waiting, running)
+            if r.reserve > budget:
+                break
+            self.waiting.remove(r)
             slots, budget = slots - 1, budget - r.reserve
+            running[r.group] = running.get(r.group, 0) + 1
             self.live.append(r)
             try:
                 self._adopt(r)
@@ -251,8 +284,9 @@ class Scheduler:
             except Exception as e:
                 log.error("request %s failed: %s: %s", r.id, type(e).__name__, e)
                 self._finish(r, "error")
-        if self.waiting and not self.live and self.waiting[0].reserve > self._room()[1]:
-            r = self.waiting.popleft()       # nothing running will free pages: it would wait forever
+        if self.waiting and not self.live and self._next(self.waiting, {}).reserve > self._room()[1]:
+            r = self._next(self.waiting, {})     # nothing running will free pages: it would wait forever
+            self.waiting.remove(r)
             log.error("request %s needs %d cache pages, only %d are free", r.id, r.reserve, self._room()[1])
             self._finish(r, "error")
 
@@ -271,8 +305,10 @@ class Scheduler:
         if not batch:
             return
         # tokens [B], one per sequence: each weight is read once for the whole batch
+        t0 = time.perf_counter()
         logits = self.model.forward([r.next_token for r in batch], self.cache, [r.state for r in batch],
                                     decode=True)
+        self.metrics.decode_step(len(batch), time.perf_counter() - t0)
         self.steps += 1
         self.max_batch_seen = max(self.max_batch_seen, len(batch))
         for r, z in zip(batch, logits):
@@ -302,6 +338,9 @@ class Scheduler:
     # ------------------------------------------------------------ output
     def _account(self, r: Request, t: int):
         """One sampled token: stop at eos / a stop string / max_tokens, else send text."""
+        now = time.monotonic()
+        self.metrics.token(now - (r.last_token or r.submitted), first=not r.last_token, counted=t not in r.eos)
+        r.last_token = now
         if t in r.eos:
             return self._finish(r, "stop")
         r.out.append(t)
