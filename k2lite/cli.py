@@ -349,13 +349,20 @@ def serve(model, device, threads, weights, revision, host, port, max_batch, cont
         import uvicorn  # noqa: F401
     except ImportError:
         raise click.ClickException('the server needs its extra: pip install "k2lite[serve]"') from None
-    from .llm import default_model_dir
+    from .config import Config
+    from .hub import resolve
+    from .llm import default_model_dir, load
     from .server import serve as run
-    run(model or default_model_dir(), host=host, port=port, max_batch=max_batch, context=context,
-        device=device, threads=threads, cache_tokens=cache_tokens, max_queue=max_queue,
-        default_max_tokens=default_max_tokens, api_keys=api_keys(keys, api_key_file), model_name=list(names),
-        max_connections=max_connections, revision=revision, chat_template=chat_template,
-        chat_template_kwargs=template_kwargs, **weight_mode(weights))
+    model = model or default_model_dir()
+    path = resolve(model, revision)
+    names = list(names) + ([model] if path != model and model not in names else [])  # "org/name" as sent
+    ctx = int(context or min(Config.from_json(os.path.join(path, "config.json")).max_position_embeddings, 1 << 20))
+    # room for max_batch whole contexts at most; the pool grows only as pages are used
+    llm = load(path, device=device, threads=threads, context=ctx, max_cache_tokens=cache_tokens or max_batch * ctx,
+               chat_template=chat_template, **weight_mode(weights))
+    run(llm, host=host, port=port, max_batch=max_batch, max_queue=max_queue, default_max_tokens=default_max_tokens,
+        api_keys=api_keys(keys, api_key_file), model_name=names, max_connections=max_connections,
+        chat_template_kwargs=template_kwargs)
 
 
 @main.command()

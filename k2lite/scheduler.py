@@ -1,6 +1,7 @@
 """Continuous batching over the paged latent cache, with a prompt cache: the engine of
 `k2lite serve` (server.py is its HTTP side), usable without HTTP too. It speaks the server's
-terms where it refuses or fails a request: ApiError and error events carry an HTTP status.
+reasons where it refuses or fails a request (Refused; "error" events), which the HTTP side maps
+to statuses.
 
 One thread owns the model: `Scheduler.submit(requests)` queues them; the loop admits waiting
 requests while the batch and the cache have room, prefills one chunk of one new request, then
@@ -9,7 +10,7 @@ runs ONE batched decode step for every live sequence, samples per request, detok
 
 Admission reserves the pages a request can ever need (prompt + max_tokens), so a decode step
 never runs out of cache mid-answer: when the cache is full new requests wait, and when the
-waiting queue is full too submit() raises a 429 ApiError. The queue bound counts HTTP requests
+waiting queue is full too submit() raises Refused("busy"). The queue bound counts HTTP requests
 (the n choices of one count once), and admission is fair between them: the next request
 admitted is the oldest of those whose HTTP request has the fewest choices running, so one
 request with n = 40 takes turns with the others instead of holding the batch until it ends. A finished or cancelled request gives
@@ -28,23 +29,20 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from .chat import StreamParser
-from .generate import find_stop
+from .generate import TokenStream
 from .kvcache import common_prefix
 from .sampler import Sampler
 
 log = logging.getLogger("k2lite.scheduler")
 
 
-class ApiError(Exception):
-    """An error the client gets as an OpenAI error object."""
+class Refused(Exception):
+    """submit() cannot take the request: reason "busy" (the queue is full: retry later) or
+    "stopping" (the scheduler is shutting down). The message says so in one line."""
 
-    def __init__(self, status, message, type="invalid_request_error", param=None, code=None, headers=None):
+    def __init__(self, reason: str, message: str):
         super().__init__(message)
-        self.status, self.message, self.type, self.param, self.code = status, message, type, param, code
-        self.headers = headers or {}
-
-    def body(self) -> dict:
-        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+        self.reason, self.message = reason, message
 
 
 # ---------------------------------------------------------------- requests
@@ -57,7 +55,6 @@ class Request:
     stop: list                      # stop strings (cut off, never shown)
     eos: set                        # ids that end the answer (never shown)
     parser: StreamParser | None     # chat: reasoning/content/tool-call deltas; None: raw text
-    body: dict = field(default_factory=dict)   # the parsed JSON (read by the test hook)
     index: int = 0                  # its choice index in the response
     presence: float = 0.0           # presence_penalty / frequency_penalty over the generated ids
     frequency: float = 0.0
@@ -65,25 +62,24 @@ class Request:
     echo: str = ""                  # /v1/completions echo=true: the prompt text, sent first
     events: queue.Queue = field(default_factory=queue.Queue)   # (req, "delta", d) ... (req, "end", None)
     cancelled: bool = False         # set by the HTTP thread when the client goes away
+    tools: bool = True              # deliver tool calls (tool_choice "none": drop them)
     # scheduler-side state
     reserve: int = 0                # pages this request may need in all
     state: object = None            # SeqState once admitted
     fed: int = 0                    # prompt tokens prefilled so far (or found in the prompt cache)
     cached: int = 0                 # prompt tokens reused from the prompt cache
     next_token: int = -1            # the sampled token the next decode step feeds
-    out: list = field(default_factory=list)    # generated ids (no eos)
-    text: str = ""                  # decoded text of `out`, cut at a stop string
-    sent: int = 0                   # chars of `text` already emitted
-    decoder: object = None          # tokenizer StreamDecoder
-    by_id: bool = False             # chat without stop strings: the parser reads ids (generate.ChatStream)
-    forced: list | None = None      # test hook: scripted ids instead of sampling
+    stream: TokenStream | None = None   # its output (generate.TokenStream), made at admission
     group: object = None            # shared by the choices of one submit() (one HTTP request)
     submitted: float = 0.0          # time.monotonic() at submit (time to first token)
     last_token: float = 0.0         # time.monotonic() of the last sampled token
-    tools: bool = True              # deliver tool calls (tool_choice "none": drop them)
-    calls: int = 0                  # tool calls delivered
     finish_reason: str | None = None
     id: str = ""                    # "chatcmpl-..." / "cmpl-...", set by the HTTP side
+
+    @property
+    def out(self) -> list:
+        """The generated ids so far (no eos)."""
+        return self.stream.ids if self.stream is not None else []
 
 
 class Scheduler:
@@ -107,7 +103,6 @@ class Scheduler:
         self.idle: OrderedDict = OrderedDict()   # SeqState -> ids cached in it (int64 array)
         self.max_idle = 4 * self.max_batch
         self.cached_tokens = 0           # prompt tokens served from the prompt cache
-        self.force = None                # test-only hook: force(req) -> list of ids or None
         self._stopping = False
         self._thread = threading.Thread(target=self._loop, name="k2lite-scheduler", daemon=True)
 
@@ -123,7 +118,7 @@ class Scheduler:
             self._thread.join(timeout)
 
     def submit(self, reqs):
-        """Queue a request, or all the choices of one HTTP request (all or none: 429 when full).
+        """Queue a request, or all the choices of one HTTP request (all or none: Refused when full).
         max_queue counts HTTP requests of which no choice runs yet; those the batch and cache can
         take right away do not count."""
         reqs = [reqs] if isinstance(reqs, Request) else list(reqs)
@@ -132,7 +127,7 @@ class Scheduler:
             r.group, r.submitted = group, now
         with self.cond:
             if self._stopping:
-                raise ApiError(503, "the server is shutting down", "server_error")
+                raise Refused("stopping", "the server is shutting down")
             slots, budget = self._room()
             queued = list(self.waiting) + reqs
             running = self._running_per_group()
@@ -145,9 +140,8 @@ class Scheduler:
                 running[r.group] = running.get(r.group, 0) + 1
             # a request some of whose choices run is running: only the ones not started wait
             if len({id(r.group) for r in queued if not running.get(r.group)}) > self.max_queue:
-                raise ApiError(429, f"server busy: {len(self.live)} requests running and {len(self.waiting)} "
-                                    "waiting for cache space; retry later", "rate_limit_exceeded",
-                               headers={"Retry-After": "1"})
+                raise Refused("busy", f"server busy: {len(self.live)} requests running and {len(self.waiting)} "
+                                      "waiting for cache space; retry later")
             self.waiting.extend(reqs)
             self.cond.notify()
 
@@ -277,10 +271,8 @@ class Scheduler:
             self.live.append(r)
             try:
                 self._adopt(r)
-                tok = self.llm.tokenizer
-                r.decoder = tok.stream_decoder() if tok is not None else None
-                r.by_id = r.parser is not None and not r.stop and r.parser.tokenizer is not None
-                r.forced = self.force(r) if self.force else None
+                r.stream = TokenStream(self.llm.tokenizer, r.eos, r.stop, r.max_tokens, r.parser,
+                                       tools="valid" if r.tools else "none")
             except Exception as e:
                 log.error("request %s failed: %s: %s", r.id, type(e).__name__, e)
                 self._finish(r, "error")
@@ -323,9 +315,6 @@ class Scheduler:
             self._finish(r, "error")
 
     def _sample(self, r: Request, logits) -> int:
-        if r.forced is not None:
-            i = len(r.out)
-            return int(r.forced[i]) if i < len(r.forced) else min(r.eos, default=0)
         if r.bias is not None or (r.out and (r.presence or r.frequency)):
             logits = np.array(logits, np.float32)
             if r.bias is not None:
@@ -337,68 +326,28 @@ class Scheduler:
 
     # ------------------------------------------------------------ output
     def _account(self, r: Request, t: int):
-        """One sampled token: stop at eos / a stop string / max_tokens, else send text."""
+        """One sampled token through r's TokenStream (eos, stop strings, max_tokens, parsing): its
+        deltas go to the client; the request ends when the stream does."""
         now = time.monotonic()
         self.metrics.token(now - (r.last_token or r.submitted), first=not r.last_token, counted=t not in r.eos)
         r.last_token = now
-        if t in r.eos:
-            return self._finish(r, "stop")
-        r.out.append(t)
         r.next_token = t
-        if r.by_id:
-            self._deliver(r, r.parser.feed_token(t))
-        elif r.decoder is not None:
-            r.text += r.decoder.feed(t)
-            cut, end = find_stop(r.text, r.sent, r.stop)
-            if cut >= 0:
-                r.text = r.text[:cut]
-                return self._finish(r, "stop", flush=False)
-            self._send(r, r.text[r.sent:end])
-            r.sent = end
-        if len(r.out) >= r.max_tokens:
-            self._finish(r, "length")
-
-    def _send(self, r: Request, s: str):
-        if not s:
-            return
-        if r.parser is None:
-            r.events.put((r, "delta", {"text": s}))
-        else:
-            self._deliver(r, r.parser.feed_text(s))
-
-    def _deliver(self, r: Request, deltas):
-        """Parser deltas to the client; a malformed or cut-off tool call is dropped, not half-sent."""
-        for d in deltas:
-            if "tool_call" in d:
-                if "error" in d["tool_call"] or not r.tools:
-                    if r.tools:
-                        log.warning("dropped a malformed tool call: %s", d["tool_call"]["error"])
-                    continue
-                d = {"tool_call": d["tool_call"], "index": r.calls}
-                r.calls += 1
+        for d in r.stream.feed(t):
             r.events.put((r, "delta", d))
+        if r.stream.done:
+            self._finish(r, r.stream.finish_reason)
 
-    def _finish(self, r: Request, reason: str, flush: bool = True):
-        """End a request: last text, parser tail, the "end" event, then its pages: parked for
-        later prompts, or freed (last, so that a failure before it frees them instead)."""
+    def _finish(self, r: Request, reason: str):
+        """End a request (reason: the stream's "stop" / "length" / "tool_calls", or "cancelled",
+        "error", "shutdown"): its "end" (or "error") event, then its pages: parked for later
+        prompts, or freed (last, so that a failure before it frees them instead)."""
         if r in self.live:
             self.live.remove(r)
-        if reason in ("cancelled", "error", "shutdown"):
-            self.cancelled += reason == "cancelled"
-            r.finish_reason = reason
-            r.events.put({"cancelled": (r, "end", None),
-                          "error": (r, "error", (500, "generation failed (see the server log)")),
-                          "shutdown": (r, "error", (503, "the server is shutting down"))}[reason])
+        r.finish_reason = reason
+        if reason in ("error", "shutdown"):
+            r.events.put((r, "error", reason))
         else:
-            if flush and r.decoder is not None and not r.by_id:
-                r.text += r.decoder.flush()
-            self._send(r, r.text[r.sent:])
-            r.sent = len(r.text)
-            if r.parser is not None:
-                self._deliver(r, r.parser.finish())
-                if r.calls and reason == "stop":
-                    reason = "tool_calls"
-            r.finish_reason = reason
+            self.cancelled += reason == "cancelled"
             r.events.put((r, "end", None))
         if r.state is not None and not r.state.closed and r.state not in self.idle:
             if reason in ("stop", "length", "tool_calls", "cancelled") and r.state.length:

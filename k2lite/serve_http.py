@@ -45,8 +45,8 @@ from starlette.routing import Route
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from .metrics import Metrics
-from .scheduler import ApiError, Scheduler
-from .server import MAX_BODY, _usage, chat_request, completion_request
+from .scheduler import Refused, Scheduler
+from .server import FAILED, MAX_BODY, ApiError, _usage, chat_request, completion_request, refused
 
 log = logging.getLogger("k2lite.server")
 LONE_SURROGATE = re.compile(rb"\\u[dD][89a-fA-F][0-9a-fA-F]{2}")
@@ -395,7 +395,10 @@ class API:
             log.error("%s %s failed: %s: %s", request.method, request.url.path, type(e).__name__, e)
             raise ApiError(500, "internal server error", "server_error") from None
         gen = Generation(self.srv, body, reqs, asyncio.get_running_loop())
-        self.srv.scheduler.submit(reqs)       # 429 / 503 raise here, before any byte is sent
+        try:
+            self.srv.scheduler.submit(reqs)   # refused (429 / 503) here, before any byte is sent
+        except Refused as e:
+            raise refused(e) from None
         return gen
 
 
@@ -467,7 +470,7 @@ class Generation:
             else:
                 r, kind, data = q.get_nowait()
             if kind == "error":
-                raise ApiError(data[0], data[1], "server_error")
+                raise ApiError(*FAILED[data], "server_error")
             left -= kind == "end"
             yield r, data
 

@@ -1,7 +1,7 @@
 """`k2lite serve`: an OpenAI-compatible HTTP server with continuous batching, and its chat page.
 
     k2lite serve -m DIR_OR_ORG/NAME --host 127.0.0.1 --port 8000 --max-batch 8 --context 8192 \
-                 [--api-key KEY]                          (= python -m k2lite.server ...)
+                 [--api-key KEY]                          (= python -m k2lite serve ...)
 
 Endpoints: POST /v1/chat/completions, POST /v1/completions (both JSON or SSE streams),
 GET /v1/models, GET /v1/models/{id}, GET /health, GET /metrics (Prometheus text), GET / (the
@@ -25,15 +25,13 @@ from __future__ import annotations
 
 import functools
 import logging
-import os
 import signal
-import sys
 import threading
 
 import numpy as np
 
 from .chat import ROLES, StreamParser
-from .scheduler import ApiError, Request, Scheduler
+from .scheduler import Request, Scheduler
 
 log = logging.getLogger("k2lite.server")
 MAX_BODY = 8 << 20          # bytes of JSON we accept in one request
@@ -42,6 +40,28 @@ MAX_STOP = 256              # characters per stop string (each token re-checks e
 
 
 # ---------------------------------------------------------------- validation
+class ApiError(Exception):
+    """An error the client gets as an OpenAI error object, with its HTTP status."""
+
+    def __init__(self, status, message, type="invalid_request_error", param=None, code=None, headers=None):
+        super().__init__(message)
+        self.status, self.message, self.type, self.param, self.code = status, message, type, param, code
+        self.headers = headers or {}
+
+    def body(self) -> dict:
+        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
+
+# What the scheduler's refusals (Refused.reason) and failures ("error" events) are over HTTP.
+REFUSED = {"busy": (429, "rate_limit_exceeded", {"Retry-After": "1"}), "stopping": (503, "server_error", {})}
+FAILED = {"error": (500, "generation failed (see the server log)"), "shutdown": (503, "the server is shutting down")}
+
+
+def refused(e) -> ApiError:
+    status, kind, headers = REFUSED[e.reason]
+    return ApiError(status, e.message, kind, headers=headers)
+
+
 def _bad(key, message):
     return ApiError(400, message, param=key)
 
@@ -138,7 +158,7 @@ def _requests(llm, body, prompts, parser, limits, param, echoes=None) -> list:
         for j in range(n):
             seed = None if s["seed"] is None else (s["seed"] + j) % (1 << 64)
             reqs.append(Request(prompt, llm.make_sampler(**s["sampling"], seed=seed), m, s["stop"],
-                                set(llm.eos_ids), parser() if parser else None, body, index=i * n + j,
+                                set(llm.eos_ids), parser() if parser else None, index=i * n + j,
                                 presence=s["presence"], frequency=s["frequency"], bias=s["bias"],
                                 echo=echoes[i] if echoes else "", reserve=-(-(len(prompt) + m) // page)))
     return reqs
@@ -294,34 +314,18 @@ def _interrupt(signum, frame):
     raise KeyboardInterrupt
 
 
-def serve(model, host: str = "127.0.0.1", port: int = 8000, max_batch: int = 8, context: int | None = None,
-          *, device: str = "cpu", threads: int | None = None, cache_tokens: int | None = None,
+def serve(llm, host: str = "127.0.0.1", port: int = 8000, max_batch: int = 8, *,
           max_queue: int | None = None, model_name=None, chat_template_kwargs: dict | None = None,
           default_max_tokens: int | None = None, api_keys=None, max_connections: int = 1024,
-          block: bool = True, revision: str | None = None, **load_kw):
-    """Serve `model` (a checkpoint folder, a Hugging Face id in the local cache, or a loaded LLM).
+          block: bool = True):
+    """Serve a loaded LLM (its context and cache are sized where it is loaded: `k2lite serve`).
     block=False returns the started Server (`.url`, `.scheduler`, `.stop()`); block=True serves
     until Ctrl-C or SIGTERM. model_name: the id clients send (a list: the first is reported,
     all are accepted); api_keys: keys of which `Authorization: Bearer` must carry one (None or
-    empty: no check). load_kw (mmap=, repack=) go to k2lite.load. Needs `pip install "k2lite[serve]"`."""
+    empty: no check); chat_template_kwargs: template variables of every chat request, under the
+    request's own. Needs `pip install "k2lite[serve]"`."""
     from .serve_http import Server       # starlette + uvicorn: the optional extra
     names = [model_name] if isinstance(model_name, str) else list(model_name or [])
-    if isinstance(model, str):
-        from .config import Config
-        from .hub import resolve
-        from .llm import load
-        path = resolve(model, revision)
-        if path != model and model not in names:
-            names.append(model)               # "org/name" is what clients of a hub id send
-        ctx = int(context or min(Config.from_json(os.path.join(path, "config.json")).max_position_embeddings,
-                                 1 << 20))
-        # Room for max_batch whole contexts at most; the pool grows only as pages are used.
-        llm = load(path, device=device, threads=threads, context=ctx,
-                   max_cache_tokens=cache_tokens or max_batch * ctx, **load_kw)
-    else:
-        llm = model
-        if context:
-            llm.context = int(context)
     srv = Server(llm, host, port, max_batch, max_queue, names, chat_template_kwargs, default_max_tokens,
                  api_keys=api_keys, max_connections=max_connections)
     if not block:
@@ -341,13 +345,3 @@ def serve(model, host: str = "127.0.0.1", port: int = 8000, max_batch: int = 8, 
     finally:
         srv.stop()
     return srv
-
-
-def main(argv=None):
-    """`python -m k2lite.server ...` is `k2lite serve ...` (the options live in cli.py)."""
-    from .cli import main as cli
-    cli(["serve"] + list(sys.argv[1:] if argv is None else argv))
-
-
-if __name__ == "__main__":
-    main()

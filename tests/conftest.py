@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -111,3 +112,37 @@ def text_llm(text_model):
 def chat_llm(chat_model):
     import k2lite
     return k2lite.load(chat_model, threads=1)
+
+
+# --- scripted answers for scheduler and server tests (no hook in the scheduler itself) -------
+def last_message_text(tok, prompt_ids) -> str:
+    """The content of the last message of a rendered chat prompt (a tool result without its
+    `## Return of` line), or a completion prompt's whole text."""
+    text = tok.decode(list(prompt_ids))
+    end = text.rfind("<|im_end|>")
+    if end < 0:
+        return text
+    body = text[text.rfind("<|im_middle|>", 0, end) + len("<|im_middle|>"):end]
+    return body.split("\n", 1)[1] if body.startswith("## Return of ") else body
+
+
+@contextlib.contextmanager
+def scripted_sampling(scheduler, pick):
+    """Requests for which pick(req) returns ids sample exactly those, then their eos; the others
+    sample as usual. pick may raise: that request then fails at its first token. It wraps this
+    scheduler instance's _sample for the duration."""
+    real, scripts = scheduler._sample, {}
+
+    def sample(r, logits):
+        if r not in scripts:
+            scripts[r] = pick(r)
+        ids = scripts[r]
+        if ids is None:
+            return real(r, logits)
+        i = len(r.out)
+        return int(ids[i]) if i < len(ids) else min(r.eos, default=0)
+    scheduler._sample = sample
+    try:
+        yield scripts
+    finally:
+        del scheduler._sample          # the class's method again

@@ -19,6 +19,7 @@ webdriver = pytest.importorskip("selenium.webdriver", reason="pip install seleni
 
 import k2lite  # noqa: E402
 from k2lite.server import serve  # noqa: E402
+from conftest import last_message_text, scripted_sampling  # noqa: E402
 from test_server import REPO, Held, wait_idle  # noqa: E402
 
 NANO = os.path.join(REPO, "models", "k2-nano")
@@ -65,20 +66,32 @@ def base_server():
 
 
 class Script:
-    """The scheduler hook: records every request's body; answers listed prompts with scripted text."""
+    """Records every chat request's body and answers listed prompts with scripted text (the
+    scheduler's sampling wrapped, conftest.scripted_sampling); `close()` puts both back."""
 
-    def __init__(self, srv):
+    def __init__(self, srv, monkeypatch):
+        import k2lite.serve_http as http
         self.srv, self.bodies, self.answers, self.release = srv, [], {}, threading.Event()
-        srv.scheduler.force = self
+        real = http.chat_request
 
-    def __call__(self, req):
-        self.bodies.append(req.body)
-        key = req.body["messages"][-1]["content"]
+        def recording(llm, body, *args):
+            self.bodies.append(body)
+            return real(llm, body, *args)
+        monkeypatch.setattr(http, "chat_request", recording)
+        self._sampling = scripted_sampling(srv.scheduler, self.pick)
+        self._sampling.__enter__()
+
+    def pick(self, req):
+        key = last_message_text(self.srv.llm.tokenizer, req.prompt)
         if key not in self.answers:
             return None
         text, slow = self.answers[key]
         ids = self.srv.llm.tokenizer.encode(text)
         return Held(ids, self.release) if slow else ids
+
+    def close(self):
+        self.release.set()
+        self._sampling.__exit__(None, None, None)
 
 
 def js(b, code, *args):
@@ -111,9 +124,9 @@ def set_field(b, id_, value):
           "e.dispatchEvent(new Event('change'));", id_, value)
 
 
-def test_chat_page_in_a_real_browser(browser, server, tmp_path):
+def test_chat_page_in_a_real_browser(browser, server, tmp_path, monkeypatch):
     b = browser
-    script = Script(server)
+    script = Script(server, monkeypatch)
     try:
         b.get(server.url + "/")
         assert b.title == "k2lite chat"
@@ -245,9 +258,8 @@ def test_chat_page_in_a_real_browser(browser, server, tmp_path):
             assert f.read(8) == b"\x89PNG\r\n\x1a\n"
         assert json.loads(json.dumps(script.bodies[-1]))["messages"][-1]["role"] == "user"
     finally:
-        server.scheduler.force = None
+        script.close()
         server.api_keys = []
-        script.release.set()
 
 
 def test_a_base_model_page_continues_text(browser, base_server):

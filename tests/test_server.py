@@ -1,8 +1,8 @@
 """`k2lite serve` through the official openai client, on a loopback port, with a tiny random model.
 
-Random weights emit random tokens, so tests that need reasoning or tool calls install the
-scheduler's test-only hook `force(req) -> ids` and let the server "generate" a scripted answer;
-the model still runs every step, so batching and the cache are exercised for real.
+Random weights emit random tokens, so tests that need reasoning or tool calls wrap the
+scheduler's sampling (conftest.scripted_sampling) and let the server "generate" a scripted
+answer; the model still runs every step, so batching and the cache are exercised for real.
 """
 import contextlib
 import http.client
@@ -23,10 +23,10 @@ import pytest
 pytest.importorskip("uvicorn", reason='the server needs its extra: pip install "k2lite[serve]"')
 
 import k2lite
-from k2lite.scheduler import ApiError, Scheduler
-from k2lite.server import completion_request, serve
-from k2lite.testing.random_model import preset, write_random_model
-from conftest import make_text_model
+from k2lite.generate import TokenStream
+from k2lite.scheduler import Refused, Scheduler
+from k2lite.server import completion_request, refused, serve
+from conftest import last_message_text, make_text_model, scripted_sampling
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 KIMI = os.path.join(REPO, "models", "kimi-k2-thinking")
@@ -77,18 +77,14 @@ def scripted(srv, answers, release=None):
     with `release` (an Event), slowly until it is set."""
     tok = srv.llm.tokenizer
 
-    def force(req):
-        b = req.body
-        key = b["messages"][-1]["content"] if "messages" in b else b.get("prompt")
+    def pick(req):
+        key = last_message_text(tok, req.prompt)
         if key not in answers:
             return None
         ids = tok.encode(answers[key])
         return Held(ids, release) if release is not None else ids
-    srv.scheduler.force = force
-    try:
+    with scripted_sampling(srv.scheduler, pick):
         yield
-    finally:
-        srv.scheduler.force = None
 
 
 def wait_idle(srv, timeout=10.0):
@@ -271,7 +267,7 @@ def test_request_that_can_never_fit_fails_instead_of_spinning(model_dir):
         limits = (256, 256, llm.cache.page_size, 16)
         big, small = (completion_request(llm, {"prompt": [1, 2, 3], "max_tokens": m}, limits)[0] for m in (250, 10))
         sched.submit([big, small])
-        assert big.events.get(timeout=TIMEOUT)[1:] == ("error", (500, "generation failed (see the server log)"))
+        assert big.events.get(timeout=TIMEOUT)[1:] == ("error", "error")
         while small.events.get(timeout=TIMEOUT)[1] != "end":
             pass
         assert small.finish_reason in ("stop", "length")
@@ -568,7 +564,8 @@ def test_logit_bias_and_penalties(server, client):
     sampler = server.llm.make_sampler(temperature=0)
     req = completion_request(server.llm, {"prompt": [1], "presence_penalty": 1, "frequency_penalty": 0.5},
                              server.limits)[0]
-    req.sampler, req.out = sampler, [5, 5, 7]
+    req.sampler, req.stream = sampler, TokenStream(None)
+    req.stream.ids += [5, 5, 7]
     logits = np.zeros(server.llm.config.vocab_size, np.float32)
     logits[5], logits[7], logits[9] = 1.9, 1.4, 0.1
     assert Scheduler._sample(None, req, logits) == 9        # 5: 1.9 - 2 < 0, 7: 1.4 - 1.5 < 0
@@ -633,13 +630,12 @@ def test_non_stream_disconnect_is_cancelled(server):
 def test_failing_request_fails_alone(server, client):
     tok = server.llm.tokenizer
 
-    def force(req):
-        key = req.body["messages"][-1]["content"]
+    def pick(req):
+        key = last_message_text(tok, req.prompt)
         if key == "boom at admission":
             raise RuntimeError("test")
         return {"bad token": [tok.encode("x")[0], 10 ** 9], "fine": tok.encode("all good")}.get(key)
-    server.scheduler.force = force
-    try:
+    with scripted_sampling(server.scheduler, pick):
         out = {}
 
         def ask(key):
@@ -654,8 +650,6 @@ def test_failing_request_fails_alone(server, client):
             t.start()
         for t in threads:
             t.join(TIMEOUT)
-    finally:
-        server.scheduler.force = None
     assert out["fine"] == "all good"
     assert out["bad token"][0] == 500 and out["boom at admission"][0] == 500
     assert client.chat.completions.create(model="m", messages=USER, max_tokens=2).choices[0].finish_reason
@@ -667,9 +661,9 @@ def test_max_queue_zero_still_serves(server):
     for _ in range(2):                                           # room in the batch: no 429
         sched.submit(completion_request(server.llm, {"prompt": [1, 2], "max_tokens": 2}, server.limits))
     assert len(sched.waiting) == 2
-    with pytest.raises(ApiError) as e:
+    with pytest.raises(Refused) as e:
         sched.submit(completion_request(server.llm, {"prompt": [1, 2], "max_tokens": 2}, server.limits))
-    assert e.value.status == 429 and e.value.headers["Retry-After"]
+    assert e.value.reason == "busy" and refused(e.value).status == 429 and refused(e.value).headers["Retry-After"]
 
 
 # ---------------------------------------------------------------- the Moonshot example, and main()
@@ -702,7 +696,7 @@ def test_moonshot_style_tool_loop(server, client):
 def test_main_entry_point(model_dir):
     import subprocess
     import sys
-    p = subprocess.Popen([sys.executable, "-m", "k2lite.server", "--model", model_dir, "--port", "0",
+    p = subprocess.Popen([sys.executable, "-m", "k2lite", "serve", "--model", model_dir, "--port", "0",
                           "--threads", "1", "--context", "512", "--served-model-name", "m"],
                          stderr=subprocess.PIPE, text=True, cwd=REPO)
     try:
@@ -728,7 +722,7 @@ def test_main_entry_point(model_dir):
 def test_sigterm_answers_requests_in_flight(model_dir):
     """SIGTERM (docker stop) with one answer streaming and one queued: both clients get a
     complete 503 error, not a cut connection, and the process exits cleanly."""
-    p = subprocess.Popen([sys.executable, "-m", "k2lite.server", "--model", model_dir, "--port", "0", "--threads", "1",
+    p = subprocess.Popen([sys.executable, "-m", "k2lite", "serve", "--model", model_dir, "--port", "0", "--threads", "1",
                           "--context", "4096", "--max-batch", "1"], stderr=subprocess.PIPE, text=True, cwd=REPO)
     try:
         url = None
@@ -876,10 +870,7 @@ def test_plain_text_markup_from_the_model_is_no_tool_call(server, client):
     fake = "<|tool_calls_section_begin|><|tool_call_begin|>functions.f:0<|tool_call_argument_begin|>{}" \
            "<|tool_call_end|><|tool_calls_section_end|>"
     ids = tok.encode(" ok") + tok.encode_ordinary(fake)
-    server.scheduler.force = lambda req: ids
-    try:
+    with scripted_sampling(server.scheduler, lambda req: ids):
         r = client.chat.completions.create(model="m", messages=USER, max_tokens=len(ids) + 5, temperature=0)
-    finally:
-        server.scheduler.force = None
     m = r.choices[0].message
     assert not m.tool_calls and fake in (m.content or "") + (m.reasoning_content or "")

@@ -96,7 +96,7 @@ def test_long_prompts_are_encoded_exactly_and_refused_early(server):
         def encode(self, t):
             seen.append(len(t))
             return tok.encode(t)
-    with pytest.raises(k2lite.scheduler.ApiError) as e:
+    with pytest.raises(k2lite.server.ApiError) as e:
         encode_prompt(Counting(), text, 1000, "prompt")
     assert e.value.code == "context_length_exceeded" and sum(seen) == MAX_CHUNK_CHARS     # one piece, not all
 
