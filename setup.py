@@ -99,7 +99,7 @@ setup(
     # its default model (k2-nano) and the K2 Thinking config/tokenizer files
     packages=find_packages(include=["k2lite", "k2lite.*"]) + ["k2lite.models_data"],
     package_dir={"k2lite.models_data": "models"},
-    package_data={"k2lite.models_data": ["k2-nano/*", "kimi-k2-thinking/*"], "k2lite": ["static/*.html"]},
+    package_data={"k2lite.models_data": ["k2-nano/*", "kimi-k2-thinking/*"], "k2lite.serve": ["static/*.html"]},
     python_requires=">=3.9",
     install_requires=["numpy>=1.22", "tiktoken>=0.5", "click>=8.0"],
     extras_require={

@@ -352,7 +352,7 @@ def serve(model, device, threads, weights, revision, host, port, max_batch, cont
     from .config import Config
     from .hub import resolve
     from .llm import default_model_dir, load
-    from .server import serve as run
+    from .serve import serve as run
     model = model or default_model_dir()
     path = resolve(model, revision)
     names = list(names) + ([model] if path != model and model not in names else [])  # "org/name" as sent

@@ -3,7 +3,8 @@ through Selenium): `k2lite serve` on k2-nano, a prompt typed and sent, the strea
 stop, settings, history, API key, and model text that tries to be HTML.
 
 Answers that k2-nano cannot give (reasoning, tool calls, an endless one to stop) are scripted
-with the scheduler's test hook, as in test_server.py: the model still runs every step.
+by wrapping the scheduler's sampling (conftest.scripted_sampling), as in test_server.py: the
+model still runs every step.
 Set K2LITE_SCREENSHOT=path.png to keep the screenshot (the README's docs/chat-page.png).
 """
 import json
@@ -18,7 +19,7 @@ pytest.importorskip("uvicorn", reason='the server needs its extra: pip install "
 webdriver = pytest.importorskip("selenium.webdriver", reason="pip install selenium (the test extra)")
 
 import k2lite  # noqa: E402
-from k2lite.server import serve  # noqa: E402
+from k2lite.serve import serve  # noqa: E402
 from conftest import last_message_text, scripted_sampling  # noqa: E402
 from test_server import REPO, Held, wait_idle  # noqa: E402
 
@@ -70,7 +71,7 @@ class Script:
     scheduler's sampling wrapped, conftest.scripted_sampling); `close()` puts both back."""
 
     def __init__(self, srv, monkeypatch):
-        import k2lite.serve_http as http
+        import k2lite.serve.transport as http
         self.srv, self.bodies, self.answers, self.release = srv, [], {}, threading.Event()
         real = http.chat_request
 

@@ -2,7 +2,7 @@
 import numpy as np
 import pytest
 
-from k2lite.formats import (Int4Tensor, bf16_to_f32, dequantize_int4, f32_to_bf16, pack_int4,
+from k2lite.formats import (bf16_to_f32, dequantize_int4, f32_to_bf16, pack_int4,
                             quantize_int4, unpack_int4)
 
 torch = pytest.importorskip("torch")

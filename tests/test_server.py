@@ -24,8 +24,9 @@ pytest.importorskip("uvicorn", reason='the server needs its extra: pip install "
 
 import k2lite
 from k2lite.generate import TokenStream
-from k2lite.scheduler import Refused, Scheduler
-from k2lite.server import completion_request, refused, serve
+from k2lite.serve.scheduler import Refused, Scheduler
+from k2lite.serve import serve
+from k2lite.serve.api import completion_request, refused
 from conftest import last_message_text, make_text_model, scripted_sampling
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -17,8 +17,8 @@ import openai  # noqa: E402
 
 import k2lite  # noqa: E402
 from k2lite.sampler import filter_probs, sample  # noqa: E402
-from k2lite.serve_http import Server  # noqa: E402
-from k2lite.server import serve  # noqa: E402
+from k2lite.serve.transport import Server  # noqa: E402
+from k2lite.serve import serve  # noqa: E402
 from test_server import REPO, TIMEOUT, USER, make_chat_model, post_raw, raw, scripted, wait_idle  # noqa: E402
 
 CHAT, COMPLETIONS = "/v1/chat/completions", "/v1/completions"
@@ -82,7 +82,7 @@ def test_prompt_bytes_are_bounded_before_tokenizing(server, monkeypatch):
 
 
 def test_long_prompts_are_encoded_exactly_and_refused_early(server):
-    from k2lite.server import encode_prompt
+    from k2lite.serve.api import encode_prompt
     from k2lite.tokenizer import MAX_CHUNK_CHARS
     tok = server.llm.tokenizer
     rng = np.random.default_rng(0)
@@ -96,7 +96,7 @@ def test_long_prompts_are_encoded_exactly_and_refused_early(server):
         def encode(self, t):
             seen.append(len(t))
             return tok.encode(t)
-    with pytest.raises(k2lite.server.ApiError) as e:
+    with pytest.raises(k2lite.serve.api.ApiError) as e:
         encode_prompt(Counting(), text, 1000, "prompt")
     assert e.value.code == "context_length_exceeded" and sum(seen) == MAX_CHUNK_CHARS     # one piece, not all
 

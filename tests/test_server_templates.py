@@ -8,7 +8,7 @@ import pytest
 
 import k2lite
 from conftest import make_text_model
-from k2lite.server import serve
+from k2lite.serve import serve
 
 
 def post(srv, path, body):

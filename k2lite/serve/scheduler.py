@@ -1,5 +1,5 @@
 """Continuous batching over the paged latent cache, with a prompt cache: the engine of
-`k2lite serve` (server.py is its HTTP side), usable without HTTP too. It speaks the server's
+`k2lite serve` (api.py and transport.py are its HTTP side), usable without HTTP too. It speaks the server's
 reasons where it refuses or fails a request (Refused; "error" events), which the HTTP side maps
 to statuses.
 
@@ -28,10 +28,10 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .chat import StreamParser
-from .generate import TokenStream
-from .kvcache import common_prefix
-from .sampler import Sampler
+from ..chat import StreamParser
+from ..generate import TokenStream
+from ..kvcache import common_prefix
+from ..sampler import Sampler
 
 log = logging.getLogger("k2lite.scheduler")
 

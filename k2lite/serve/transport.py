@@ -46,7 +46,7 @@ from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from .metrics import Metrics
 from .scheduler import Refused, Scheduler
-from .server import FAILED, MAX_BODY, ApiError, _usage, chat_request, completion_request, refused
+from .api import FAILED, MAX_BODY, ApiError, _usage, chat_request, completion_request, refused
 
 log = logging.getLogger("k2lite.server")
 LONE_SURROGATE = re.compile(rb"\\u[dD][89a-fA-F][0-9a-fA-F]{2}")
@@ -317,7 +317,7 @@ class API:
 
     # ------------------------------------------------------------ simple routes
     async def page(self, request):
-        html = resources.files("k2lite").joinpath("static/chat.html").read_bytes()
+        html = resources.files("k2lite.serve").joinpath("static/chat.html").read_bytes()
         return Response(html, media_type="text/html; charset=utf-8",
                         headers={"Content-Security-Policy": "default-src 'self'; script-src 'unsafe-inline'; "
                                  "style-src 'unsafe-inline'; img-src 'self' data:"})

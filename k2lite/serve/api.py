@@ -1,11 +1,8 @@
-"""`k2lite serve`: an OpenAI-compatible HTTP server with continuous batching, and its chat page.
-
-    k2lite serve -m DIR_OR_ORG/NAME --host 127.0.0.1 --port 8000 --max-batch 8 --context 8192 \
-                 [--api-key KEY]                          (= python -m k2lite serve ...)
+"""OpenAI's API for the server: request bodies validated into scheduler Requests, usage, errors.
 
 Endpoints: POST /v1/chat/completions, POST /v1/completions (both JSON or SSE streams),
 GET /v1/models, GET /v1/models/{id}, GET /health, GET /metrics (Prometheus text), GET / (the
-chat page, k2lite/static/chat.html); HEAD works on the GETs and OPTIONS answers CORS
+chat page, static/chat.html); HEAD works on the GETs and OPTIONS answers CORS
 preflights (any origin, as vLLM and llama.cpp allow). Chat messages and deltas carry
 `reasoning_content` and `tool_calls` parsed from K2's output by chat.StreamParser, as Moonshot's
 API and vLLM return them. `n` > 1 and a list of prompts (/v1/completions) become one scheduler
@@ -14,8 +11,8 @@ response_format other than text, a forced tool, suffix, best_of) get a 400 namin
 instead of being ignored; every error is an OpenAI error object.
 
 This module validates request bodies into scheduler Requests (no HTTP here, no dependency
-beyond the engine's) and starts the server; the HTTP side is serve_http.py (Starlette on
-uvicorn, the optional extra `pip install "k2lite[serve]"`), the batching scheduler.py.
+beyond the engine's); the HTTP side is transport.py (Starlette on uvicorn, the optional
+extra `pip install "k2lite[serve]"`), the batching scheduler.py.
 Limits applied before any work: the body's bytes (MAX_BODY), a prompt's bytes against the
 context (before tokenizing; completion prompts are then encoded piecewise up to one context),
 the choices of one request against the cache (n x max_tokens share it), token ids, logit_bias
@@ -24,16 +21,12 @@ keys, stop strings.
 from __future__ import annotations
 
 import functools
-import logging
-import signal
-import threading
 
 import numpy as np
 
-from .chat import ROLES, StreamParser
-from .scheduler import Request, Scheduler
+from ..chat import ROLES, StreamParser
+from .scheduler import Request
 
-log = logging.getLogger("k2lite.server")
 MAX_BODY = 8 << 20          # bytes of JSON we accept in one request
 MAX_CHOICES = 128           # n x prompts in one request (OpenAI's limit for n)
 MAX_STOP = 256              # characters per stop string (each token re-checks every prefix of each)
@@ -188,7 +181,7 @@ def encode_prompt(tok, text: str, room: int, param: str) -> list:
     tokenizer's own chunk size encode exactly as the whole text does, so a prompt of megabytes
     costs the tokens of one context, not of all its bytes."""
     check_text_size(tok, len(text.encode("utf-8", "replace")), room, param)
-    from . import tokenizer
+    from .. import tokenizer
     step = getattr(tokenizer, "MAX_CHUNK_CHARS", 0) if isinstance(tok, tokenizer.Tokenizer) else 0
     if not step:
         return tok.encode(text)
@@ -308,40 +301,3 @@ def _usage(reqs) -> dict:
     m = sum(len(r.out) for r in reqs)
     return {"prompt_tokens": n, "completion_tokens": m, "total_tokens": n + m,
             "prompt_tokens_details": {"cached_tokens": sum(c for _, c in prompts.values())}}
-
-
-def _interrupt(signum, frame):
-    raise KeyboardInterrupt
-
-
-def serve(llm, host: str = "127.0.0.1", port: int = 8000, max_batch: int = 8, *,
-          max_queue: int | None = None, model_name=None, chat_template_kwargs: dict | None = None,
-          default_max_tokens: int | None = None, api_keys=None, max_connections: int = 1024,
-          block: bool = True):
-    """Serve a loaded LLM (its context and cache are sized where it is loaded: `k2lite serve`).
-    block=False returns the started Server (`.url`, `.scheduler`, `.stop()`); block=True serves
-    until Ctrl-C or SIGTERM. model_name: the id clients send (a list: the first is reported,
-    all are accepted); api_keys: keys of which `Authorization: Bearer` must carry one (None or
-    empty: no check); chat_template_kwargs: template variables of every chat request, under the
-    request's own. Needs `pip install "k2lite[serve]"`."""
-    from .serve_http import Server       # starlette + uvicorn: the optional extra
-    names = [model_name] if isinstance(model_name, str) else list(model_name or [])
-    srv = Server(llm, host, port, max_batch, max_queue, names, chat_template_kwargs, default_max_tokens,
-                 api_keys=api_keys, max_connections=max_connections)
-    if not block:
-        return srv.start()
-    if not logging.getLogger().handlers:     # called as a library (the click CLI): still log
-        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    if threading.current_thread() is threading.main_thread():
-        signal.signal(signal.SIGTERM, _interrupt)     # `docker stop`, systemd: shut down like Ctrl-C
-    if not srv.api_keys and srv.exposed():
-        log.warning("listening on %s without an API key: anyone who can reach it can use it "
-                    "(--api-key KEY or K2LITE_API_KEY)", host)
-    log.info("k2lite serving %s on %s (max batch %d, context %d)", srv.model_name, srv.url, max_batch, llm.context)
-    try:
-        srv.run()
-    except KeyboardInterrupt:
-        pass
-    finally:
-        srv.stop()
-    return srv
