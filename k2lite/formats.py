@@ -2,7 +2,7 @@
 
 numpy has no bfloat16, so a BF16 tensor is a uint16 array of its raw bits (the top half of a
 float32). An INT4 matrix is an `Int4Tensor`: compressed-tensors `pack-quantized`, the layout
-K2 Thinking ships its routed experts in (K2_SPEC §4):
+K2 Thinking ships its routed experts in (docs/formats.md#int4):
 
   weight_packed int32 [out, in/8]   eight 4-bit codes per word along the input dim, LSB first;
                                     code u = q + 8 (offset binary, not two's complement)
@@ -11,7 +11,7 @@ K2 Thinking ships its routed experts in (K2_SPEC §4):
 
 An FP8 matrix is an `Fp8Tensor`: DeepSeek-V3 / K2 Base / K2 Instruct block quantization,
 e4m3fn codes with one float32 `weight_scale_inv` per 128×128 block (a multiplier despite
-its name): W[r, c] = e4m3(code[r, c]) * scale_inv[r // 128, c // 128].
+its name): W[r, c] = e4m3(code[r, c]) * scale_inv[r // 128, c // 128] (docs/formats.md#fp8).
 
 A `TiledBF16` is a BF16 matrix repacked at load (`k2lite.load(..., repack=True)`) so a GEMV
 reads it as one sequential stream: tiles of 16 rows, each stored column chunk by column chunk
