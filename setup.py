@@ -3,6 +3,7 @@
 k2lite._cpu_{avx512,avx2,scalar}  pybind11 C++17 kernels in src/cpu, one build per SIMD level
 k2lite._cuda  CUDA kernels in src/cuda (built when nvcc is found; K2LITE_CUDA=1 forces, =0 disables)
 """
+import copy
 import os
 import platform
 import shutil
@@ -48,9 +49,17 @@ def want_cuda():
 
 
 class BuildExt(build_ext):
-    """build_ext that also compiles the .cu files of k2lite._cuda with nvcc."""
+    """build_ext that also compiles the .cu files of k2lite._cuda with nvcc, and compiles each
+    SIMD level of the CPU kernels in a folder of its own: they share their sources, so in one
+    folder their objects would overwrite each other (with `-j`, a level could link another
+    level's objects, module-init symbol included)."""
 
     def build_extension(self, ext):
+        if ext.name.startswith("k2lite._cpu_") and not getattr(self, "_per_level", False):
+            level = copy.copy(self)           # build_ext -j runs extensions in threads: no shared state
+            level._per_level = True
+            level.build_temp = os.path.join(self.build_temp, ext.name.rsplit(".", 1)[1])
+            return level.build_extension(ext)
         cu = [s for s in ext.sources if s.endswith(".cu")]
         if cu:
             ext.sources = [s for s in ext.sources if not s.endswith(".cu")]
