@@ -23,6 +23,7 @@ from . import _cpu, ref  # noqa: E402
 from .checks import activation as _act, bf16_args, cdiv as _cdiv, fp8_args, int4_args  # noqa: E402
 from .checks import fp8_weight as _fp8_weight, group_scales as _group_scales, weight as _weight  # noqa: E402
 from .formats import Fp8Tensor, Int4Tensor, tiled_bf16_shape
+from .kvcache import kv8_row_bytes
 
 SIMD = _cpu.simd
 
@@ -283,12 +284,14 @@ def mla_decode(q_latent: np.ndarray, q_pe: np.ndarray, pool: np.ndarray, page_ta
     if q_pe.shape[:2] != (b, h):
         raise ValueError(f"q_pe: expected shape ({b}, {h}, R), got {q_pe.shape}")
     r = q_pe.shape[2]
-    if pool.dtype != np.uint16:    # float32 rows, or bf16 bits (a bf16 cache) read as they are
+    if pool.dtype not in (np.uint16, np.int8):   # float32 rows; bf16 bits and int8 rows read as they are
         pool = _act(pool, "pool", 3)   # the cache is float32 already; no copy then
     elif pool.ndim != 3 or not pool.flags.c_contiguous:
-        raise ValueError(f"pool: expected a C-contiguous [pages, page, C+R] array, got {pool.shape}")
-    if pool.shape[2] != c + r:
-        raise ValueError(f"pool: expected last dim C+R = {c + r}, got {pool.shape}")
+        raise ValueError(f"pool: expected a C-contiguous [pages, page, row] array, got {pool.shape}")
+    row = kv8_row_bytes(c + r) if pool.dtype == np.int8 else c + r
+    if pool.shape[2] != row:
+        raise ValueError(f"pool: expected last dim {row} ({'kv8_row_bytes(C+R)' if pool.dtype == np.int8 else 'C+R'}),"
+                         f" got {pool.shape}")
     page_table = _act(page_table, "page_table", 2, np.int32)
     lengths = _act(lengths, "lengths", 1, np.int32)
     if page_table.shape[0] != b or lengths.shape != (b,):

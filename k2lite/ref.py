@@ -14,6 +14,7 @@ import numpy as np
 
 from .formats import (Fp8Tensor, Int4Tensor, TiledBF16, bf16_to_f32, dequantize_fp8, dequantize_int4,
                       dequantize_int4_arrays, tiled_bf16_shape, untile_bf16)
+from .kvcache import kv8_dequantize
 
 
 # ---------------------------------------------------------------- linear layers
@@ -165,7 +166,7 @@ def mla_decode(q_latent: np.ndarray, q_pe: np.ndarray, pool: np.ndarray, page_ta
     """Absorbed MLA decode for B sequences, one new query each, over the paged latent cache.
     q_latent[B,H,C] (q_nope already folded through W_UK), q_pe[B,H,R] (rotated),
     pool[P, page, C+R] one layer's pages (latent c then rotated k_pe per token; float32, or
-    uint16 bf16 bits for a bf16 cache),
+    uint16 bf16 bits for a bf16 cache; int8 [P, page, kvcache.kv8_row_bytes(C+R)] rows),
     page_table[B, maxpages] page ids, lengths[B] tokens cached (the new one included).
     Returns u[B,H,C] = Σ_t softmax_t(scale·(q_latent·c_t + q_pe·k_pe_t)) · c_t (zeros for an
     empty sequence)."""
@@ -178,6 +179,8 @@ def mla_decode(q_latent: np.ndarray, q_pe: np.ndarray, pool: np.ndarray, page_ta
             continue
         pages = page_table[b, :(n + page - 1) // page]
         kv = pool[pages].reshape(-1, pool.shape[2])[:n]                      # [S, C+R]
+        if kv.dtype == np.int8:
+            kv = kv8_dequantize(kv, C, C + q_pe.shape[2])
         kv = bf16_to_f32(kv) if kv.dtype == np.uint16 else kv
         c, k_pe = kv[:, :C], kv[:, C:]
         scores = (q_latent[b] @ c.T + q_pe[b] @ k_pe.T) * np.float32(scale)  # [H, S]

@@ -154,9 +154,11 @@ static void b_mla_decode(arr out, arr q_latent, arr q_pe, arr pool, arr page_tab
     const int B = q_latent.shape(0), H = q_latent.shape(1), C = q_latent.shape(2);
     const float* qr = cptr<float>(q_pe, "q_pe", {B, H, -1});
     const int R = q_pe.shape(2);
-    const bool bf16 = pool.dtype().is(py::dtype::of<uint16_t>());
-    const void* pp = bf16 ? (const void*)cptr<uint16_t>(pool, "pool", {-1, -1, C + R})
-                          : (const void*)cptr<float>(pool, "pool", {-1, -1, C + R});
+    const int kind = pool.dtype().is(py::dtype::of<uint16_t>()) ? KV_BF16
+                     : pool.dtype().is(py::dtype::of<int8_t>()) ? KV_INT8 : KV_F32;
+    const void* pp = kind == KV_BF16 ? (const void*)cptr<uint16_t>(pool, "pool", {-1, -1, C + R})
+                     : kind == KV_INT8 ? (const void*)cptr<int8_t>(pool, "pool", {-1, -1, kv8_row_bytes(C + R)})
+                                       : (const void*)cptr<float>(pool, "pool", {-1, -1, C + R});
     const int P = pool.shape(0), page = pool.shape(1);
     const int32_t* pt = cptr<int32_t>(page_table, "page_table", {B, -1});
     const int maxp = page_table.shape(1);
@@ -169,7 +171,7 @@ static void b_mla_decode(arr out, arr q_latent, arr q_pe, arr pool, arr page_tab
             need(pt[(size_t)b * maxp + j] >= 0 && pt[(size_t)b * maxp + j] < P, "page_table: page id out of range");
     }
     py::gil_scoped_release nogil;
-    mla_decode(op, ql, qr, pp, bf16, pt, ln, B, H, C, R, page, maxp, scale);
+    mla_decode(op, ql, qr, pp, kind, pt, ln, B, H, C, R, page, maxp, scale);
 }
 
 static void b_mla_absorb_q(arr out, arr q_nope, arr kv_b) {

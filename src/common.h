@@ -133,8 +133,16 @@ struct ExpertMats {
 void moe(float* out, const float* x, const int32_t* lidx, const float* weights,
          const ExpertMats* experts, int n_used, int fmt, int group, int T, int D, int F, int K);
 
-// pool: [pages][page][C+R] float32, or bf16 bits when bf16 (widened as they are read)
-void mla_decode(float* out, const float* q_latent, const float* q_pe, const void* pool, bool bf16,
+// Latent cache element types (kvcache.py, ref.mla_decode). An int8 row of W = C+R values is
+// kv8_row_bytes(W) bytes: the codes round(x / s) (|code| <= 127; latent and rope key each with
+// its own absmax scale), then at byte kv8_meta(W) float s_latent, float s_rope, int32 Σ latent
+// codes, int32 Σ rope codes (the sums let the query be unsigned in the VNNI dot products).
+enum KvDtype { KV_F32 = 0, KV_BF16 = 1, KV_INT8 = 2 };
+static inline int kv8_meta(int W) { return (W + 3) / 4 * 4; }
+static inline int kv8_row_bytes(int W) { return kv8_meta(W) + 16; }
+// pool: [pages][page][row] of float32, bf16 bits or int8 rows (kind). float32 rows and exact
+// mode run fp32 FMAs; bf16 and int8 rows run vdpbf16ps / vpdpbusd where built (mla_decode.cpp).
+void mla_decode(float* out, const float* q_latent, const float* q_pe, const void* pool, int kind,
                 const int32_t* page_table, const int32_t* lengths, int B, int H, int C, int R,
                 int page, int max_pages, float scale);
 // q_latent[B,H,C] = q_nope[B,H,N] folded through W_UK; o[B,H,V] = u[B,H,C] through W_UV;
