@@ -43,7 +43,14 @@ WEIGHTS = click.option(
          "(fastest decode, costs their size in RAM).")
 
 
+KV_CACHE = click.option(
+    "--kv-cache", type=click.Choice(["bf16", "int8", "f32"]), default=None,
+    help="Latent KV cache type (default: bf16 where the CPU has AVX512-BF16, else f32); int8 "
+         "halves bf16's memory and is the fastest attention at long context.")
+
+
 def model_options(f):
+    f = KV_CACHE(f)
     f = WEIGHTS(f)
     f = click.option("--threads", "-t", type=click.IntRange(1), help="CPU threads for the kernels (default: physical cores, or OMP_NUM_THREADS).")(f)
     f = click.option("--device", type=click.Choice(["cpu", "cuda", "ref"]), default="cpu", show_default=True)(f)
@@ -68,9 +75,10 @@ def weight_mode(weights: str) -> dict:
     return {"mmap": dict(), "load": dict(mmap=False), "repack": dict(repack=True)}[weights]
 
 
-def load_model(model, device="cpu", threads=None, weights="mmap"):
+def load_model(model, device="cpu", threads=None, weights="mmap", kv_cache=None):
     from .llm import default_model_dir, load
-    return load(model or default_model_dir(), device=device, threads=threads, **weight_mode(weights))
+    return load(model or default_model_dir(), device=device, threads=threads, kv_cache=kv_cache,
+                **weight_mode(weights))
 
 
 def sampling(kw) -> dict:
@@ -116,12 +124,12 @@ def show_chat(stream, tty: bool, reasoning: bool):
 @click.option("--chat/--raw", "chat", default=None, help="Apply the chat template (default: chat "
               "for released Kimi checkpoints, raw for base models such as k2-nano).")
 @click.option("--json", "as_json", is_flag=True, help="Print one OpenAI-shaped JSON object.")
-def generate(prompt, model, device, threads, weights, chat, as_json, **kw):
+def generate(prompt, model, device, threads, weights, kv_cache, chat, as_json, **kw):
     """Complete PROMPT (or stdin), streaming the text as it is produced."""
     if prompt is None and not sys.stdin.isatty():
         prompt = sys.stdin.read()
     prompt = prompt or DEFAULT_PROMPT
-    llm = load_model(model, device, threads, weights)
+    llm = load_model(model, device, threads, weights, kv_cache)
     chat = llm.is_chat_model if chat is None else chat
     if kw["system"] and not chat:
         raise click.UsageError("--system needs --chat")
@@ -151,9 +159,9 @@ def generate(prompt, model, device, threads, weights, chat, as_json, **kw):
 @main.command()
 @model_options
 @sampling_options
-def chat(model, device, threads, weights, **kw):
+def chat(model, device, threads, weights, kv_cache, **kw):
     """Interactive multi-turn chat. /reset clears the history, /exit quits, Ctrl-C stops an answer."""
-    llm = load_model(model, device, threads, weights)
+    llm = load_model(model, device, threads, weights, kv_cache)
     start = [{"role": "system", "content": kw["system"]}] if kw["system"] else []
     messages = list(start)
     seq = llm.sequence()        # the conversation's cache: each turn computes only what is new
@@ -212,11 +220,12 @@ def info(path, context):
 @click.option("--device", type=click.Choice(["cpu", "cuda", "ref"]), default="cpu", show_default=True)
 @click.option("--threads", "-t", type=click.IntRange(1))
 @WEIGHTS
-def bench(path, n_prompt, n_gen, repeats, bw_bytes, device, threads, weights):
+@KV_CACHE
+def bench(path, n_prompt, n_gen, repeats, bw_bytes, device, threads, weights, kv_cache):
     """Prompt-processing and generation tokens/s (llama-bench), with memory-bandwidth use."""
     from .info import bench as run_bench, human, measure_bandwidth, model_info
     mi = model_info(path)
-    llm = load_model(path, device, threads, weights)
+    llm = load_model(path, device, threads, weights, kv_cache)
     results = run_bench(llm, n_prompt, n_gen, repeats)
     name = os.path.basename(os.path.normpath(path))
     click.echo("| model | size | params | backend | threads | test | t/s |")
@@ -241,12 +250,13 @@ def bench(path, n_prompt, n_gen, repeats, bw_bytes, device, threads, weights):
 @click.option("--max-tokens", type=click.IntRange(2), help="Score only the first N tokens of the file.")
 @click.option("--device", type=click.Choice(["cpu", "cuda", "ref"]), default="cpu", show_default=True)
 @click.option("--threads", "-t", type=click.IntRange(1))
-def perplexity(path, file, ctx, max_tokens, device, threads):
+@KV_CACHE
+def perplexity(path, file, ctx, max_tokens, device, threads, kv_cache):
     """Mean negative log-likelihood, perplexity and bits per byte of a text file, in --ctx windows."""
     import math
 
     from .generate import perplexity as ppl
-    llm = load_model(path, device, threads)
+    llm = load_model(path, device, threads, kv_cache=kv_cache)
     if llm.tokenizer is None:
         raise click.UsageError(f"{path} has no tokenizer (tiktoken.model)")
     with open(file, encoding="utf-8") as f:
@@ -290,14 +300,14 @@ def convert(src, dst, experts, group, qat_grid, shard_size, no_resume):
 @click.option("--cache-tokens", type=click.IntRange(1), help="KV cache size in tokens (default max-batch x context).")
 @click.option("--max-queue", type=click.IntRange(0), help="Requests that may wait for cache; beyond: HTTP 429.")
 @click.option("--default-max-tokens", type=click.IntRange(1), help="Answer limit when a request sets none.")
-def serve(model, device, threads, weights, host, port, max_batch, context, cache_tokens, max_queue,
+def serve(model, device, threads, weights, kv_cache, host, port, max_batch, context, cache_tokens, max_queue,
           default_max_tokens):
     """OpenAI-compatible server: /v1/chat/completions, /v1/completions, /v1/models, /health."""
     from .llm import default_model_dir
     from .server import serve as run
     run(model or default_model_dir(), host=host, port=port, max_batch=max_batch, context=context,
         device=device, threads=threads, cache_tokens=cache_tokens, max_queue=max_queue,
-        default_max_tokens=default_max_tokens, **weight_mode(weights))
+        default_max_tokens=default_max_tokens, kv_cache=kv_cache, **weight_mode(weights))
 
 
 if __name__ == "__main__":

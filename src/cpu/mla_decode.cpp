@@ -34,7 +34,7 @@
 #endif
 namespace {
 
-const int BS = 64;     // tokens per block
+const int BS = 128;    // tokens per block
 const int HQ = 4;      // heads per register tile
 const int KVC = 1024;  // tokens per split-KV range (a multiple of BS; fixed: results never depend on it)
 
