@@ -241,6 +241,37 @@ def attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, scale: float, q_offse
     return out
 
 
+def attention_partial(q: np.ndarray, k: np.ndarray, v: np.ndarray, scale: float, q_offset: int,
+                      prev=None) -> tuple:
+    """attention() over one block of keys with each query's log-sum-exp, merged with prev =
+    (out, lse) of other blocks; see ref.attention_partial."""
+    q, k, v = _act(q, "q", 3), _act(k, "k", 3), _act(v, "v", 3)
+    if k.shape[1:] != q.shape[1:] or v.shape[:2] != k.shape[:2]:
+        raise ValueError(f"attention: shapes q {q.shape}, k {k.shape}, v {v.shape} do not agree")
+    t, h = q.shape[:2]
+    if prev is None:
+        out, lse = np.empty((t, h, v.shape[2]), np.float32), np.empty((t, h), np.float32)
+    else:
+        out, lse = np.array(prev[0], np.float32, order="C"), np.array(prev[1], np.float32, order="C")
+        if out.shape != (t, h, v.shape[2]) or lse.shape != (t, h):
+            raise ValueError(f"prev: expected out {(t, h, v.shape[2])} and lse {(t, h)}, got {out.shape} {lse.shape}")
+    # a block past the first queries: those see no key of it (lse -inf, merged as nothing)
+    off = int(q_offset)
+    skip = max(0, -off)
+    if skip >= t:
+        if prev is None:
+            out[:], lse[:] = 0, -np.inf
+        return out, lse
+    if skip:
+        o2, l2 = attention_partial(q[skip:], k, v, scale, 0, None if prev is None else (out[skip:], lse[skip:]))
+        if prev is None:
+            out[:skip], lse[:skip] = 0, -np.inf
+        out[skip:], lse[skip:] = o2, l2
+        return out, lse
+    _cpu.attention_lse(out, lse, prev is not None, q, k, v, float(scale), off)
+    return out, lse
+
+
 def _kv_b(q, kv_b):
     kv_b = np.asarray(kv_b)
     if kv_b.ndim != 2 or q.shape[1] == 0 or kv_b.shape[0] % q.shape[1]:

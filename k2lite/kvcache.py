@@ -45,7 +45,7 @@ def kv8_quantize(rows: np.ndarray, c: int) -> np.ndarray:
     meta = out[:, kv8_meta(w):].view(np.float32)      # [n, 4]: s_c, s_r, then the sums' bits
     for k, (a, b) in enumerate(((0, c), (c, w))):
         amax = np.max(np.abs(x[:, a:b]), axis=1, initial=0.0)
-        inv = np.where(amax > 0, np.float32(127) / np.maximum(amax, np.float32(1e-38)), 0).astype(np.float32)
+        inv = np.where(amax > 0, np.float32(127) / np.maximum(amax, np.float32(1e-30)), 0).astype(np.float32)
         codes = np.clip(np.rint(x[:, a:b] * inv[:, None]), -127, 127).astype(np.int8)
         out[:, a:b] = codes
         meta[:, k] = amax / np.float32(127)
@@ -188,10 +188,11 @@ class PagedKVCache:
         self.pool[layer, pages, offs] = (f32_to_bf16(rows) if dt == np.uint16 else
                                          kv8_quantize(rows, self.latent) if dt == np.int8 else rows)
 
-    def gather(self, layer: int, seq: SeqState, n: int) -> np.ndarray:
-        """The first n cached rows of one sequence, [n, width]."""
-        pages = np.asarray(seq.pages[:self.pages_for(n)], np.int64)
-        rows = self.pool[layer, pages].reshape(-1, self.pool.shape[-1])[:n]
+    def gather(self, layer: int, seq: SeqState, n: int, start: int = 0) -> np.ndarray:
+        """Cached rows start..n-1 of one sequence, [n - start, width] float32."""
+        p0 = start // self.page_size
+        pages = np.asarray(seq.pages[p0:self.pages_for(n)], np.int64)
+        rows = self.pool[layer, pages].reshape(-1, self.pool.shape[-1])[start - p0 * self.page_size:n - p0 * self.page_size]
         if rows.dtype == np.int8:
             return kv8_dequantize(rows, self.latent, self.width)
         return bf16_to_f32(rows) if rows.dtype == np.uint16 else rows

@@ -149,31 +149,80 @@ class Model:
             trace("q_nope", layer, q_nope); trace("q_pe", layer, q_pe)
             trace("kv_latent", layer, kv_latent); trace("k_pe", layer, k_pe[:, 0])
 
-        if pages is not None:
-            # absorbed: fold W_UK into the query, attend over the latent, then apply W_UV
-            kv_b = attn.kv_b_proj
-            if getattr(kv_b, "dtype", None) != np.uint16:      # FP8/INT4: widened once, kept
-                if attn.kv_b_f32 is None:
-                    attn.kv_b_f32 = ops.dense(kv_b)
-                kv_b = attn.kv_b_f32
-            q_latent = ops.mla_absorb_q(q_nope, kv_b)                         # [B, H, C]
-            table, lengths = pages
-            u = ops.mla_decode(q_latent, np.ascontiguousarray(q_pe), cache.pool[layer], table,
-                               lengths, self.scale)                          # [B, H, C]
-            o = ops.mla_absorb_o(u, kv_b, N)                                 # [B, H, V]
-        else:
-            # expanded (prefill) form for one sequence: rebuild per-head keys and values
-            seq = seqs[0]
-            kv_all = cache.gather(layer, seq, int(positions[-1]) + 1)       # [S, C+R]
-            S = kv_all.shape[0]
-            kv = ops.linear(np.ascontiguousarray(kv_all[:, :C]), attn.kv_b_proj).reshape(S, H, N + V)
-            k = np.concatenate([kv[..., :N], np.broadcast_to(kv_all[:, None, C:], (S, H, R))], -1)
-            q_full = np.concatenate([q_nope, q_pe], axis=-1)
-            o = ops.attention(np.ascontiguousarray(q_full), np.ascontiguousarray(k),
-                              np.ascontiguousarray(kv[..., N:]), self.scale, int(positions[0]))
+        if pages is not None:       # decode: B sequences, one query each
+            o = self.mla_absorbed(attn, q_nope, q_pe, cache.pool[layer], *pages)
+        else:                       # prefill chunk of one sequence: the cheaper form
+            seq, S = seqs[0], int(positions[-1]) + 1
+            if self.prefill_form(T, S, cache.pool.dtype) == "absorbed":
+                table, _ = cache.page_table([seq])
+                o = self.mla_absorbed(attn, q_nope, q_pe, cache.pool[layer], np.repeat(table, T, axis=0),
+                                      (positions + 1).astype(np.int32))
+            else:
+                o = self.mla_expanded(attn, q_nope, q_pe, lambda a, b: cache.gather(layer, seq, b, a), S,
+                                      int(positions[0]))
         if trace:
             trace("attn_heads", layer, o)
         return ops.linear(np.ascontiguousarray(o.reshape(T, H * V)), attn.o_proj)
+
+    def mla_absorbed(self, attn: Attention, q_nope, q_pe, pool, table, lengths):
+        """Absorbed form: fold W_UK into each query, attend over the cached latent (mla_decode:
+        one query per row of table/lengths, which may be the same sequence at successive
+        lengths), then apply W_UV. [B,H,N], [B,H,R] -> [B,H,V]."""
+        ops, N = self.ops, self.config.qk_nope_head_dim
+        kv_b = attn.kv_b_proj
+        if getattr(kv_b, "dtype", None) != np.uint16:      # FP8/INT4: widened once, kept
+            if attn.kv_b_f32 is None:
+                attn.kv_b_f32 = ops.dense(kv_b)
+            kv_b = attn.kv_b_f32
+        q_latent = ops.mla_absorb_q(np.ascontiguousarray(q_nope), kv_b)       # [B, H, C]
+        u = ops.mla_decode(q_latent, np.ascontiguousarray(q_pe), pool, table, lengths, self.scale)
+        return ops.mla_absorb_o(u, kv_b, N)
+
+    # history tokens per block of the expanded form: bounds the per-head keys and values built
+    # at once (K2: 4096 x 64 heads x (192 + 128) floats = 335 MB) whatever the context
+    PREFILL_BLOCK = 4096
+
+    def mla_expanded(self, attn: Attention, q_nope, q_pe, rows, S: int, q0: int):
+        """Expanded form for T queries at positions q0.. over S cached tokens (rows(a, b): the
+        cached rows a..b-1, float32): kv_b rebuilds per-head keys and values, a block of
+        PREFILL_BLOCK history tokens at a time, and the blocks' partial softmaxes are merged
+        (ops.attention_partial). [T,H,N], [T,H,R] -> [T,H,V]."""
+        cfg, ops = self.config, self.ops
+        H, N, R, C, V = (cfg.num_attention_heads, cfg.qk_nope_head_dim, cfg.qk_rope_head_dim,
+                         cfg.kv_lora_rank, cfg.v_head_dim)
+        q_full = np.ascontiguousarray(np.concatenate([q_nope, q_pe], axis=-1))
+        acc = None
+        for b0 in range(0, S, self.PREFILL_BLOCK):
+            kv_all = rows(b0, min(S, b0 + self.PREFILL_BLOCK))                # [n, C+R]
+            n = kv_all.shape[0]
+            kv = ops.linear(np.ascontiguousarray(kv_all[:, :C]), attn.kv_b_proj).reshape(n, H, N + V)
+            k = np.ascontiguousarray(np.concatenate([kv[..., :N], np.broadcast_to(kv_all[:, None, C:], (n, H, R))], -1))
+            v = np.ascontiguousarray(kv[..., N:])
+            if S <= self.PREFILL_BLOCK:
+                return ops.attention(q_full, k, v, self.scale, q0)
+            acc = ops.attention_partial(q_full, k, v, self.scale, q0 - b0, acc)
+        return acc[0]
+
+    # Time per MAC of the expanded form over the absorbed one (bf16 cache), measured with
+    # benchmarks/bench_mla.py --prefill 512 (K2 shapes, 2 threads): the absorbed form runs at
+    # the dot-product peak on L2-resident blocks of the latent, while the expanded one streams
+    # each head's keys and values from L3 per 8 queries and pays kv_b's output and transposes.
+    EXPANDED_MAC_COST = 3
+
+    def prefill_form(self, T: int, S: int, cache_dtype) -> str:
+        """"expanded" or "absorbed" for a chunk of T queries over S cached tokens, by MACs:
+        expanded S·C·H·(N+V) (kv_b over the cache, shared by the chunk) + T·S·H·(N+R+V);
+        absorbed T·S·H·(2C+R) + T·H·C·(N+V), weighed by their measured time per MAC
+        (EXPANDED_MAC_COST; an int8 cache's absorbed MACs, vpdpbusd's 64 an instruction, count
+        half). K2 on a bf16 cache: absorbed up to ~3000 queries, on an int8 one always."""
+        cfg = self.config
+        H, N, R, C, V = (cfg.num_attention_heads, cfg.qk_nope_head_dim, cfg.qk_rope_head_dim,
+                         cfg.kv_lora_rank, cfg.v_head_dim)
+        expanded = (S * C * H * (N + V) + T * S * H * (N + R + V)) * self.EXPANDED_MAC_COST
+        absorbed = T * S * H * (2 * C + R) + T * H * C * (N + V)
+        if np.dtype(cache_dtype) == np.int8:
+            absorbed //= 2
+        return "absorbed" if absorbed < expanded else "expanded"
 
     # ------------------------------------------------------------ feed-forward
     def mlp(self, m: MLP, x):

@@ -146,6 +146,34 @@ def attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, scale: float, q_offse
     return np.einsum("hts,shd->thd", softmax(scores), v).astype(np.float32)
 
 
+def attention_partial(q: np.ndarray, k: np.ndarray, v: np.ndarray, scale: float, q_offset: int,
+                      prev=None) -> tuple:
+    """attention() over one block of keys (key s at position s; query t at q_offset + t, which
+    may be negative: a block past some queries), also returning each query's log-sum-exp of the
+    scaled scores, lse[T,H] (-inf where it sees no key). prev = (out, lse) of the other blocks of
+    the same queries: the result is then over all of them (online softmax). A long history is
+    attended block by block this way, its per-head keys and values never all held at once."""
+    T, S = q.shape[0], k.shape[0]
+    scores = np.einsum("thd,shd->hts", q, k) * np.float32(scale)            # [H, T, S]
+    future = np.arange(S)[None, :] > (q_offset + np.arange(T))[:, None]     # [T, S]
+    scores = np.where(future[None], -np.inf, scores)
+    mx = scores.max(axis=-1, initial=-np.inf)                               # [H, T]
+    p = np.exp(scores - np.where(np.isfinite(mx), mx, 0)[..., None])
+    l = p.sum(-1)
+    out = np.einsum("hts,shd->thd", p / np.where(l > 0, l, 1)[..., None], v).astype(np.float32)
+    with np.errstate(divide="ignore"):
+        lse = (mx + np.log(l)).T.astype(np.float32)                         # [T, H]
+    if prev is not None:
+        po, pl = prev
+        m = np.maximum(pl, lse)
+        m = np.where(np.isfinite(m), m, 0)
+        a, b = np.exp(pl - m), np.exp(lse - m)
+        out = ((po * a[..., None] + out * b[..., None]) / np.where(a + b > 0, a + b, 1)[..., None]).astype(np.float32)
+        with np.errstate(divide="ignore"):
+            lse = (m + np.log(a + b)).astype(np.float32)
+    return out, lse
+
+
 def mla_absorb_q(q_nope: np.ndarray, kv_b) -> np.ndarray:
     """Fold W_UK into the query (absorbed MLA): q_nope[B,H,N], kv_b = kv_b_proj [H*(N+V), C]
     (bf16 bits or float32; per head N rows of W_UK then V rows of W_UV) -> q_latent[B,H,C]."""

@@ -207,7 +207,22 @@ static void b_attention(arr out, arr q, arr k, arr v, float scale, int q_offset)
     float* op = wptr<float>(out, "out", {T, H, Dv});
     need(q_offset >= 0, "q_offset must be >= 0");
     py::gil_scoped_release nogil;
-    attention(op, qp, kp, vp, T, S, H, Dk, Dv, scale, q_offset);
+    attention(op, nullptr, false, qp, kp, vp, T, S, H, Dk, Dv, scale, q_offset);
+}
+
+// out and lse [T, H] in/out: merge = true combines this block of keys with what they hold.
+static void b_attention_lse(arr out, arr lse, bool merge, arr q, arr k, arr v, float scale, int q_offset) {
+    const float* qp = cptr<float>(q, "q", {-1, -1, -1});
+    const int T = q.shape(0), H = q.shape(1), Dk = q.shape(2);
+    const float* kp = cptr<float>(k, "k", {-1, H, Dk});
+    const int S = k.shape(0);
+    const float* vp = cptr<float>(v, "v", {S, H, -1});
+    const int Dv = v.shape(2);
+    float* op = wptr<float>(out, "out", {T, H, Dv});
+    float* lp = wptr<float>(lse, "lse", {T, H});
+    need(q_offset >= 0, "q_offset must be >= 0");
+    py::gil_scoped_release nogil;
+    attention(op, lp, merge, qp, kp, vp, T, S, H, Dk, Dv, scale, q_offset);
 }
 
 static void b_rmsnorm(arr out, arr x, arr w, float eps) {
@@ -272,6 +287,7 @@ PYBIND11_MODULE(K2LITE_CPU_MODULE, m) {
     m.def("mla_absorb_q", &b_mla_absorb_q);
     m.def("mla_absorb_o", &b_mla_absorb_o);
     m.def("attention", &b_attention);
+    m.def("attention_lse", &b_attention_lse);
     m.def("rmsnorm", &b_rmsnorm);
     m.def("rope", &b_rope);
     m.def("stream_read", &b_stream_read);

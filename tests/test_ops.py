@@ -123,6 +123,8 @@ BF16_TOL = 2e-5
 # ~4e-6 measured); int8 rows: the query is quantized per head (absmax / 127 steps) and P·s_c to
 # uint8 per 64-token block, NMSE ~4-9e-5 measured. The f32 path and the other SIMD levels stay exact.
 MLA_BF16_TOL, MLA_INT8_TOL = 2e-5, 3e-4
+# The expanded prefill attention on AVX512-BF16: q·scale, k, v and P rounded to bf16 (NMSE ~1e-5).
+ATTN_TOL = 4e-5
 
 # (op, id, builder, kwargs, nmse tolerance, max-abs tolerance or None)
 I_ODD = 7 * 32 + 32
@@ -191,16 +193,17 @@ for kv, tol in (("bf16", MLA_BF16_TOL), ("int8", MLA_INT8_TOL)):
         ("mla_decode", mk_mla, dict(B=2, H=7, C=200, R=33, page=50, P=60, kv=kv, pages=25), tol, None),
     ]
 CASES += [
-    ("attention", mk_attention, dict(T=1, S=9, H=3, Dk=24, Dv=20, off=8), 1e-10, 1e-5),
-    ("attention", mk_attention, dict(T=13, S=13, H=4, Dk=40, Dv=24, off=0), 1e-10, 1e-5),
-    ("attention", mk_attention, dict(T=5, S=21, H=2, Dk=16, Dv=16, off=16), 1e-10, 1e-5),
+    ("attention", mk_attention, dict(T=1, S=9, H=3, Dk=24, Dv=20, off=8), ATTN_TOL, None),
+    ("attention", mk_attention, dict(T=13, S=13, H=4, Dk=40, Dv=24, off=0), ATTN_TOL, None),
+    ("attention", mk_attention, dict(T=5, S=21, H=2, Dk=16, Dv=16, off=16), ATTN_TOL, None),
+    ("attention", mk_attention, dict(T=9, S=70, H=2, Dk=33, Dv=67, off=61), ATTN_TOL, None),     # odd dims
     ("mla_absorb_q", mk_mla_absorb_q, dict(B=1, H=5, N=12, V=7, C=40), 1e-10, None),
     ("mla_absorb_q", mk_mla_absorb_q, dict(B=3, H=2, N=16, V=16, C=33), 1e-10, None),
     ("mla_absorb_q", mk_mla_absorb_q, dict(B=2, H=3, N=20, V=8, C=300), 1e-10, None),   # 128-col blocks + tail
     ("mla_absorb_q", mk_mla_absorb_q, dict(B=1, H=2, N=128, V=128, C=512), 1e-10, None), # K2 head shape
     ("mla_absorb_o", mk_mla_absorb_o, dict(B=1, H=5, N=12, V=7, C=40), 1e-10, None),
     ("mla_absorb_o", mk_mla_absorb_o, dict(B=3, H=4, N=16, V=19, C=37), 1e-10, None),
-    ("attention", mk_attention, dict(T=37, S=40, H=3, Dk=33, Dv=19, off=3), 1e-10, 1e-5),
+    ("attention", mk_attention, dict(T=37, S=40, H=3, Dk=33, Dv=19, off=3), ATTN_TOL, None),
     ("rmsnorm", mk_rmsnorm, dict(T=1, D=7168), 1e-12, 1e-5),
     ("rmsnorm", mk_rmsnorm, dict(T=7, D=513), 1e-12, 1e-5),
     ("rope", mk_rope, dict(T=1, H=5, R=64), 1e-12, 1e-5),
@@ -335,6 +338,33 @@ def test_fp8_moe_dispatch(name):
     if name == "cpu":
         from k2lite import cpu
         assert cpu.moe_supports(args[1][0][0])
+
+
+@pytest.mark.parametrize("seed", SEEDS, ids=lambda s: f"s{s}")
+@pytest.mark.parametrize("name", BACKENDS)
+def test_attention_partial_blocks_merge_to_the_whole(name, seed):
+    """attention_partial over blocks of the keys, merged in turn, gives attention() over all of
+    them and the log-sum-exp of every query's scores; a block past the first queries (negative
+    offset) leaves those as they were; alone, a query seeing no key gets zeros and -inf."""
+    be = backend(name)
+    rng = np.random.default_rng(seed)
+    T, S, H, Dk, Dv = 21, 77, 3, 35, 19
+    q, k, v, sc, _ = mk_attention(rng, T, S, H, Dk, Dv, 0)
+    off = S - T + 2                                   # the last two keys: nobody's yet
+    want = ref.attention(q, k, v, sc, off)
+    scores = np.einsum("thd,shd->ths", q, k) * np.float32(sc)
+    scores = np.where(np.arange(S)[None, None, :] > (off + np.arange(T))[:, None, None], -np.inf, scores)
+    want_lse = np.log(np.exp(scores - scores.max(-1, keepdims=True)).sum(-1)) + scores.max(-1)
+    for cuts in ((30, 60), (10, 56, 65), (57,)):
+        acc = None
+        for a, b in zip((0,) + cuts, cuts + (S,)):
+            acc = be.attention_partial(q, k[a:b], v[a:b], sc, off - a, acc)
+        assert nmse(acc[0], want) < ATTN_TOL, cuts
+        assert np.abs(acc[1] - want_lse).max() < 1e-3 * max(1.0, float(np.abs(want_lse).max())), cuts
+    o, lse = be.attention_partial(q, k[60:], v[60:], sc, off - 60)
+    first = off + np.arange(T) < 60                   # these queries see none of keys 60..
+    assert first.any() and not o[first].any() and np.isneginf(lse[first]).all()
+    assert np.isfinite(lse[~first]).all()
 
 
 MLA_TOL = {"f32": 1e-10, "bf16": MLA_BF16_TOL, "int8": MLA_INT8_TOL}

@@ -1,11 +1,17 @@
 // Causal prefill attention, expanded form: q[T,H,Dk], k[S,H,Dk], v[S,H,Dv] -> out[T,H,Dv].
 // Query t sits at position q_offset + t and sees keys 0..min(S-1, q_offset+t). fp32 softmax.
+// With lse (not null) it also gives each (t, h)'s log-sum-exp of the scaled scores (-inf when
+// it sees no key); with merge, out and lse already hold the result over other keys (an earlier
+// block of the history) and the two are combined: the caller walks a long history in blocks.
 //
 // Written as two small GEMMs per (head, block of QB queries), so no dot product needs a
-// horizontal sum: the keys are transposed once per call into blocks of 32 keys,
-// kt[h][s/32][i][s%32] (zero-padded to Sp keys, each block's Dk rows contiguous), and a score
-// row is built by broadcast-FMAs over consecutive keys (sc[j][s] += q[j][i] * kt[..][i][s]); the output rows then accumulate p[j][s] * v[s]. On AVX-512 both products keep
-// 16 accumulators in registers; elsewhere the same loop order as plain `omp simd` loops.
+// horizontal sum: the keys are transposed once per call into blocks of 32 keys (zero-padded to
+// Sp keys, each block's rows contiguous), and a score row is built by broadcast-multiplies over
+// consecutive keys; the output rows then accumulate p[j][s] * v[s]. On AVX-512 both products
+// keep 16 accumulators in registers; elsewhere the same loop order as plain `omp simd` loops.
+// With AVX512-BF16 (not in exact mode) both products run on vdpbf16ps, as mla_decode does:
+// q·scale, k, v and the probabilities rounded to bf16, pairs of adjacent elements (head dims
+// for the scores, keys for P·v) summed per instruction in a fixed order.
 #include "common.h"
 #include <vector>
 #include <algorithm>
@@ -62,6 +68,69 @@ static void pv_block(float* o, size_t ldo, int nq, const float* p, int Sp, const
         }
     }
 }
+
+#ifdef K2_BF16DP
+static inline uint16_t bf16_bits(float f) {
+    f = round_bf16(f);
+    uint32_t u;
+    std::memcpy(&u, &f, 4);
+    return (uint16_t)(u >> 16);
+}
+
+// The same products on bf16 pairs. Keys kb: per block of 32 keys, Dk2 = ceil(Dk/2) rows of 32
+// dwords (key s's dims 2i, 2i+1); queries qb2[j][Dk2] dwords (scaled, rounded).
+static void scores_block_dp(float* sc, int Sp, const uint32_t* qb2, const uint16_t* kb, int Dk2, int nmax) {
+    for (int s0 = 0; s0 < nmax; s0 += 32) {
+        __m512 acc[QB][2];
+        for (int j = 0; j < QB; j++) acc[j][0] = acc[j][1] = _mm512_setzero_ps();
+        const uint16_t* kr = kb + (size_t)s0 * 2 * Dk2;
+        for (int i = 0; i < Dk2; i++) {
+            const __m512bh k0 = (__m512bh)_mm512_load_si512(kr + 64 * i);
+            const __m512bh k1 = (__m512bh)_mm512_load_si512(kr + 64 * i + 32);
+            for (int j = 0; j < QB; j++) {
+                const __m512bh qv = (__m512bh)_mm512_set1_epi32((int)qb2[j * Dk2 + i]);
+                acc[j][0] = _mm512_dpbf16_ps(acc[j][0], qv, k0);
+                acc[j][1] = _mm512_dpbf16_ps(acc[j][1], qv, k1);
+            }
+        }
+        for (int j = 0; j < QB; j++) {
+            _mm512_storeu_ps(sc + (size_t)j * Sp + s0, acc[j][0]);
+            _mm512_storeu_ps(sc + (size_t)j * Sp + s0 + 16, acc[j][1]);
+        }
+    }
+}
+
+// o[j] = Σ_s p[j][s] v[s]: pb[j][Sp/2] dwords (probabilities of keys 2s, 2s+1), values vb: per
+// key pair a row of Dvp dwords (column c: keys 2s, 2s+1).
+static void pv_block_dp(float* o, size_t ldo, int nq, const uint32_t* pb, int Sp, const uint16_t* vb, int Dvp,
+                        int Dv, int nmax) {
+    const int np2 = (nmax + 1) / 2;
+    for (int j0 = 0; j0 < nq; j0 += 4) {
+        for (int c0 = 0; c0 < Dv; c0 += 64) {
+            __mmask16 m[4];
+            for (int c = 0; c < 4; c++) {
+                const int left = Dv - c0 - 16 * c;
+                m[c] = left >= 16 ? 0xFFFF : left <= 0 ? 0 : (__mmask16)((1u << left) - 1);
+            }
+            __m512 acc[4][4];
+            for (int j = 0; j < 4; j++)
+                for (int c = 0; c < 4; c++) acc[j][c] = _mm512_setzero_ps();
+            for (int s = 0; s < np2; s++) {
+                const uint16_t* vs = vb + ((size_t)s * Dvp + c0) * 2;
+                __m512bh vv[4];
+                for (int c = 0; c < 4; c++) vv[c] = (__m512bh)_mm512_maskz_loadu_epi32(m[c], vs + 32 * c);
+                for (int j = 0; j < 4; j++) {
+                    const __m512bh pj = (__m512bh)_mm512_set1_epi32((int)pb[(size_t)(j0 + j) * (Sp / 2) + s]);
+                    for (int c = 0; c < 4; c++) acc[j][c] = _mm512_dpbf16_ps(acc[j][c], pj, vv[c]);
+                }
+            }
+            for (int j = 0; j < 4 && j0 + j < nq; j++)
+                for (int c = 0; c < 4; c++)
+                    _mm512_mask_storeu_ps(o + (j0 + j) * ldo + c0 + 16 * c, m[c], acc[j][c]);
+        }
+    }
+}
+#endif
 #else
 static void scores_block(float* sc, int Sp, const float* qb, const float* kh, int Dk, int nmax) {
     for (int j = 0; j < QB; j++)
@@ -93,27 +162,52 @@ static void pv_block(float* o, size_t ldo, int nq, const float* p, int Sp, const
 }
 #endif
 
-void attention(float* out, const float* q, const float* k, const float* v, int T, int S, int H,
-               int Dk, int Dv, float scale, int q_offset) {
+void attention(float* out, float* lse, bool merge, const float* q, const float* k, const float* v, int T, int S,
+               int H, int Dk, int Dv, float scale, int q_offset) {
     if (T <= 0 || H <= 0) return;
     const int Sp = ceil_div(S > 0 ? S : 1, 32) * 32;    // key rows padded (zeros) to 32
     const int nqb = ceil_div(T, QB);
-    // Transposed keys: kept per thread up to 64 MB (a fresh buffer's page faults cost ~40% of a
-    // 512-token call); beyond, where it grows like k itself, freed on return. Uninitialised:
-    // the transpose writes every element, padding included.
+    bool dp = false;
+#ifdef K2_BF16DP
+    dp = !g_exact;
+#endif
+    const int Dk2 = (Dk + 1) / 2, Dvp = ceil_div(Dv > 0 ? Dv : 1, 16) * 16;
+    // Transposed keys (and, dp, paired values): kept per thread up to 64 MB (a fresh buffer's page
+    // faults cost ~40% of a 512-token call); beyond, where it grows like k itself, freed on
+    // return. Uninitialised: the transposes write every element, padding included.
     static thread_local std::vector<float> kept;
     std::unique_ptr<float[]> big;
-    float* ktp = align64(kept_scratch(kept, big, (size_t)H * Dk * Sp + 16));
+    const size_t kfloats = dp ? (size_t)H * Dk2 * Sp + (size_t)H * (Sp / 2) * Dvp : (size_t)H * Dk * Sp;
+    float* ktp = align64(kept_scratch(kept, big, kfloats + 32));
+    [[maybe_unused]] uint16_t* kb = (uint16_t*)ktp;                       // [H][Sp/32][Dk2][32][2]
+    [[maybe_unused]] uint16_t* vb = kb + (size_t)H * Dk2 * Sp * 2;         // [H][Sp/2][Dvp][2]
     #pragma omp parallel
     {
-        #pragma omp for schedule(static)
-        for (int h = 0; h < H; h++)
-            for (int s = 0; s < Sp; s++) {
-                float* dst = ktp + (size_t)h * Dk * Sp + (size_t)(s / 32) * 32 * Dk + s % 32;
-                const float* ks = k + ((size_t)s * H + h) * Dk;
-                for (int i = 0; i < Dk; i++) dst[32 * i] = s < S ? ks[i] : 0.f;
-            }
-        std::vector<float> sc((size_t)QB * Sp), qb((size_t)QB * Dk);
+        if (!dp) {
+            #pragma omp for schedule(static)
+            for (int h = 0; h < H; h++)
+                for (int s = 0; s < Sp; s++) {
+                    float* dst = ktp + (size_t)h * Dk * Sp + (size_t)(s / 32) * 32 * Dk + s % 32;
+                    const float* ks = k + ((size_t)s * H + h) * Dk;
+                    for (int i = 0; i < Dk; i++) dst[32 * i] = s < S ? ks[i] : 0.f;
+                }
+        }
+#ifdef K2_BF16DP
+        else {
+            #pragma omp for schedule(static)
+            for (int h = 0; h < H; h++)
+                for (int s = 0; s < Sp; s++) {
+                    uint16_t* dst = kb + (size_t)h * Dk2 * Sp * 2 + (size_t)(s / 32) * 64 * Dk2 + (s % 32) * 2;
+                    const float* ks = k + ((size_t)s * H + h) * Dk;
+                    for (int i = 0; i < 2 * Dk2; i++) dst[64 * (i / 2) + i % 2] = s < S && i < Dk ? bf16_bits(ks[i]) : 0;
+                    uint16_t* vd = vb + ((size_t)h * (Sp / 2) + s / 2) * Dvp * 2 + s % 2;
+                    const float* vs = v + ((size_t)s * H + h) * Dv;
+                    for (int c = 0; c < Dvp; c++) vd[2 * c] = s < S && c < Dv ? bf16_bits(vs[c]) : 0;
+                }
+        }
+#endif
+        std::vector<float> sc((size_t)QB * Sp), qb((size_t)QB * Dk), ob((size_t)QB * Dv), lj(QB);
+        std::vector<uint32_t> pb(dp ? (size_t)QB * Sp / 2 : 0), qb2(dp ? (size_t)QB * Dk2 : 0);
         // later query blocks see more keys: hand them out first
         #pragma omp for schedule(dynamic, 1)
         for (int it = 0; it < nqb * H; it++) {
@@ -123,19 +217,69 @@ void attention(float* out, const float* q, const float* k, const float* v, int T
             for (int j = 0; j < QB; j++)
                 for (int i = 0; i < Dk; i++)
                     qb[(size_t)j * Dk + i] = j < nq ? q[((size_t)(t0 + j) * H + h) * Dk + i] * scale : 0.f;
+#ifdef K2_BF16DP
+            if (dp) {
+                for (int j = 0; j < QB; j++)
+                    for (int i = 0; i < Dk2; i++)
+                        qb2[(size_t)j * Dk2 + i] = bf16_bits(qb[(size_t)j * Dk + 2 * i]) |
+                            (2 * i + 1 < Dk ? (uint32_t)bf16_bits(qb[(size_t)j * Dk + 2 * i + 1]) << 16 : 0u);
+                scores_block_dp(sc.data(), Sp, qb2.data(), kb + (size_t)h * Dk2 * Sp * 2, Dk2, nmax);
+            } else
+#endif
             scores_block(sc.data(), Sp, qb.data(), ktp + (size_t)h * Dk * Sp, Dk, nmax);
             for (int j = 0; j < QB; j++) {                 // softmax; zero past each query's keys
                 const int n = j < nq ? std::max(0, std::min(S, q_offset + t0 + j + 1)) : 0;
                 float* sj = sc.data() + (size_t)j * Sp;
                 float mx = -INFINITY, sum = 0.f;
                 for (int s = 0; s < n; s++) mx = std::max(mx, sj[s]);
-                for (int s = 0; s < n; s++) { sj[s] = std::exp(sj[s] - mx); sum += sj[s]; }
+                int s0 = 0;
+#ifdef K2_AVX512
+                if (n > 0) {   // a vector exp: one std::exp per score was most of a long chunk's time
+                    __m512 acc = _mm512_setzero_ps();
+                    const __m512 mv = _mm512_set1_ps(mx);
+                    for (; s0 + 16 <= n; s0 += 16) {
+                        const __m512 e = exp512(_mm512_sub_ps(_mm512_loadu_ps(sj + s0), mv));
+                        _mm512_storeu_ps(sj + s0, e);
+                        acc = _mm512_add_ps(acc, e);
+                    }
+                    sum = _mm512_reduce_add_ps(acc);
+                }
+#endif
+                for (int s = s0; s < n; s++) { sj[s] = std::exp(sj[s] - mx); sum += sj[s]; }
                 const float inv = sum > 0.f ? 1.f / sum : 0.f;
                 for (int s = 0; s < n; s++) sj[s] *= inv;
-                for (int s = n; s < nmax; s++) sj[s] = 0.f;
+                for (int s = n; s < nmax + 1 && s < Sp; s++) sj[s] = 0.f;
+                lj[j] = sum > 0.f ? mx + std::log(sum) : -INFINITY;
+#ifdef K2_BF16DP
+                if (dp)   // bf16 in key order: the dwords are the key pairs (vcvtne2ps2bf16: nearest even)
+                    for (int s = 0; s < nmax; s += 32)
+                        _mm512_storeu_si512(pb.data() + (size_t)j * (Sp / 2) + s / 2,
+                                            (__m512i)_mm512_cvtne2ps_pbh(_mm512_loadu_ps(sj + s + 16), _mm512_loadu_ps(sj + s)));
+#endif
             }
-            pv_block(out + ((size_t)t0 * H + h) * Dv, (size_t)H * Dv, nq, sc.data(), Sp,
-                     v + (size_t)h * Dv, (size_t)H * Dv, Dv, nmax);
+            // straight into out, or into ob when it merges with what out holds
+            float* o = lse && merge ? ob.data() : out + ((size_t)t0 * H + h) * Dv;
+            const size_t ldo = lse && merge ? (size_t)Dv : (size_t)H * Dv;
+#ifdef K2_BF16DP
+            if (dp)
+                pv_block_dp(o, ldo, nq, pb.data(), Sp, vb + (size_t)h * (Sp / 2) * Dvp * 2, Dvp, Dv, nmax);
+            else
+#endif
+            pv_block(o, ldo, nq, sc.data(), Sp, v + (size_t)h * Dv, (size_t)H * Dv, Dv, nmax);
+            if (!lse) continue;
+            for (int j = 0; j < nq; j++) {
+                float* l = lse + (size_t)(t0 + j) * H + h;
+                if (merge) {   // out = (out·e^lse + ob·e^lj) / (e^lse + e^lj)
+                    float* oj = out + ((size_t)(t0 + j) * H + h) * Dv;
+                    const float M = std::max(*l, lj[j]);
+                    if (M == -INFINITY) continue;
+                    const float a = std::exp(*l - M), b = std::exp(lj[j] - M), inv = 1.f / (a + b);
+                    for (int c = 0; c < Dv; c++) oj[c] = (oj[c] * a + ob[(size_t)j * Dv + c] * b) * inv;
+                    *l = M + std::log(a + b);
+                } else {
+                    *l = lj[j];
+                }
+            }
         }
     }
 }

@@ -38,24 +38,6 @@ const int BS = 128;    // tokens per block
 const int HQ = 4;      // heads per register tile
 const int KVC = 1024;  // tokens per split-KV range (a multiple of BS; fixed: results never depend on it)
 
-// exp(x) for x <= 0 (Cephes expf: 2^n · poly(r), |r| <= ln2/2, ~1 ulp); scalef underflows to
-// 0 cleanly, the clamp maps -inf; NaN passes through.
-inline __m512 exp512(__m512 x) {
-    x = _mm512_max_ps(_mm512_set1_ps(-104.f), x);
-    const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
-                                          _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
-    r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
-    __m512 p = _mm512_set1_ps(1.9875691500e-4f);
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
-    p = _mm512_fmadd_ps(_mm512_mul_ps(p, r), r, _mm512_add_ps(r, _mm512_set1_ps(1.f)));
-    return _mm512_scalef_ps(p, n);
-}
-
 // Lane i of the result = the sum of v[i]'s 16 lanes.
 inline __m512 hsum16(const __m512* v) {
     __m512 x[8], z[4];
