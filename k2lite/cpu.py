@@ -248,13 +248,32 @@ def attention_partial(q: np.ndarray, k: np.ndarray, v: np.ndarray, scale: float,
     q, k, v = _act(q, "q", 3), _act(k, "k", 3), _act(v, "v", 3)
     if k.shape[1:] != q.shape[1:] or v.shape[:2] != k.shape[:2]:
         raise ValueError(f"attention: shapes q {q.shape}, k {k.shape}, v {v.shape} do not agree")
+    return _partial(lambda *a: _cpu.attention_lse(*a[:4], k, v, *a[5:]), q, v.shape[2], scale, q_offset, prev)
+
+
+def mla_attention_partial(q: np.ndarray, kv: np.ndarray, k_pe: np.ndarray, scale: float, q_offset: int,
+                          prev=None) -> tuple:
+    """MLA's expanded form over one block of the history, keys and values read in place from kv
+    (no per-head copy); see ref.mla_attention_partial."""
+    q, kv, k_pe = _act(q, "q", 3), _act(kv, "kv", 3), _act(k_pe, "k_pe", 2)
+    t, h, dk = q.shape
+    n = dk - k_pe.shape[1]
+    if kv.shape[1] != h or k_pe.shape[0] != kv.shape[0] or not 0 <= n <= kv.shape[2]:
+        raise ValueError(f"mla_attention: shapes q {q.shape}, kv {kv.shape}, k_pe {k_pe.shape} do not agree")
+    return _partial(lambda o, l, m, qq, _, sc, off: _cpu.mla_attention_lse(o, l, m, qq, kv, k_pe, n, sc, off),
+                    q, kv.shape[2] - n, scale, q_offset, prev)
+
+
+def _partial(run, q, dv, scale, q_offset, prev):
+    """out, lse of run(out, lse, merge, q, None, scale, q_offset) over the queries that see a key
+    (a block may lie past the first ones: q_offset < 0), merged with prev."""
     t, h = q.shape[:2]
     if prev is None:
-        out, lse = np.empty((t, h, v.shape[2]), np.float32), np.empty((t, h), np.float32)
+        out, lse = np.empty((t, h, dv), np.float32), np.empty((t, h), np.float32)
     else:
         out, lse = np.array(prev[0], np.float32, order="C"), np.array(prev[1], np.float32, order="C")
-        if out.shape != (t, h, v.shape[2]) or lse.shape != (t, h):
-            raise ValueError(f"prev: expected out {(t, h, v.shape[2])} and lse {(t, h)}, got {out.shape} {lse.shape}")
+        if out.shape != (t, h, dv) or lse.shape != (t, h):
+            raise ValueError(f"prev: expected out {(t, h, dv)} and lse {(t, h)}, got {out.shape} {lse.shape}")
     # a block past the first queries: those see no key of it (lse -inf, merged as nothing)
     off = int(q_offset)
     skip = max(0, -off)
@@ -263,12 +282,13 @@ def attention_partial(q: np.ndarray, k: np.ndarray, v: np.ndarray, scale: float,
             out[:], lse[:] = 0, -np.inf
         return out, lse
     if skip:
-        o2, l2 = attention_partial(q[skip:], k, v, scale, 0, None if prev is None else (out[skip:], lse[skip:]))
         if prev is None:
             out[:skip], lse[:skip] = 0, -np.inf
+        o2, l2 = np.ascontiguousarray(out[skip:]), np.ascontiguousarray(lse[skip:])
+        run(o2, l2, prev is not None, np.ascontiguousarray(q[skip:]), None, float(scale), 0)
         out[skip:], lse[skip:] = o2, l2
         return out, lse
-    _cpu.attention_lse(out, lse, prev is not None, q, k, v, float(scale), off)
+    run(out, lse, prev is not None, q, None, float(scale), off)
     return out, lse
 
 

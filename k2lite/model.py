@@ -160,6 +160,12 @@ class Model:
             else:
                 o = self.mla_expanded(attn, q_nope, q_pe, lambda a, b: cache.gather(layer, seq, b, a), S,
                                       int(positions[0]))
+                # the chunk's last token through the decode kernel: the two forms round differently
+                # (bf16 dot products), and a prompt that comes back (prompt caching, a fixed seed)
+                # recomputes only its last token, as a decode step: bit for bit the same logits
+                table, _ = cache.page_table([seq])
+                o[-1:] = self.mla_absorbed(attn, q_nope[-1:], q_pe[-1:], cache.pool[layer], table,
+                                           np.array([S], np.int32))
         if trace:
             trace("attn_heads", layer, o)
         return ops.linear(np.ascontiguousarray(o.reshape(T, H * V)), attn.o_proj)
@@ -196,32 +202,32 @@ class Model:
             kv_all = rows(b0, min(S, b0 + self.PREFILL_BLOCK))                # [n, C+R]
             n = kv_all.shape[0]
             kv = ops.linear(np.ascontiguousarray(kv_all[:, :C]), attn.kv_b_proj).reshape(n, H, N + V)
-            k = np.ascontiguousarray(np.concatenate([kv[..., :N], np.broadcast_to(kv_all[:, None, C:], (n, H, R))], -1))
-            v = np.ascontiguousarray(kv[..., N:])
-            if S <= self.PREFILL_BLOCK:
-                return ops.attention(q_full, k, v, self.scale, q0)
-            acc = ops.attention_partial(q_full, k, v, self.scale, q0 - b0, acc)
+            # keys: kv's N dims per head and the rope key k_pe shared by all heads; values: kv's V
+            acc = ops.mla_attention_partial(q_full, kv, np.ascontiguousarray(kv_all[:, C:]), self.scale,
+                                            q0 - b0, acc)
         return acc[0]
 
-    # Time per MAC of the expanded form over the absorbed one (bf16 cache), measured with
-    # benchmarks/bench_mla.py --prefill 512 (K2 shapes, 2 threads): the absorbed form runs at
-    # the dot-product peak on L2-resident blocks of the latent, while the expanded one streams
-    # each head's keys and values from L3 per 8 queries and pays kv_b's output and transposes.
-    EXPANDED_MAC_COST = 3
+    # Time per MAC of the expanded form, and of the absorbed one on an int8 cache, relative to
+    # the absorbed form on a bf16 cache: measured at K2's shapes, 2 threads, 64-512 queries at
+    # depth 0-8K (benchmarks/bench_mla.py --prefill): the absorbed form runs at the dot-product
+    # peak on L2-resident blocks of the latent; the expanded one also pays kv_b's output, the
+    # key/value transposes and a softmax per head; int8 runs vpdpbusd (64 MACs an instruction).
+    EXPANDED_MAC_COST, INT8_MAC_COST = 1.3, 0.67
 
     def prefill_form(self, T: int, S: int, cache_dtype) -> str:
-        """"expanded" or "absorbed" for a chunk of T queries over S cached tokens, by MACs:
-        expanded S·C·H·(N+V) (kv_b over the cache, shared by the chunk) + T·S·H·(N+R+V);
-        absorbed T·S·H·(2C+R) + T·H·C·(N+V), weighed by their measured time per MAC
-        (EXPANDED_MAC_COST; an int8 cache's absorbed MACs, vpdpbusd's 64 an instruction, count
-        half). K2 on a bf16 cache: absorbed up to ~3000 queries, on an int8 one always."""
+        """"expanded" or "absorbed" for a chunk of T queries (the last T of S cached tokens), by
+        MACs over the P (query, key) pairs the causal mask leaves: expanded S·C·H·(N+V) (kv_b
+        over the cache, shared by the chunk) + P·H·(N+R+V); absorbed P·H·(2C+R) + T·H·C·(N+V)
+        (W_UK into the queries, W_UV after), weighed by their measured time per MAC (above).
+        K2 on a bf16 cache: absorbed below ~200 queries a chunk, on int8 at depth below ~800."""
         cfg = self.config
         H, N, R, C, V = (cfg.num_attention_heads, cfg.qk_nope_head_dim, cfg.qk_rope_head_dim,
                          cfg.kv_lora_rank, cfg.v_head_dim)
-        expanded = (S * C * H * (N + V) + T * S * H * (N + R + V)) * self.EXPANDED_MAC_COST
-        absorbed = T * S * H * (2 * C + R) + T * H * C * (N + V)
+        P = T * (S - T) + T * (T + 1) // 2
+        expanded = (S * C * H * (N + V) + P * H * (N + R + V)) * self.EXPANDED_MAC_COST
+        absorbed = P * H * (2 * C + R) + T * H * C * (N + V)
         if np.dtype(cache_dtype) == np.int8:
-            absorbed //= 2
+            absorbed *= self.INT8_MAC_COST
         return "absorbed" if absorbed < expanded else "expanded"
 
     # ------------------------------------------------------------ feed-forward

@@ -174,6 +174,17 @@ def attention_partial(q: np.ndarray, k: np.ndarray, v: np.ndarray, scale: float,
     return out, lse
 
 
+def mla_attention_partial(q: np.ndarray, kv: np.ndarray, k_pe: np.ndarray, scale: float, q_offset: int,
+                          prev=None) -> tuple:
+    """MLA's expanded form over one block of the history: q[T,H,N+R], kv[S,H,N+V] (kv_b over the
+    cached latent: per head N key dims, then V value dims), k_pe[S,R] (the rotated rope key,
+    shared by the heads). attention_partial with k = kv[..., :N] | k_pe, v = kv[..., N:]."""
+    S, H = kv.shape[:2]
+    N = q.shape[2] - k_pe.shape[1]
+    k = np.concatenate([kv[..., :N], np.broadcast_to(k_pe[:, None, :], (S, H, k_pe.shape[1]))], -1)
+    return attention_partial(q, k, kv[..., N:], scale, q_offset, prev)
+
+
 def mla_absorb_q(q_nope: np.ndarray, kv_b) -> np.ndarray:
     """Fold W_UK into the query (absorbed MLA): q_nope[B,H,N], kv_b = kv_b_proj [H*(N+V), C]
     (bf16 bits or float32; per head N rows of W_UK then V rows of W_UV) -> q_latent[B,H,C]."""

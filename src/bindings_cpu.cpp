@@ -206,8 +206,9 @@ static void b_attention(arr out, arr q, arr k, arr v, float scale, int q_offset)
     const int Dv = v.shape(2);
     float* op = wptr<float>(out, "out", {T, H, Dv});
     need(q_offset >= 0, "q_offset must be >= 0");
+    const AttnKV kv{kp, (size_t)H * Dk, (size_t)Dk, Dk, nullptr, 0, 0, vp, (size_t)H * Dv, (size_t)Dv};
     py::gil_scoped_release nogil;
-    attention(op, nullptr, false, qp, kp, vp, T, S, H, Dk, Dv, scale, q_offset);
+    attention(op, nullptr, false, qp, kv, T, S, H, Dv, scale, q_offset);
 }
 
 // out and lse [T, H] in/out: merge = true combines this block of keys with what they hold.
@@ -221,8 +222,30 @@ static void b_attention_lse(arr out, arr lse, bool merge, arr q, arr k, arr v, f
     float* op = wptr<float>(out, "out", {T, H, Dv});
     float* lp = wptr<float>(lse, "lse", {T, H});
     need(q_offset >= 0, "q_offset must be >= 0");
+    const AttnKV kv{kp, (size_t)H * Dk, (size_t)Dk, Dk, nullptr, 0, 0, vp, (size_t)H * Dv, (size_t)Dv};
     py::gil_scoped_release nogil;
-    attention(op, lp, merge, qp, kp, vp, T, S, H, Dk, Dv, scale, q_offset);
+    attention(op, lp, merge, qp, kv, T, S, H, Dv, scale, q_offset);
+}
+
+// MLA's expanded form: q [T, H, N+R], kv = kv_b's output [S, H, N+V] (keys' nope part, then the
+// values), k_pe [S, R] (shared by the heads); out [T, H, V] and lse [T, H] as attention_lse.
+static void b_mla_attention_lse(arr out, arr lse, bool merge, arr q, arr kv, arr k_pe, int N, float scale,
+                                int q_offset) {
+    const float* qp = cptr<float>(q, "q", {-1, -1, -1});
+    const int T = q.shape(0), H = q.shape(1), Dk = q.shape(2);
+    need(N >= 0 && N <= Dk, "N: out of range");
+    const int R = Dk - N;
+    const float* kvp = cptr<float>(kv, "kv", {-1, H, -1});
+    const int S = kv.shape(0), V = kv.shape(2) - N;
+    need(V >= 0, "kv: fewer than N columns per head");
+    const float* kr = cptr<float>(k_pe, "k_pe", {S, R});
+    float* op = wptr<float>(out, "out", {T, H, V});
+    float* lp = wptr<float>(lse, "lse", {T, H});
+    need(q_offset >= 0, "q_offset must be >= 0");
+    const size_t row = (size_t)H * (N + V);
+    const AttnKV a{kvp, row, (size_t)(N + V), N, kr, (size_t)R, R, kvp + N, row, (size_t)(N + V)};
+    py::gil_scoped_release nogil;
+    attention(op, lp, merge, qp, a, T, S, H, V, scale, q_offset);
 }
 
 static void b_rmsnorm(arr out, arr x, arr w, float eps) {
@@ -288,6 +311,7 @@ PYBIND11_MODULE(K2LITE_CPU_MODULE, m) {
     m.def("mla_absorb_o", &b_mla_absorb_o);
     m.def("attention", &b_attention);
     m.def("attention_lse", &b_attention_lse);
+    m.def("mla_attention_lse", &b_mla_attention_lse);
     m.def("rmsnorm", &b_rmsnorm);
     m.def("rope", &b_rope);
     m.def("stream_read", &b_stream_read);

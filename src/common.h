@@ -169,10 +169,18 @@ void mla_decode(float* out, const float* q_latent, const float* q_pe, const void
 // kv_b is kv_b_proj as bf16 bits [H*(N+V), C] (mla_decode.cpp).
 void mla_absorb_q(float* out, const float* q_nope, const uint16_t* kv_b, int B, int H, int N, int V, int C);
 void mla_absorb_o(float* out, const float* u, const uint16_t* kv_b, int B, int H, int N, int V, int C);
+// Keys and values of attention(), read in place: key i < N of token s, head h at
+// kn[s*kn_tok + h*kn_head + i], key N + r (shared by the heads) at kr[s*kr_tok + r], value c at
+// v[s*v_tok + h*v_head + c]. q is [T, H, N+R].
+struct AttnKV {
+    const float* kn; size_t kn_tok, kn_head; int N;
+    const float* kr; size_t kr_tok; int R;
+    const float* v; size_t v_tok, v_head;
+};
 // lse [T, H] (or null): each query's log-sum-exp; merge: out and lse hold an earlier block's
 // result, combined with this one (attention.cpp).
-void attention(float* out, float* lse, bool merge, const float* q, const float* k, const float* v, int T, int S,
-               int H, int Dk, int Dv, float scale, int q_offset);
+void attention(float* out, float* lse, bool merge, const float* q, const AttnKV& kv, int T, int S, int H, int Dv,
+               float scale, int q_offset);
 void rmsnorm(float* out, const float* x, const float* w, int T, int D, float eps);
 void rope(float* out, const float* x, const int64_t* positions, const float* inv_freq,
           int T, int H, int R);

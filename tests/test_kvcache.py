@@ -251,3 +251,21 @@ def test_cache_types_stay_within_transformers_own_bf16_error(model_factory):
             err = np.linalg.norm(decode(kv, exact) - base) / np.linalg.norm(base)
             print(f"{kv} cache (exact={exact}): rel err {err:.2e}, transformers bf16 vs fp32 {bound:.2e}")
             assert err < bound, (kv, exact, err, bound)
+
+
+@pytest.mark.parametrize("kv", ["bf16", "int8", "f32"])
+def test_a_prompt_recomputed_from_its_cache_gives_the_same_last_logits(tiny_model, kv):
+    """Prompt caching keeps a prompt's cached rows and recomputes only its last token, as a
+    decode step (Sequence.reuse_prefix); a prefill chunk computes its last token through the same
+    decode kernel whatever form the rest takes (Model.mla), so the logits, hence the tokens a
+    fixed seed samples, are bit for bit the same as the first time."""
+    from k2lite import ops
+    if not ops.available("cpu"):
+        pytest.skip("native CPU module not built")
+    llm = k2lite.load(tiny_model, kv_cache=kv)
+    llm.model.prefill_form = lambda *a: "expanded"     # the form whose rounding differs from decode's
+    ids = [int(i) for i in np.random.default_rng(5).integers(3, 380, 70)]
+    with llm.sequence() as s:
+        whole = s.append(ids, last_only=True)[0]
+        assert s.reuse_prefix(ids) == 69
+        assert np.array_equal(s.append(ids[-1:])[0], whole)

@@ -367,6 +367,28 @@ def test_attention_partial_blocks_merge_to_the_whole(name, seed):
     assert np.isfinite(lse[~first]).all()
 
 
+@pytest.mark.parametrize("seed", SEEDS, ids=lambda s: f"s{s}")
+@pytest.mark.parametrize("name", BACKENDS)
+def test_mla_attention_partial(name, seed):
+    """MLA's expanded form reads keys (kv's N dims per head, then k_pe shared by the heads) and
+    values (kv's V dims) in place: the same as attention_partial on the concatenated copies, in
+    blocks merged in turn, a block past the first queries included."""
+    be = backend(name)
+    rng = np.random.default_rng(seed)
+    T, S, H, N, R, V = 19, 90, 3, 24, 9, 17
+    q, kv, k_pe = f32(rng, T, H, N + R), f32(rng, S, H, N + V), f32(rng, S, R)
+    k = np.concatenate([kv[..., :N], np.broadcast_to(k_pe[:, None], (S, H, R))], -1)
+    sc, off = 0.2, S - T
+    want = ref.attention_partial(q, k, kv[..., N:], sc, off)
+    acc = None
+    for a, b in ((0, 40), (40, 80), (80, S)):
+        acc = be.mla_attention_partial(q, kv[a:b], k_pe[a:b], sc, off - a, acc)
+    assert nmse(acc[0], want[0]) < ATTN_TOL
+    assert np.abs(acc[1] - want[1]).max() < 1e-3 * float(np.abs(want[1]).max())
+    one = be.mla_attention_partial(q, kv, k_pe, sc, off)
+    assert nmse(one[0], want[0]) < ATTN_TOL
+
+
 MLA_TOL = {"f32": 1e-10, "bf16": MLA_BF16_TOL, "int8": MLA_INT8_TOL}
 
 

@@ -1,5 +1,8 @@
 // Causal prefill attention, expanded form: q[T,H,Dk], k[S,H,Dk], v[S,H,Dv] -> out[T,H,Dv].
 // Query t sits at position q_offset + t and sees keys 0..min(S-1, q_offset+t). fp32 softmax.
+// Keys and values are read in place through strides (AttnKV, common.h): for MLA, k = kv_b's
+// per-head nope part next to the rope key shared by all heads, v = kv_b's other part, so the
+// per-head keys and values are never copied out (the transposes below read them once).
 // With lse (not null) it also gives each (t, h)'s log-sum-exp of the scaled scores (-inf when
 // it sees no key); with merge, out and lse already hold the result over other keys (an earlier
 // block of the history) and the two are combined: the caller walks a long history in blocks.
@@ -16,7 +19,10 @@
 #include <vector>
 #include <algorithm>
 
-static const int QB = 8;   // queries sharing each key / value load
+static const int QB = 8;      // queries sharing each key / value load
+static const int QS = 64;     // queries of a work item (a multiple of QB)
+static const int KBLK = 512;  // keys per block of a work item (a multiple of 32): K2's keys and values
+                              // of a head, 196 + 128 KB as bf16, stay in L2
 
 #ifdef K2_AVX512
 // sc[j][s] for j < QB, s < ceil(nmax/32)*32 <= Sp; qb[j][Dk] holds the scaled queries.
@@ -162,11 +168,16 @@ static void pv_block(float* o, size_t ldo, int nq, const float* p, int Sp, const
 }
 #endif
 
-void attention(float* out, float* lse, bool merge, const float* q, const float* k, const float* v, int T, int S,
-               int H, int Dk, int Dv, float scale, int q_offset) {
+void attention(float* out, float* lse, bool merge, const float* q, const AttnKV& kv, int T, int S, int H, int Dv,
+               float scale, int q_offset) {
+    const int Dk = kv.N + kv.R;
+    // key element i of token s, head h: the per-head part, then the part shared by all heads
+    auto kval = [&](int s, int h, int i) {
+        return i < kv.N ? kv.kn[(size_t)s * kv.kn_tok + (size_t)h * kv.kn_head + i] : kv.kr[(size_t)s * kv.kr_tok + i - kv.N];
+    };
+    auto vrow = [&](int s, int h) { return kv.v + (size_t)s * kv.v_tok + (size_t)h * kv.v_head; };
     if (T <= 0 || H <= 0) return;
     const int Sp = ceil_div(S > 0 ? S : 1, 32) * 32;    // key rows padded (zeros) to 32
-    const int nqb = ceil_div(T, QB);
     bool dp = false;
 #ifdef K2_BF16DP
     dp = !g_exact;
@@ -188,8 +199,7 @@ void attention(float* out, float* lse, bool merge, const float* q, const float* 
             for (int h = 0; h < H; h++)
                 for (int s = 0; s < Sp; s++) {
                     float* dst = ktp + (size_t)h * Dk * Sp + (size_t)(s / 32) * 32 * Dk + s % 32;
-                    const float* ks = k + ((size_t)s * H + h) * Dk;
-                    for (int i = 0; i < Dk; i++) dst[32 * i] = s < S ? ks[i] : 0.f;
+                    for (int i = 0; i < Dk; i++) dst[32 * i] = s < S ? kval(s, h, i) : 0.f;
                 }
         }
 #ifdef K2_BF16DP
@@ -198,86 +208,121 @@ void attention(float* out, float* lse, bool merge, const float* q, const float* 
             for (int h = 0; h < H; h++)
                 for (int s = 0; s < Sp; s++) {
                     uint16_t* dst = kb + (size_t)h * Dk2 * Sp * 2 + (size_t)(s / 32) * 64 * Dk2 + (s % 32) * 2;
-                    const float* ks = k + ((size_t)s * H + h) * Dk;
-                    for (int i = 0; i < 2 * Dk2; i++) dst[64 * (i / 2) + i % 2] = s < S && i < Dk ? bf16_bits(ks[i]) : 0;
+                    for (int i = 0; i < 2 * Dk2; i++) dst[64 * (i / 2) + i % 2] = s < S && i < Dk ? bf16_bits(kval(s, h, i)) : 0;
                     uint16_t* vd = vb + ((size_t)h * (Sp / 2) + s / 2) * Dvp * 2 + s % 2;
-                    const float* vs = v + ((size_t)s * H + h) * Dv;
-                    for (int c = 0; c < Dvp; c++) vd[2 * c] = s < S && c < Dv ? bf16_bits(vs[c]) : 0;
+                    const float* vs = s < S ? vrow(s, h) : nullptr;
+                    for (int c = 0; c < Dvp; c++) vd[2 * c] = vs && c < Dv ? bf16_bits(vs[c]) : 0;
                 }
         }
 #endif
-        std::vector<float> sc((size_t)QB * Sp), qb((size_t)QB * Dk), ob((size_t)QB * Dv), lj(QB);
-        std::vector<uint32_t> pb(dp ? (size_t)QB * Sp / 2 : 0), qb2(dp ? (size_t)QB * Dk2 : 0);
+        // Work items: (head, super-block of QS queries); an item walks the keys in blocks of KBLK
+        // (their keys and values stay in L2 while its QS/QB query blocks pass over them) with an
+        // online softmax per query (running max m, sum l, rescaled accumulator acc).
+        std::vector<float> sc((size_t)QB * KBLK + 32), qb((size_t)QS * Dk), ob((size_t)QB * Dv);
+        std::vector<float> acc((size_t)QS * Dv), m(QS), l(QS), corr(QB);
+        std::vector<uint32_t> pb(dp ? (size_t)QB * KBLK / 2 : 0), qb2(dp ? (size_t)QS * Dk2 : 0);
+        const int nsb = ceil_div(T, QS);
         // later query blocks see more keys: hand them out first
         #pragma omp for schedule(dynamic, 1)
-        for (int it = 0; it < nqb * H; it++) {
-            const int tb = nqb - 1 - it / H, h = it % H;
-            const int t0 = tb * QB, nq = std::min(QB, T - t0);
-            const int nmax = std::max(0, std::min(S, q_offset + t0 + nq));   // keys the last query sees
-            for (int j = 0; j < QB; j++)
+        for (int it = 0; it < nsb * H; it++) {
+            const int sb = nsb - 1 - it / H, h = it % H;
+            const int ts = sb * QS, nqs = std::min(QS, T - ts);
+            const int smax = std::max(0, std::min(S, q_offset + ts + nqs));   // keys the last query sees
+            for (int j = 0; j < QS; j++) {
                 for (int i = 0; i < Dk; i++)
-                    qb[(size_t)j * Dk + i] = j < nq ? q[((size_t)(t0 + j) * H + h) * Dk + i] * scale : 0.f;
+                    qb[(size_t)j * Dk + i] = j < nqs ? q[((size_t)(ts + j) * H + h) * Dk + i] * scale : 0.f;
+                m[j] = -INFINITY;
+                l[j] = 0.f;
+            }
+            std::fill(acc.begin(), acc.end(), 0.f);
 #ifdef K2_BF16DP
-            if (dp) {
-                for (int j = 0; j < QB; j++)
+            if (dp)
+                for (int j = 0; j < QS; j++)
                     for (int i = 0; i < Dk2; i++)
                         qb2[(size_t)j * Dk2 + i] = bf16_bits(qb[(size_t)j * Dk + 2 * i]) |
                             (2 * i + 1 < Dk ? (uint32_t)bf16_bits(qb[(size_t)j * Dk + 2 * i + 1]) << 16 : 0u);
-                scores_block_dp(sc.data(), Sp, qb2.data(), kb + (size_t)h * Dk2 * Sp * 2, Dk2, nmax);
-            } else
 #endif
-            scores_block(sc.data(), Sp, qb.data(), ktp + (size_t)h * Dk * Sp, Dk, nmax);
-            for (int j = 0; j < QB; j++) {                 // softmax; zero past each query's keys
-                const int n = j < nq ? std::max(0, std::min(S, q_offset + t0 + j + 1)) : 0;
-                float* sj = sc.data() + (size_t)j * Sp;
-                float mx = -INFINITY, sum = 0.f;
-                for (int s = 0; s < n; s++) mx = std::max(mx, sj[s]);
-                int s0 = 0;
+            for (int k0 = 0; k0 < smax; k0 += KBLK) {
+                for (int t0 = ts; t0 < ts + nqs; t0 += QB) {
+                    const int nq = std::min(QB, ts + nqs - t0), jb = t0 - ts;
+                    // keys of this block the block's last query sees
+                    const int nmax = std::min(KBLK, std::max(0, std::min(S, q_offset + t0 + nq) - k0));
+                    if (nmax == 0) continue;
+#ifdef K2_BF16DP
+                    if (dp)
+                        scores_block_dp(sc.data(), KBLK, qb2.data() + (size_t)jb * Dk2,
+                                        kb + (size_t)h * Dk2 * Sp * 2 + (size_t)k0 * 2 * Dk2, Dk2, nmax);
+                    else
+#endif
+                    scores_block(sc.data(), KBLK, qb.data() + (size_t)jb * Dk, ktp + (size_t)h * Dk * Sp + (size_t)k0 * Dk,
+                                 Dk, nmax);
+                    for (int j = 0; j < QB; j++) {   // online softmax; P zero past each query's keys
+                        const int n = j < nq ? std::min(nmax, std::max(0, std::min(S, q_offset + t0 + j + 1) - k0)) : 0;
+                        float* sj = sc.data() + (size_t)j * KBLK;
+                        float mx = -INFINITY, sum = 0.f;
+                        for (int s = 0; s < n; s++) mx = std::max(mx, sj[s]);
+                        const float mo = j < nq ? m[jb + j] : -INFINITY, mn = std::max(mo, mx);
+                        int s0 = 0;
 #ifdef K2_AVX512
-                if (n > 0) {   // a vector exp: one std::exp per score was most of a long chunk's time
-                    __m512 acc = _mm512_setzero_ps();
-                    const __m512 mv = _mm512_set1_ps(mx);
-                    for (; s0 + 16 <= n; s0 += 16) {
-                        const __m512 e = exp512(_mm512_sub_ps(_mm512_loadu_ps(sj + s0), mv));
-                        _mm512_storeu_ps(sj + s0, e);
-                        acc = _mm512_add_ps(acc, e);
+                        if (n > 0) {   // a vector exp: one std::exp per score was most of a long chunk's time
+                            __m512 va = _mm512_setzero_ps();
+                            const __m512 mv = _mm512_set1_ps(mn);
+                            for (; s0 + 16 <= n; s0 += 16) {
+                                const __m512 e = exp512(_mm512_sub_ps(_mm512_loadu_ps(sj + s0), mv));
+                                _mm512_storeu_ps(sj + s0, e);
+                                va = _mm512_add_ps(va, e);
+                            }
+                            sum = _mm512_reduce_add_ps(va);
+                        }
+#endif
+                        for (int s = s0; s < n; s++) { sj[s] = std::exp(sj[s] - mn); sum += sj[s]; }
+                        for (int s = n; s < nmax + 1 && s < KBLK; s++) sj[s] = 0.f;
+                        if (n > 0) {
+                            corr[j] = std::exp(mo - mn);   // 0 on the first keys
+                            m[jb + j] = mn;
+                            l[jb + j] = l[jb + j] * corr[j] + sum;
+                        } else {
+                            corr[j] = 1.f;
+                        }
+#ifdef K2_BF16DP
+                        if (dp)   // bf16 in key order: the dwords are the key pairs (vcvtne2ps2bf16: nearest even)
+                            for (int s = 0; s < nmax; s += 32)
+                                _mm512_storeu_si512(pb.data() + (size_t)j * (KBLK / 2) + s / 2,
+                                                    (__m512i)_mm512_cvtne2ps_pbh(_mm512_loadu_ps(sj + s + 16),
+                                                                                 _mm512_loadu_ps(sj + s)));
+#endif
                     }
-                    sum = _mm512_reduce_add_ps(acc);
+#ifdef K2_BF16DP
+                    if (dp)
+                        pv_block_dp(ob.data(), Dv, nq, pb.data(), KBLK,
+                                    vb + ((size_t)h * (Sp / 2) + k0 / 2) * Dvp * 2, Dvp, Dv, nmax);
+                    else
+#endif
+                    pv_block(ob.data(), Dv, nq, sc.data(), KBLK, vrow(k0, h), kv.v_tok, Dv, nmax);
+                    for (int j = 0; j < nq; j++) {
+                        float* aj = acc.data() + (size_t)(jb + j) * Dv;
+                        const float* oj = ob.data() + (size_t)j * Dv;
+                        const float cj = corr[j];
+                        #pragma omp simd
+                        for (int c = 0; c < Dv; c++) aj[c] = aj[c] * cj + oj[c];
+                    }
                 }
-#endif
-                for (int s = s0; s < n; s++) { sj[s] = std::exp(sj[s] - mx); sum += sj[s]; }
-                const float inv = sum > 0.f ? 1.f / sum : 0.f;
-                for (int s = 0; s < n; s++) sj[s] *= inv;
-                for (int s = n; s < nmax + 1 && s < Sp; s++) sj[s] = 0.f;
-                lj[j] = sum > 0.f ? mx + std::log(sum) : -INFINITY;
-#ifdef K2_BF16DP
-                if (dp)   // bf16 in key order: the dwords are the key pairs (vcvtne2ps2bf16: nearest even)
-                    for (int s = 0; s < nmax; s += 32)
-                        _mm512_storeu_si512(pb.data() + (size_t)j * (Sp / 2) + s / 2,
-                                            (__m512i)_mm512_cvtne2ps_pbh(_mm512_loadu_ps(sj + s + 16), _mm512_loadu_ps(sj + s)));
-#endif
             }
-            // straight into out, or into ob when it merges with what out holds
-            float* o = lse && merge ? ob.data() : out + ((size_t)t0 * H + h) * Dv;
-            const size_t ldo = lse && merge ? (size_t)Dv : (size_t)H * Dv;
-#ifdef K2_BF16DP
-            if (dp)
-                pv_block_dp(o, ldo, nq, pb.data(), Sp, vb + (size_t)h * (Sp / 2) * Dvp * 2, Dvp, Dv, nmax);
-            else
-#endif
-            pv_block(o, ldo, nq, sc.data(), Sp, v + (size_t)h * Dv, (size_t)H * Dv, Dv, nmax);
-            if (!lse) continue;
-            for (int j = 0; j < nq; j++) {
-                float* l = lse + (size_t)(t0 + j) * H + h;
-                if (merge) {   // out = (out·e^lse + ob·e^lj) / (e^lse + e^lj)
-                    float* oj = out + ((size_t)(t0 + j) * H + h) * Dv;
-                    const float M = std::max(*l, lj[j]);
+            for (int j = 0; j < nqs; j++) {
+                float* oj = out + ((size_t)(ts + j) * H + h) * Dv;
+                const float* aj = acc.data() + (size_t)j * Dv;
+                const float lj = l[j] > 0.f ? m[j] + std::log(l[j]) : -INFINITY;
+                const float inv = l[j] > 0.f ? 1.f / l[j] : 0.f;
+                if (lse && merge) {   // out = (out·e^lse + this·e^lj) / (e^lse + e^lj)
+                    float* lo = lse + (size_t)(ts + j) * H + h;
+                    const float M = std::max(*lo, lj);
                     if (M == -INFINITY) continue;
-                    const float a = std::exp(*l - M), b = std::exp(lj[j] - M), inv = 1.f / (a + b);
-                    for (int c = 0; c < Dv; c++) oj[c] = (oj[c] * a + ob[(size_t)j * Dv + c] * b) * inv;
-                    *l = M + std::log(a + b);
+                    const float a = std::exp(*lo - M), b = std::exp(lj - M), w = 1.f / (a + b);
+                    for (int c = 0; c < Dv; c++) oj[c] = (oj[c] * a + aj[c] * inv * b) * w;
+                    *lo = M + std::log(a + b);
                 } else {
-                    *l = lj[j];
+                    for (int c = 0; c < Dv; c++) oj[c] = aj[c] * inv;
+                    if (lse) lse[(size_t)(ts + j) * H + h] = lj;
                 }
             }
         }
