@@ -139,14 +139,20 @@ inline void score_tile_bf16(float* s, const uint16_t* q, int Wq, const char* con
     const uint16_t *r0 = (const uint16_t*)row[0], *r1 = (const uint16_t*)row[1];
     const uint16_t *r2 = (const uint16_t*)row[2], *r3 = (const uint16_t*)row[3];
     K2_TILE_DECL(__m512, _mm512_setzero_ps())
-    for (int c = 0; c < W; c += 32) {
-        const __mmask32 m = W - c >= 32 ? 0xFFFFFFFFu : (__mmask32)((1u << (W - c)) - 1);
+#define K2_QK_HEAD(i) K2_ROW4(dpbf16_, i, _mm512_load_si512(q + (size_t)i * Wq + c))
+    int c = 0;
+    for (; c + 32 <= W; c += 32) {   // plain loads; the tail masked (the rows are not padded)
+        const __m512i x0 = _mm512_loadu_si512(r0 + c), x1 = _mm512_loadu_si512(r1 + c);
+        const __m512i x2 = _mm512_loadu_si512(r2 + c), x3 = _mm512_loadu_si512(r3 + c);
+        K2_QK_HEAD(0) K2_QK_HEAD(1) K2_QK_HEAD(2) K2_QK_HEAD(3)
+    }
+    if (c < W) {
+        const __mmask32 m = (__mmask32)((1u << (W - c)) - 1);
         const __m512i x0 = _mm512_maskz_loadu_epi16(m, r0 + c), x1 = _mm512_maskz_loadu_epi16(m, r1 + c);
         const __m512i x2 = _mm512_maskz_loadu_epi16(m, r2 + c), x3 = _mm512_maskz_loadu_epi16(m, r3 + c);
-#define K2_QK_HEAD(i) K2_ROW4(dpbf16_, i, _mm512_load_si512(q + (size_t)i * Wq + c))
         K2_QK_HEAD(0) K2_QK_HEAD(1) K2_QK_HEAD(2) K2_QK_HEAD(3)
-#undef K2_QK_HEAD
     }
+#undef K2_QK_HEAD
     const __m512 a[16] = K2_TILE_ARRAY;
     store_tile(s, _mm512_mul_ps(hsum16(a), _mm512_set1_ps(scale)));
 }
@@ -157,14 +163,20 @@ inline __m512 score_tile_q8(const uint8_t* q, int Qs, const char* const* row, in
     const int8_t *r0 = (const int8_t*)row[0] + off, *r1 = (const int8_t*)row[1] + off;
     const int8_t *r2 = (const int8_t*)row[2] + off, *r3 = (const int8_t*)row[3] + off;
     K2_TILE_DECL(__m512i, _mm512_setzero_si512())
-    for (int c = 0; c < n; c += 64) {
-        const __mmask64 m = n - c >= 64 ? ~0ull : (__mmask64)((1ull << (n - c)) - 1);
+#define K2_QK_HEAD(i) K2_ROW4(dpbusd_, i, _mm512_load_si512(q + (size_t)i * Qs + c))
+    int c = 0;
+    for (; c + 64 <= n; c += 64) {   // plain loads; the tail masked
+        const __m512i x0 = _mm512_loadu_si512(r0 + c), x1 = _mm512_loadu_si512(r1 + c);
+        const __m512i x2 = _mm512_loadu_si512(r2 + c), x3 = _mm512_loadu_si512(r3 + c);
+        K2_QK_HEAD(0) K2_QK_HEAD(1) K2_QK_HEAD(2) K2_QK_HEAD(3)
+    }
+    if (c < n) {
+        const __mmask64 m = (__mmask64)((1ull << (n - c)) - 1);
         const __m512i x0 = _mm512_maskz_loadu_epi8(m, r0 + c), x1 = _mm512_maskz_loadu_epi8(m, r1 + c);
         const __m512i x2 = _mm512_maskz_loadu_epi8(m, r2 + c), x3 = _mm512_maskz_loadu_epi8(m, r3 + c);
-#define K2_QK_HEAD(i) K2_ROW4(dpbusd_, i, _mm512_load_si512(q + (size_t)i * Qs + c))
         K2_QK_HEAD(0) K2_QK_HEAD(1) K2_QK_HEAD(2) K2_QK_HEAD(3)
-#undef K2_QK_HEAD
     }
+#undef K2_QK_HEAD
     const __m512i ai[16] = K2_TILE_ARRAY;
     __m512 a[16];
     for (int k = 0; k < 16; k++) a[k] = _mm512_cvtepi32_ps(ai[k]);
