@@ -212,20 +212,22 @@ class Model:
     # depth 0-8K (benchmarks/bench_mla.py --prefill): the absorbed form runs at the dot-product
     # peak on L2-resident blocks of the latent; the expanded one also pays kv_b's output, the
     # key/value transposes and a softmax per head; int8 runs vpdpbusd (64 MACs an instruction).
-    EXPANDED_MAC_COST, INT8_MAC_COST = 1.3, 0.67
+    # The absorbed form handles each query as a sequence of its own, with a fixed cost per
+    # query of about a 128-token block (ABSORBED_QUERY_KEYS): it loses on short histories.
+    EXPANDED_MAC_COST, INT8_MAC_COST, ABSORBED_QUERY_KEYS = 1.3, 0.8, 128
 
     def prefill_form(self, T: int, S: int, cache_dtype) -> str:
         """"expanded" or "absorbed" for a chunk of T queries (the last T of S cached tokens), by
         MACs over the P (query, key) pairs the causal mask leaves: expanded S·C·H·(N+V) (kv_b
         over the cache, shared by the chunk) + P·H·(N+R+V); absorbed P·H·(2C+R) + T·H·C·(N+V)
         (W_UK into the queries, W_UV after), weighed by their measured time per MAC (above).
-        K2 on a bf16 cache: absorbed below ~200 queries a chunk, on int8 at depth below ~800."""
+        K2: absorbed below ~150 queries a chunk (bf16 cache) or ~250 (int8), expanded above."""
         cfg = self.config
         H, N, R, C, V = (cfg.num_attention_heads, cfg.qk_nope_head_dim, cfg.qk_rope_head_dim,
                          cfg.kv_lora_rank, cfg.v_head_dim)
         P = T * (S - T) + T * (T + 1) // 2
         expanded = (S * C * H * (N + V) + P * H * (N + R + V)) * self.EXPANDED_MAC_COST
-        absorbed = P * H * (2 * C + R) + T * H * C * (N + V)
+        absorbed = (P + T * self.ABSORBED_QUERY_KEYS) * H * (2 * C + R) + T * H * C * (N + V)
         if np.dtype(cache_dtype) == np.int8:
             absorbed *= self.INT8_MAC_COST
         return "absorbed" if absorbed < expanded else "expanded"
