@@ -213,7 +213,8 @@ class Model:
     # peak on L2-resident blocks of the latent; the expanded one also pays kv_b's output, the
     # key/value transposes and a softmax per head; int8 runs vpdpbusd (64 MACs an instruction).
     # The absorbed form handles each query as a sequence of its own, with a fixed cost per
-    # query of about a 128-token block (ABSORBED_QUERY_KEYS): it loses on short histories.
+    # query of about a block of keys (ABSORBED_QUERY_KEYS, at most the history): it loses on
+    # short histories.
     EXPANDED_MAC_COST, INT8_MAC_COST, ABSORBED_QUERY_KEYS = 1.3, 0.8, 128
 
     def prefill_form(self, T: int, S: int, cache_dtype) -> str:
@@ -227,7 +228,7 @@ class Model:
                          cfg.kv_lora_rank, cfg.v_head_dim)
         P = T * (S - T) + T * (T + 1) // 2
         expanded = (S * C * H * (N + V) + P * H * (N + R + V)) * self.EXPANDED_MAC_COST
-        absorbed = (P + T * self.ABSORBED_QUERY_KEYS) * H * (2 * C + R) + T * H * C * (N + V)
+        absorbed = (P + T * min(S, self.ABSORBED_QUERY_KEYS)) * H * (2 * C + R) + T * H * C * (N + V)
         if np.dtype(cache_dtype) == np.int8:
             absorbed *= self.INT8_MAC_COST
         return "absorbed" if absorbed < expanded else "expanded"

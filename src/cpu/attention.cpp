@@ -12,9 +12,10 @@
 // Sp keys, each block's rows contiguous), and a score row is built by broadcast-multiplies over
 // consecutive keys; the output rows then accumulate p[j][s] * v[s]. On AVX-512 both products
 // keep 16 accumulators in registers; elsewhere the same loop order as plain `omp simd` loops.
-// With AVX512-BF16 (not in exact mode) both products run on vdpbf16ps, as mla_decode does:
-// q·scale, k, v and the probabilities rounded to bf16, pairs of adjacent elements (head dims
-// for the scores, keys for P·v) summed per instruction in a fixed order.
+// With AVX512-BF16 (not in exact mode) P·v runs on vdpbf16ps: v and the probabilities rounded
+// to bf16, pairs of adjacent keys summed per instruction in a fixed order. The scores stay fp32:
+// here both q and k would be rounded (k = kv_b's output; mla_decode's latent is bf16 already),
+// and score errors go into the exponent: greedy tokens of a peaked random model moved.
 #include "common.h"
 #include <vector>
 #include <algorithm>
@@ -81,29 +82,6 @@ static inline uint16_t bf16_bits(float f) {
     uint32_t u;
     std::memcpy(&u, &f, 4);
     return (uint16_t)(u >> 16);
-}
-
-// The same products on bf16 pairs. Keys kb: per block of 32 keys, Dk2 = ceil(Dk/2) rows of 32
-// dwords (key s's dims 2i, 2i+1); queries qb2[j][Dk2] dwords (scaled, rounded).
-static void scores_block_dp(float* sc, int Sp, const uint32_t* qb2, const uint16_t* kb, int Dk2, int nmax) {
-    for (int s0 = 0; s0 < nmax; s0 += 32) {
-        __m512 acc[QB][2];
-        for (int j = 0; j < QB; j++) acc[j][0] = acc[j][1] = _mm512_setzero_ps();
-        const uint16_t* kr = kb + (size_t)s0 * 2 * Dk2;
-        for (int i = 0; i < Dk2; i++) {
-            const __m512bh k0 = (__m512bh)_mm512_load_si512(kr + 64 * i);
-            const __m512bh k1 = (__m512bh)_mm512_load_si512(kr + 64 * i + 32);
-            for (int j = 0; j < QB; j++) {
-                const __m512bh qv = (__m512bh)_mm512_set1_epi32((int)qb2[j * Dk2 + i]);
-                acc[j][0] = _mm512_dpbf16_ps(acc[j][0], qv, k0);
-                acc[j][1] = _mm512_dpbf16_ps(acc[j][1], qv, k1);
-            }
-        }
-        for (int j = 0; j < QB; j++) {
-            _mm512_storeu_ps(sc + (size_t)j * Sp + s0, acc[j][0]);
-            _mm512_storeu_ps(sc + (size_t)j * Sp + s0 + 16, acc[j][1]);
-        }
-    }
 }
 
 // o[j] = Σ_s p[j][s] v[s]: pb[j][Sp/2] dwords (probabilities of keys 2s, 2s+1), values vb: per
@@ -182,33 +160,28 @@ void attention(float* out, float* lse, bool merge, const float* q, const AttnKV&
 #ifdef K2_BF16DP
     dp = !g_exact;
 #endif
-    const int Dk2 = (Dk + 1) / 2, Dvp = ceil_div(Dv > 0 ? Dv : 1, 16) * 16;
+    const int Dvp = ceil_div(Dv > 0 ? Dv : 1, 16) * 16;
     // Transposed keys (and, dp, paired values): kept per thread up to 64 MB (a fresh buffer's page
     // faults cost ~40% of a 512-token call); beyond, where it grows like k itself, freed on
     // return. Uninitialised: the transposes write every element, padding included.
     static thread_local std::vector<float> kept;
     std::unique_ptr<float[]> big;
-    const size_t kfloats = dp ? (size_t)H * Dk2 * Sp + (size_t)H * (Sp / 2) * Dvp : (size_t)H * Dk * Sp;
+    const size_t kfloats = (size_t)H * Dk * Sp + (dp ? (size_t)H * (Sp / 2) * Dvp : 0);
     float* ktp = align64(kept_scratch(kept, big, kfloats + 32));
-    [[maybe_unused]] uint16_t* kb = (uint16_t*)ktp;                       // [H][Sp/32][Dk2][32][2]
-    [[maybe_unused]] uint16_t* vb = kb + (size_t)H * Dk2 * Sp * 2;         // [H][Sp/2][Dvp][2]
+    [[maybe_unused]] uint16_t* vb = (uint16_t*)(ktp + (size_t)H * Dk * Sp);   // [H][Sp/2][Dvp][2]
     #pragma omp parallel
     {
-        if (!dp) {
-            #pragma omp for schedule(static)
-            for (int h = 0; h < H; h++)
-                for (int s = 0; s < Sp; s++) {
-                    float* dst = ktp + (size_t)h * Dk * Sp + (size_t)(s / 32) * 32 * Dk + s % 32;
-                    for (int i = 0; i < Dk; i++) dst[32 * i] = s < S ? kval(s, h, i) : 0.f;
-                }
-        }
+        #pragma omp for schedule(static)
+        for (int h = 0; h < H; h++)
+            for (int s = 0; s < Sp; s++) {
+                float* dst = ktp + (size_t)h * Dk * Sp + (size_t)(s / 32) * 32 * Dk + s % 32;
+                for (int i = 0; i < Dk; i++) dst[32 * i] = s < S ? kval(s, h, i) : 0.f;
+            }
 #ifdef K2_BF16DP
-        else {
+        if (dp) {
             #pragma omp for schedule(static)
             for (int h = 0; h < H; h++)
                 for (int s = 0; s < Sp; s++) {
-                    uint16_t* dst = kb + (size_t)h * Dk2 * Sp * 2 + (size_t)(s / 32) * 64 * Dk2 + (s % 32) * 2;
-                    for (int i = 0; i < 2 * Dk2; i++) dst[64 * (i / 2) + i % 2] = s < S && i < Dk ? bf16_bits(kval(s, h, i)) : 0;
                     uint16_t* vd = vb + ((size_t)h * (Sp / 2) + s / 2) * Dvp * 2 + s % 2;
                     const float* vs = s < S ? vrow(s, h) : nullptr;
                     for (int c = 0; c < Dvp; c++) vd[2 * c] = vs && c < Dv ? bf16_bits(vs[c]) : 0;
@@ -220,7 +193,7 @@ void attention(float* out, float* lse, bool merge, const float* q, const AttnKV&
         // online softmax per query (running max m, sum l, rescaled accumulator acc).
         std::vector<float> sc((size_t)QB * KBLK + 32), qb((size_t)QS * Dk), ob((size_t)QB * Dv);
         std::vector<float> acc((size_t)QS * Dv), m(QS), l(QS), corr(QB);
-        std::vector<uint32_t> pb(dp ? (size_t)QB * KBLK / 2 : 0), qb2(dp ? (size_t)QS * Dk2 : 0);
+        std::vector<uint32_t> pb(dp ? (size_t)QB * KBLK / 2 : 0);
         const int nsb = ceil_div(T, QS);
         // later query blocks see more keys: hand them out first
         #pragma omp for schedule(dynamic, 1)
@@ -235,25 +208,12 @@ void attention(float* out, float* lse, bool merge, const float* q, const AttnKV&
                 l[j] = 0.f;
             }
             std::fill(acc.begin(), acc.end(), 0.f);
-#ifdef K2_BF16DP
-            if (dp)
-                for (int j = 0; j < QS; j++)
-                    for (int i = 0; i < Dk2; i++)
-                        qb2[(size_t)j * Dk2 + i] = bf16_bits(qb[(size_t)j * Dk + 2 * i]) |
-                            (2 * i + 1 < Dk ? (uint32_t)bf16_bits(qb[(size_t)j * Dk + 2 * i + 1]) << 16 : 0u);
-#endif
             for (int k0 = 0; k0 < smax; k0 += KBLK) {
                 for (int t0 = ts; t0 < ts + nqs; t0 += QB) {
                     const int nq = std::min(QB, ts + nqs - t0), jb = t0 - ts;
                     // keys of this block the block's last query sees
                     const int nmax = std::min(KBLK, std::max(0, std::min(S, q_offset + t0 + nq) - k0));
                     if (nmax == 0) continue;
-#ifdef K2_BF16DP
-                    if (dp)
-                        scores_block_dp(sc.data(), KBLK, qb2.data() + (size_t)jb * Dk2,
-                                        kb + (size_t)h * Dk2 * Sp * 2 + (size_t)k0 * 2 * Dk2, Dk2, nmax);
-                    else
-#endif
                     scores_block(sc.data(), KBLK, qb.data() + (size_t)jb * Dk, ktp + (size_t)h * Dk * Sp + (size_t)k0 * Dk,
                                  Dk, nmax);
                     for (int j = 0; j < QB; j++) {   // online softmax; P zero past each query's keys
