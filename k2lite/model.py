@@ -209,28 +209,30 @@ class Model:
 
     # Time per MAC of the expanded form, and of the absorbed one on an int8 cache, relative to
     # the absorbed form on a bf16 cache: measured at K2's shapes, 2 threads, 64-512 queries at
-    # depth 0-8K (benchmarks/bench_mla.py --prefill): the absorbed form runs at the dot-product
+    # depth 0-32K (benchmarks/bench_mla.py --prefill): the absorbed form runs at the dot-product
     # peak on L2-resident blocks of the latent; the expanded one also pays kv_b's output, the
     # key/value transposes and a softmax per head; int8 runs vpdpbusd (64 MACs an instruction).
     # The absorbed form handles each query as a sequence of its own, with a fixed cost per
     # query of about a block of keys (ABSORBED_QUERY_KEYS, at most the history): it loses on
     # short histories.
-    EXPANDED_MAC_COST, INT8_MAC_COST, ABSORBED_QUERY_KEYS = 1.3, 0.8, 128
+    EXPANDED_MAC_COST, INT8_MAC_COST, ABSORBED_QUERY_KEYS = 1.9, 0.67, 256
 
     def prefill_form(self, T: int, S: int, cache_dtype) -> str:
         """"expanded" or "absorbed" for a chunk of T queries (the last T of S cached tokens), by
         MACs over the P (query, key) pairs the causal mask leaves: expanded S·C·H·(N+V) (kv_b
         over the cache, shared by the chunk) + P·H·(N+R+V); absorbed P·H·(2C+R) + T·H·C·(N+V)
         (W_UK into the queries, W_UV after), weighed by their measured time per MAC (above).
-        K2: absorbed below ~150 queries a chunk (bf16 cache) or ~250 (int8), expanded above."""
+        K2, 512-query chunks: expanded at the start of a prompt; at depth, absorbed on an int8
+        cache, about even on bf16; smaller chunks at depth take the absorbed form."""
         cfg = self.config
         H, N, R, C, V = (cfg.num_attention_heads, cfg.qk_nope_head_dim, cfg.qk_rope_head_dim,
                          cfg.kv_lora_rank, cfg.v_head_dim)
         P = T * (S - T) + T * (T + 1) // 2
         expanded = (S * C * H * (N + V) + P * H * (N + R + V)) * self.EXPANDED_MAC_COST
-        absorbed = (P + T * min(S, self.ABSORBED_QUERY_KEYS)) * H * (2 * C + R) + T * H * C * (N + V)
+        latent = (P + T * min(S, self.ABSORBED_QUERY_KEYS)) * H * (2 * C + R)   # over the cache
         if np.dtype(cache_dtype) == np.int8:
-            absorbed *= self.INT8_MAC_COST
+            latent *= self.INT8_MAC_COST
+        absorbed = latent + T * H * C * (N + V)                                  # W_UK, W_UV
         return "absorbed" if absorbed < expanded else "expanded"
 
     # ------------------------------------------------------------ feed-forward
