@@ -55,6 +55,21 @@ inline __m512 hsum16(const __m512* v) {
                          _mm512_shuffle_f32x4(w01, w23, _MM_SHUFFLE(3, 1, 3, 1)));
 }
 
+// The same for int32 lanes (exact integer sums; the same shuffles).
+inline __m512i hsum16i(const __m512i* v) {
+    __m512i x[8], z[4];
+    for (int k = 0; k < 8; k++)
+        x[k] = _mm512_add_epi32(_mm512_unpacklo_epi32(v[2 * k], v[2 * k + 1]), _mm512_unpackhi_epi32(v[2 * k], v[2 * k + 1]));
+    for (int k = 0; k < 4; k++)
+        z[k] = _mm512_add_epi32(_mm512_unpacklo_epi64(x[2 * k], x[2 * k + 1]), _mm512_unpackhi_epi64(x[2 * k], x[2 * k + 1]));
+    const __m512i w01 = _mm512_add_epi32(_mm512_shuffle_i32x4(z[0], z[1], _MM_SHUFFLE(2, 0, 2, 0)),
+                                         _mm512_shuffle_i32x4(z[0], z[1], _MM_SHUFFLE(3, 1, 3, 1)));
+    const __m512i w23 = _mm512_add_epi32(_mm512_shuffle_i32x4(z[2], z[3], _MM_SHUFFLE(2, 0, 2, 0)),
+                                         _mm512_shuffle_i32x4(z[2], z[3], _MM_SHUFFLE(3, 1, 3, 1)));
+    return _mm512_add_epi32(_mm512_shuffle_i32x4(w01, w23, _MM_SHUFFLE(2, 0, 2, 0)),
+                            _mm512_shuffle_i32x4(w01, w23, _MM_SHUFFLE(3, 1, 3, 1)));
+}
+
 // Scores of a 4x4 tile, lane 4i+j (head i, token j), to rows of S (BS apart).
 inline void store_tile(float* s, __m512 r) {
     _mm_storeu_ps(s, _mm512_extractf32x4_ps(r, 0));
@@ -158,7 +173,7 @@ inline void score_tile_bf16(float* s, const uint16_t* q, int Wq, const char* con
 }
 
 // int8 rows: lane 4i+j = Σ_{c<n} q_i[c] · row_j[off + c] (unsigned query codes, rows Qs apart
-// and zero past n; signed row codes), exact integer sums (< 2^24) as float.
+// and zero past n; signed row codes), exact integer sums, as float.
 inline __m512 score_tile_q8(const uint8_t* q, int Qs, const char* const* row, int off, int n) {
     const int8_t *r0 = (const int8_t*)row[0] + off, *r1 = (const int8_t*)row[1] + off;
     const int8_t *r2 = (const int8_t*)row[2] + off, *r3 = (const int8_t*)row[3] + off;
@@ -178,9 +193,7 @@ inline __m512 score_tile_q8(const uint8_t* q, int Qs, const char* const* row, in
     }
 #undef K2_QK_HEAD
     const __m512i ai[16] = K2_TILE_ARRAY;
-    __m512 a[16];
-    for (int k = 0; k < 16; k++) a[k] = _mm512_cvtepi32_ps(ai[k]);
-    return hsum16(a);
+    return _mm512_cvtepi32_ps(hsum16i(ai));   // |sum| <= 127·255·n: exact in int32
 }
 
 // Interleaved block scratch: X[g][k][v] (64 bytes each) for token group g (2 bf16 / 4 int8
