@@ -43,7 +43,14 @@ WEIGHTS = click.option(
          "(fastest decode, costs their size in RAM).")
 
 
+KV_CACHE = click.option(
+    "--kv-cache", type=click.Choice(["bf16", "int8", "f32"]), default=None,
+    help="Latent KV cache type (default: bf16 where the CPU has AVX512-BF16, else f32); int8 "
+         "halves bf16's memory and is the fastest attention at long context.")
+
+
 def model_options(f):
+    f = KV_CACHE(f)
     f = WEIGHTS(f)
     f = click.option("--threads", "-t", type=click.IntRange(1), help="CPU threads for the kernels (default: physical cores, or OMP_NUM_THREADS).")(f)
     f = click.option("--device", type=click.Choice(["cpu", "cuda", "ref"]), default="cpu", show_default=True)(f)
@@ -89,10 +96,10 @@ def weight_mode(weights: str) -> dict:
     return {"mmap": dict(), "load": dict(mmap=False), "repack": dict(repack=True)}[weights]
 
 
-def load_model(model, device="cpu", threads=None, weights="mmap", chat_template=None):
+def load_model(model, device="cpu", threads=None, weights="mmap", chat_template=None, kv_cache=None):
     from .llm import default_model_dir, load
     return load(model or default_model_dir(), device=device, threads=threads, chat_template=chat_template,
-                **weight_mode(weights))
+                kv_cache=kv_cache, **weight_mode(weights))
 
 
 def sampling(kw) -> dict:
@@ -139,12 +146,13 @@ def show_chat(stream, tty: bool, reasoning: bool):
               "when the checkpoint has one, raw for base models such as K2 Base and k2-nano).")
 @template_options
 @click.option("--json", "as_json", is_flag=True, help="Print one OpenAI-shaped JSON object.")
-def generate(prompt, model, device, threads, weights, chat, chat_template, template_kwargs, as_json, **kw):
+def generate(prompt, model, device, threads, weights, kv_cache, chat, chat_template, template_kwargs, as_json,
+             **kw):
     """Complete PROMPT (or stdin), streaming the text as it is produced."""
     if prompt is None and not sys.stdin.isatty():
         prompt = sys.stdin.read()
     prompt = prompt or DEFAULT_PROMPT
-    llm = load_model(model, device, threads, weights, chat_template)
+    llm = load_model(model, device, threads, weights, chat_template, kv_cache)
     chat = llm.is_chat_model if chat is None else chat
     if chat and not llm.is_chat_model:
         raise click.UsageError(f"{llm.path} has no chat template (a base model): drop --chat, or give "
@@ -178,9 +186,9 @@ def generate(prompt, model, device, threads, weights, chat, chat_template, templ
 @model_options
 @sampling_options
 @template_options
-def chat(model, device, threads, weights, chat_template, template_kwargs, **kw):
+def chat(model, device, threads, weights, kv_cache, chat_template, template_kwargs, **kw):
     """Interactive multi-turn chat. /reset clears the history, /exit quits, Ctrl-C stops an answer."""
-    llm = load_model(model, device, threads, weights, chat_template)
+    llm = load_model(model, device, threads, weights, chat_template, kv_cache)
     if not llm.is_chat_model:
         raise click.UsageError(f"{llm.path} has no chat template (a base model): use k2lite generate, "
                                "or give one with --chat-template FILE|NAME")
@@ -243,11 +251,12 @@ def info(path, context):
 @click.option("--device", type=click.Choice(["cpu", "cuda", "ref"]), default="cpu", show_default=True)
 @click.option("--threads", "-t", type=click.IntRange(1))
 @WEIGHTS
-def bench(path, n_prompt, n_gen, repeats, bw_bytes, device, threads, weights):
+@KV_CACHE
+def bench(path, n_prompt, n_gen, repeats, bw_bytes, device, threads, weights, kv_cache):
     """Prompt-processing and generation tokens/s (llama-bench), with memory-bandwidth use."""
     from .info import bench as run_bench, human, measure_bandwidth, model_info
     mi = model_info(path)
-    llm = load_model(path, device, threads, weights)
+    llm = load_model(path, device, threads, weights, kv_cache=kv_cache)
     results = run_bench(llm, n_prompt, n_gen, repeats)
     name = os.path.basename(os.path.normpath(path))
     click.echo("| model | size | params | backend | threads | test | t/s |")
@@ -272,12 +281,13 @@ def bench(path, n_prompt, n_gen, repeats, bw_bytes, device, threads, weights):
 @click.option("--max-tokens", type=click.IntRange(2), help="Score only the first N tokens of the file.")
 @click.option("--device", type=click.Choice(["cpu", "cuda", "ref"]), default="cpu", show_default=True)
 @click.option("--threads", "-t", type=click.IntRange(1))
-def perplexity(path, file, ctx, max_tokens, device, threads):
+@KV_CACHE
+def perplexity(path, file, ctx, max_tokens, device, threads, kv_cache):
     """Mean negative log-likelihood, perplexity and bits per byte of a text file, in --ctx windows."""
     import math
 
     from .generate import perplexity as ppl
-    llm = load_model(path, device, threads)
+    llm = load_model(path, device, threads, kv_cache=kv_cache)
     if llm.tokenizer is None:
         raise click.UsageError(f"{path} has no tokenizer (tiktoken.model)")
     with open(file, encoding="utf-8") as f:
@@ -340,7 +350,7 @@ def api_keys(keys, key_file) -> list:
 @click.option("--max-connections", type=click.IntRange(1), default=1024, show_default=True,
               help="Open connections at most; requests beyond get 503.")
 @template_options
-def serve(model, device, threads, weights, revision, host, port, max_batch, context, cache_tokens, max_queue,
+def serve(model, device, threads, weights, kv_cache, revision, host, port, max_batch, context, cache_tokens, max_queue,
           default_max_tokens, keys, api_key_file, names, max_connections, chat_template, template_kwargs):
     """OpenAI-compatible server and chat page: /, /v1/chat/completions, /v1/completions, /v1/models, /health, /metrics.
     --chat-template-kwargs are the defaults a request's chat_template_kwargs go over."""
@@ -359,7 +369,7 @@ def serve(model, device, threads, weights, revision, host, port, max_batch, cont
     ctx = int(context or min(Config.from_json(os.path.join(path, "config.json")).max_position_embeddings, 1 << 20))
     # room for max_batch whole contexts at most; the pool grows only as pages are used
     llm = load(path, device=device, threads=threads, context=ctx, max_cache_tokens=cache_tokens or max_batch * ctx,
-               chat_template=chat_template, **weight_mode(weights))
+               chat_template=chat_template, kv_cache=kv_cache, **weight_mode(weights))
     run(llm, host=host, port=port, max_batch=max_batch, max_queue=max_queue, default_max_tokens=default_max_tokens,
         api_keys=api_keys(keys, api_key_file), model_name=names, max_connections=max_connections,
         chat_template_kwargs=template_kwargs)

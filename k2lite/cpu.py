@@ -23,6 +23,7 @@ from . import _cpu, ref  # noqa: E402
 from .checks import activation as _act, bf16_args, cdiv as _cdiv, fp8_args, int4_args  # noqa: E402
 from .checks import fp8_weight as _fp8_weight, group_scales as _group_scales, weight as _weight  # noqa: E402
 from .formats import Fp8Tensor, Int4Tensor, tiled_bf16_shape
+from .kvcache import kv8_row_bytes
 
 SIMD = _cpu.simd
 
@@ -240,6 +241,57 @@ def attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, scale: float, q_offse
     return out
 
 
+def attention_partial(q: np.ndarray, k: np.ndarray, v: np.ndarray, scale: float, q_offset: int,
+                      prev=None) -> tuple:
+    """attention() over one block of keys with each query's log-sum-exp, merged with prev =
+    (out, lse) of other blocks; see ref.attention_partial."""
+    q, k, v = _act(q, "q", 3), _act(k, "k", 3), _act(v, "v", 3)
+    if k.shape[1:] != q.shape[1:] or v.shape[:2] != k.shape[:2]:
+        raise ValueError(f"attention: shapes q {q.shape}, k {k.shape}, v {v.shape} do not agree")
+    return _partial(lambda *a: _cpu.attention_lse(*a[:4], k, v, *a[5:]), q, v.shape[2], scale, q_offset, prev)
+
+
+def mla_attention_partial(q: np.ndarray, kv: np.ndarray, k_pe: np.ndarray, scale: float, q_offset: int,
+                          prev=None) -> tuple:
+    """MLA's expanded form over one block of the history, keys and values read in place from kv
+    (no per-head copy); see ref.mla_attention_partial."""
+    q, kv, k_pe = _act(q, "q", 3), _act(kv, "kv", 3), _act(k_pe, "k_pe", 2)
+    t, h, dk = q.shape
+    n = dk - k_pe.shape[1]
+    if kv.shape[1] != h or k_pe.shape[0] != kv.shape[0] or not 0 <= n <= kv.shape[2]:
+        raise ValueError(f"mla_attention: shapes q {q.shape}, kv {kv.shape}, k_pe {k_pe.shape} do not agree")
+    return _partial(lambda o, l, m, qq, _, sc, off: _cpu.mla_attention_lse(o, l, m, qq, kv, k_pe, n, sc, off),
+                    q, kv.shape[2] - n, scale, q_offset, prev)
+
+
+def _partial(run, q, dv, scale, q_offset, prev):
+    """out, lse of run(out, lse, merge, q, None, scale, q_offset) over the queries that see a key
+    (a block may lie past the first ones: q_offset < 0), merged with prev."""
+    t, h = q.shape[:2]
+    if prev is None:
+        out, lse = np.empty((t, h, dv), np.float32), np.empty((t, h), np.float32)
+    else:
+        out, lse = np.array(prev[0], np.float32, order="C"), np.array(prev[1], np.float32, order="C")
+        if out.shape != (t, h, dv) or lse.shape != (t, h):
+            raise ValueError(f"prev: expected out {(t, h, dv)} and lse {(t, h)}, got {out.shape} {lse.shape}")
+    # a block past the first queries: those see no key of it (lse -inf, merged as nothing)
+    off = int(q_offset)
+    skip = max(0, -off)
+    if skip >= t:
+        if prev is None:
+            out[:], lse[:] = 0, -np.inf
+        return out, lse
+    if skip:
+        if prev is None:
+            out[:skip], lse[:skip] = 0, -np.inf
+        o2, l2 = np.ascontiguousarray(out[skip:]), np.ascontiguousarray(lse[skip:])
+        run(o2, l2, prev is not None, np.ascontiguousarray(q[skip:]), None, float(scale), 0)
+        out[skip:], lse[skip:] = o2, l2
+        return out, lse
+    run(out, lse, prev is not None, q, None, float(scale), off)
+    return out, lse
+
+
 def _kv_b(q, kv_b):
     kv_b = np.asarray(kv_b)
     if kv_b.ndim != 2 or q.shape[1] == 0 or kv_b.shape[0] % q.shape[1]:
@@ -283,12 +335,14 @@ def mla_decode(q_latent: np.ndarray, q_pe: np.ndarray, pool: np.ndarray, page_ta
     if q_pe.shape[:2] != (b, h):
         raise ValueError(f"q_pe: expected shape ({b}, {h}, R), got {q_pe.shape}")
     r = q_pe.shape[2]
-    if pool.dtype != np.uint16:    # float32 rows, or bf16 bits (a bf16 cache) read as they are
+    if pool.dtype not in (np.uint16, np.int8):   # float32 rows; bf16 bits and int8 rows read as they are
         pool = _act(pool, "pool", 3)   # the cache is float32 already; no copy then
     elif pool.ndim != 3 or not pool.flags.c_contiguous:
-        raise ValueError(f"pool: expected a C-contiguous [pages, page, C+R] array, got {pool.shape}")
-    if pool.shape[2] != c + r:
-        raise ValueError(f"pool: expected last dim C+R = {c + r}, got {pool.shape}")
+        raise ValueError(f"pool: expected a C-contiguous [pages, page, row] array, got {pool.shape}")
+    row = kv8_row_bytes(c + r) if pool.dtype == np.int8 else c + r
+    if pool.shape[2] != row:
+        raise ValueError(f"pool: expected last dim {row} ({'kv8_row_bytes(C+R)' if pool.dtype == np.int8 else 'C+R'}),"
+                         f" got {pool.shape}")
     page_table = _act(page_table, "page_table", 2, np.int32)
     lengths = _act(lengths, "lengths", 1, np.int32)
     if page_table.shape[0] != b or lengths.shape != (b,):

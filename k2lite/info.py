@@ -40,6 +40,12 @@ class ModelInfo:
         c = self.config
         return c.num_hidden_layers * (c.kv_lora_rank + c.qk_rope_head_dim)
 
+    def kv8_bytes_per_token(self) -> int:
+        """An int8 cache row per layer: codes plus two scales and two code sums (kvcache.kv8_row_bytes)."""
+        from .kvcache import kv8_row_bytes
+        c = self.config
+        return c.num_hidden_layers * kv8_row_bytes(c.kv_lora_rank + c.qk_rope_head_dim)
+
     def mha_kv_elems_per_token(self) -> int:
         """Plain multi-head attention would cache full per-head keys (nope+rope) and values."""
         c = self.config
@@ -165,7 +171,8 @@ def summary(info: ModelInfo, context: int) -> str:
         f"KV per token   latent {kv} values = {human(2 * kv)} bf16 / {human(4 * kv)} f32; plain MHA "
         f"would need {mha} = {human(2 * mha)} bf16 ({mha / kv:.1f}x)",
         f"at {context} tokens  KV {human(2 * kv * context)} bf16 (k2lite's cache on AVX512-BF16 CPUs) / "
-        f"{human(4 * kv * context)} f32; weights + bf16 KV = {human(info.context_bytes(context, 2))}",
+        f"{human(4 * kv * context)} f32 / {human(info.kv8_bytes_per_token() * context)} int8 (--kv-cache int8); "
+        f"weights + bf16 KV = {human(info.context_bytes(context, 2))}",
     ]
     return "\n".join(lines)
 

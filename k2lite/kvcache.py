@@ -1,14 +1,17 @@
 """The paged latent KV cache.
 
 MLA caches one row per token per layer: the normalised latent c (kv_lora_rank) followed by
-the rotated rope key k_pe (qk_rope_head_dim): 576 values for K2, float32 or bf16 (uint16 bits,
-rounded on write: the backend's ops.cache_dtype). Rows live in fixed-size
+the rotated rope key k_pe (qk_rope_head_dim): 576 values for K2, float32, bf16 (uint16 bits,
+rounded on write: the backend's ops.cache_dtype, the default) or int8 (kv8_quantize: codes
+with a scale for c and one for k_pe per token, 592 bytes a K2 row against 1152 for bf16;
+load(kv_cache="int8")). Rows live in fixed-size
 pages of `page_size` tokens taken from one pool shared by every sequence; each sequence owns
 a list of page ids (its page table), the same ids in every layer. A sequence that closes
 returns its pages at once, so many conversations of different lengths share the memory
 without fragmentation (vLLM's PagedAttention idea, applied to the latent).
 
     pool: [layers, pages, page_size, width]   float32, or uint16 (bf16 bits)
+          [layers, pages, page_size, kv8_row_bytes(width)]   int8 rows
 """
 from __future__ import annotations
 
@@ -17,6 +20,50 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from .formats import bf16_to_f32, f32_to_bf16
+
+
+# ---------------------------------------------------------------- int8 rows
+# An int8 row holds the W = C+R codes round(x / s), |code| <= 127, with s = absmax / 127 taken
+# separately over the latent c (C values) and the rope key (R values: another scale of numbers),
+# then, from byte kv8_meta(W), float32 s_c, s_r and int32 sums of the c and of the k_pe codes
+# (the VNNI kernel takes the query as unsigned codes + 128 and subtracts 128 · these sums).
+# Per-token scales keep each score one integer dot product (src/common.h, mla_decode.cpp).
+def kv8_meta(width: int) -> int:
+    return (width + 3) // 4 * 4
+
+
+def kv8_row_bytes(width: int) -> int:
+    return kv8_meta(width) + 16
+
+
+def kv8_quantize(rows: np.ndarray, c: int) -> np.ndarray:
+    """float rows [..., W] (latent c = the first c values) -> int8 rows [..., kv8_row_bytes(W)]."""
+    rows = np.asarray(rows, np.float32)
+    w = rows.shape[-1]
+    x = rows.reshape(-1, w)
+    out = np.zeros((x.shape[0], kv8_row_bytes(w)), np.int8)
+    meta = out[:, kv8_meta(w):].view(np.float32)      # [n, 4]: s_c, s_r, then the sums' bits
+    for k, (a, b) in enumerate(((0, c), (c, w))):
+        amax = np.max(np.abs(x[:, a:b]), axis=1, initial=0.0)
+        inv = np.where(amax > 0, np.float32(127) / np.maximum(amax, np.float32(1e-30)), 0).astype(np.float32)
+        codes = np.clip(np.rint(x[:, a:b] * inv[:, None]), -127, 127).astype(np.int8)
+        out[:, a:b] = codes
+        meta[:, k] = amax / np.float32(127)
+        meta.view(np.int32)[:, 2 + k] = codes.sum(axis=1, dtype=np.int32)
+    return out.reshape(rows.shape[:-1] + (out.shape[1],))
+
+
+def kv8_dequantize(rows: np.ndarray, c: int, width: int) -> np.ndarray:
+    """int8 rows [..., kv8_row_bytes(width)] -> float32 [..., width]: code · its part's scale."""
+    x = np.ascontiguousarray(rows).reshape(-1, rows.shape[-1])
+    s = np.ascontiguousarray(x[:, kv8_meta(width):kv8_meta(width) + 8]).view(np.float32)   # [n, 2]
+    out = x[:, :width].astype(np.float32)
+    out[:, :c] *= s[:, :1]
+    out[:, c:] *= s[:, 1:]
+    return out.reshape(rows.shape[:-1] + (width,))
+
+
+KV_DTYPES = {"f32": np.float32, "bf16": np.uint16, "int8": np.int8}
 
 
 def common_prefix(a, b) -> int:
@@ -40,11 +87,19 @@ class SeqState:
 
 class PagedKVCache:
     def __init__(self, n_layers: int, width: int, page_size: int = 64, max_pages: int = 1024,
-                 initial_pages: int = 16, dtype=np.float32):
+                 initial_pages: int = 16, dtype=np.float32, latent: int | None = None):
+        """dtype float32, uint16 (bf16 bits) or int8 (kv8 rows; latent = C, the width of c)."""
         if page_size < 1 or max_pages < 1:
             raise ValueError("page_size and max_pages must be positive")
+        dtype = np.dtype(dtype)
+        if dtype not in (np.float32, np.uint16, np.int8):
+            raise ValueError(f"dtype: expected float32, uint16 (bf16) or int8, got {dtype}")
+        if dtype == np.int8 and not (latent is not None and 0 < latent <= width):
+            raise ValueError(f"latent: an int8 cache needs the latent width (0 < latent <= {width}), got {latent}")
         self.n_layers, self.width, self.page_size, self.max_pages = n_layers, width, page_size, max_pages
-        self.pool = np.zeros((n_layers, min(initial_pages, max_pages), page_size, width), dtype)
+        self.latent = latent
+        row = kv8_row_bytes(width) if dtype == np.int8 else width
+        self.pool = np.zeros((n_layers, min(initial_pages, max_pages), page_size, row), dtype)
         self.free_pages = list(range(self.pool.shape[1] - 1, -1, -1))   # pop() gives low ids first
 
     # ------------------------------------------------------------ allocation
@@ -129,12 +184,17 @@ class PagedKVCache:
 
     def write(self, layer: int, seqs, positions, rows: np.ndarray):
         pages, offs = self._slots(seqs, positions)
-        self.pool[layer, pages, offs] = f32_to_bf16(rows) if self.pool.dtype == np.uint16 else rows
+        dt = self.pool.dtype
+        self.pool[layer, pages, offs] = (f32_to_bf16(rows) if dt == np.uint16 else
+                                         kv8_quantize(rows, self.latent) if dt == np.int8 else rows)
 
-    def gather(self, layer: int, seq: SeqState, n: int) -> np.ndarray:
-        """The first n cached rows of one sequence, [n, width]."""
-        pages = np.asarray(seq.pages[:self.pages_for(n)], np.int64)
-        rows = self.pool[layer, pages].reshape(-1, self.width)[:n]
+    def gather(self, layer: int, seq: SeqState, n: int, start: int = 0) -> np.ndarray:
+        """Cached rows start..n-1 of one sequence, [n - start, width] float32."""
+        p0 = start // self.page_size
+        pages = np.asarray(seq.pages[p0:self.pages_for(n)], np.int64)
+        rows = self.pool[layer, pages].reshape(-1, self.pool.shape[-1])[start - p0 * self.page_size:n - p0 * self.page_size]
+        if rows.dtype == np.int8:
+            return kv8_dequantize(rows, self.latent, self.width)
         return bf16_to_f32(rows) if rows.dtype == np.uint16 else rows
 
     def page_table(self, seqs):

@@ -14,7 +14,7 @@ import numpy as np
 from . import ops
 from .config import Config
 from .errors import ModelFormatError
-from .kvcache import PagedKVCache, SeqState, common_prefix
+from .kvcache import KV_DTYPES, PagedKVCache, SeqState, common_prefix
 from .loader import Checkpoint, load_weights
 from .model import Model
 
@@ -111,7 +111,7 @@ class LLM(GenerationMixin):
     def __init__(self, path: str, device: str = "cpu", threads: int | None = None,
                  context: int | None = None, page_size: int = 64, max_cache_tokens: int | None = None,
                  prefill_chunk: int = 256, mmap: bool = True, repack: bool = False,
-                 chat_template: str | None = None):
+                 chat_template: str | None = None, kv_cache: str | None = None):
         self.path = path
         if not os.path.isdir(path):
             raise ModelFormatError(f"{path}: not a checkpoint folder (config.json + *.safetensors)")
@@ -147,8 +147,15 @@ class LLM(GenerationMixin):
         self.context = int(context or min(self.config.max_position_embeddings, 1 << 20))
         cap = max_cache_tokens or max(self.context, 4096)
         width = self.config.kv_lora_rank + self.config.qk_rope_head_dim
+        # kv_cache: "bf16" | "int8" | "f32", or None: the backend's (bf16 where the BF16 matmuls
+        # take bf16 activations, else f32). int8 halves bf16's bytes (kvcache.kv8_quantize).
+        if kv_cache is not None and kv_cache not in KV_DTYPES:
+            raise ValueError(f"kv_cache: expected one of {', '.join(KV_DTYPES)}, not {kv_cache!r}")
+        if kv_cache not in (None, "f32") and backend == "cuda":
+            raise ValueError(f"kv_cache: the cuda backend keeps a float32 cache, not {kv_cache}")
+        dtype = KV_DTYPES[kv_cache] if kv_cache else self.ops.cache_dtype()
         self.cache = PagedKVCache(self.config.num_hidden_layers, width, page_size,
-                                  max_pages=-(-cap // page_size), dtype=self.ops.cache_dtype())
+                                  max_pages=-(-cap // page_size), dtype=dtype, latent=self.config.kv_lora_rank)
         self.tokenizer = self._load_tokenizer(path)
         if self.tokenizer is not None and self.tokenizer.vocab_size > self.config.vocab_size:
             raise ModelFormatError(f"{path}: the tokenizer has {self.tokenizer.vocab_size} ids, more than "

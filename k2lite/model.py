@@ -5,7 +5,7 @@ What differs from a textbook pre-norm transformer:
     rotary key k_pe shared by all heads), and only that is cached: 576 numbers per token and
     layer instead of 64 heads × (192 + 128). Prefill expands c back to per-head k/v with
     kv_b_proj; decode instead folds kv_b_proj into the query and the output ("absorbed"), so
-    it attends over the latent directly (K2_SPEC §3.2, §3.4).
+    it attends over the latent directly (docs/architecture.md#mla-expanded, #mla-absorbed).
   * YaRN RoPE on the 64 rotary dims only, in DeepSeek's interleaved pair order, and a softmax
     scale multiplied by YaRN's mscale² (0.1447 for K2, not 1/sqrt(192)).
   * Mixture of experts: a sigmoid router picks top-k of 384 experts with a bias that is used
@@ -149,31 +149,91 @@ class Model:
             trace("q_nope", layer, q_nope); trace("q_pe", layer, q_pe)
             trace("kv_latent", layer, kv_latent); trace("k_pe", layer, k_pe[:, 0])
 
-        if pages is not None:
-            # absorbed: fold W_UK into the query, attend over the latent, then apply W_UV
-            kv_b = attn.kv_b_proj
-            if getattr(kv_b, "dtype", None) != np.uint16:      # FP8/INT4: widened once, kept
-                if attn.kv_b_f32 is None:
-                    attn.kv_b_f32 = ops.dense(kv_b)
-                kv_b = attn.kv_b_f32
-            q_latent = ops.mla_absorb_q(q_nope, kv_b)                         # [B, H, C]
-            table, lengths = pages
-            u = ops.mla_decode(q_latent, np.ascontiguousarray(q_pe), cache.pool[layer], table,
-                               lengths, self.scale)                          # [B, H, C]
-            o = ops.mla_absorb_o(u, kv_b, N)                                 # [B, H, V]
-        else:
-            # expanded (prefill) form for one sequence: rebuild per-head keys and values
-            seq = seqs[0]
-            kv_all = cache.gather(layer, seq, int(positions[-1]) + 1)       # [S, C+R]
-            S = kv_all.shape[0]
-            kv = ops.linear(np.ascontiguousarray(kv_all[:, :C]), attn.kv_b_proj).reshape(S, H, N + V)
-            k = np.concatenate([kv[..., :N], np.broadcast_to(kv_all[:, None, C:], (S, H, R))], -1)
-            q_full = np.concatenate([q_nope, q_pe], axis=-1)
-            o = ops.attention(np.ascontiguousarray(q_full), np.ascontiguousarray(k),
-                              np.ascontiguousarray(kv[..., N:]), self.scale, int(positions[0]))
+        if pages is not None:       # decode: B sequences, one query each
+            o = self.mla_absorbed(attn, q_nope, q_pe, cache.pool[layer], *pages)
+        else:                       # prefill chunk of one sequence: the cheaper form
+            seq, S = seqs[0], int(positions[-1]) + 1
+            if self.prefill_form(T, S, cache.pool.dtype) == "absorbed":
+                table, _ = cache.page_table([seq])
+                o = self.mla_absorbed(attn, q_nope, q_pe, cache.pool[layer], np.repeat(table, T, axis=0),
+                                      (positions + 1).astype(np.int32))
+            else:
+                o = self.mla_expanded(attn, q_nope, q_pe, lambda a, b: cache.gather(layer, seq, b, a), S,
+                                      int(positions[0]))
+                # the chunk's last token through the decode kernel: the two forms round differently
+                # (bf16 dot products), and a prompt that comes back (prompt caching, a fixed seed)
+                # recomputes only its last token, as a decode step: bit for bit the same logits
+                table, _ = cache.page_table([seq])
+                o[-1:] = self.mla_absorbed(attn, q_nope[-1:], q_pe[-1:], cache.pool[layer], table,
+                                           np.array([S], np.int32))
         if trace:
             trace("attn_heads", layer, o)
         return ops.linear(np.ascontiguousarray(o.reshape(T, H * V)), attn.o_proj)
+
+    def mla_absorbed(self, attn: Attention, q_nope, q_pe, pool, table, lengths):
+        """Absorbed form: fold W_UK into each query, attend over the cached latent (mla_decode:
+        one query per row of table/lengths, which may be the same sequence at successive
+        lengths), then apply W_UV. [B,H,N], [B,H,R] -> [B,H,V]."""
+        ops, N = self.ops, self.config.qk_nope_head_dim
+        kv_b = attn.kv_b_proj
+        if getattr(kv_b, "dtype", None) != np.uint16:      # FP8/INT4: widened once, kept
+            if attn.kv_b_f32 is None:
+                attn.kv_b_f32 = ops.dense(kv_b)
+            kv_b = attn.kv_b_f32
+        q_latent = ops.mla_absorb_q(np.ascontiguousarray(q_nope), kv_b)       # [B, H, C]
+        u = ops.mla_decode(q_latent, np.ascontiguousarray(q_pe), pool, table, lengths, self.scale)
+        return ops.mla_absorb_o(u, kv_b, N)
+
+    # history tokens per block of the expanded form: bounds the per-head keys and values built
+    # at once (K2: 4096 x 64 heads x (192 + 128) floats = 335 MB) whatever the context
+    PREFILL_BLOCK = 4096
+
+    def mla_expanded(self, attn: Attention, q_nope, q_pe, rows, S: int, q0: int):
+        """Expanded form for T queries at positions q0.. over S cached tokens (rows(a, b): the
+        cached rows a..b-1, float32): kv_b rebuilds per-head keys and values, a block of
+        PREFILL_BLOCK history tokens at a time, and the blocks' partial softmaxes are merged
+        (ops.attention_partial). [T,H,N], [T,H,R] -> [T,H,V]."""
+        cfg, ops = self.config, self.ops
+        H, N, R, C, V = (cfg.num_attention_heads, cfg.qk_nope_head_dim, cfg.qk_rope_head_dim,
+                         cfg.kv_lora_rank, cfg.v_head_dim)
+        q_full = np.ascontiguousarray(np.concatenate([q_nope, q_pe], axis=-1))
+        acc = None
+        for b0 in range(0, S, self.PREFILL_BLOCK):
+            kv_all = rows(b0, min(S, b0 + self.PREFILL_BLOCK))                # [n, C+R]
+            n = kv_all.shape[0]
+            kv = ops.linear(np.ascontiguousarray(kv_all[:, :C]), attn.kv_b_proj).reshape(n, H, N + V)
+            # keys: kv's N dims per head and the rope key k_pe shared by all heads; values: kv's V
+            acc = ops.mla_attention_partial(q_full, kv, np.ascontiguousarray(kv_all[:, C:]), self.scale,
+                                            q0 - b0, acc)
+        return acc[0]
+
+    # Time per MAC of the expanded form, and of the absorbed one on an int8 cache, relative to
+    # the absorbed form on a bf16 cache: measured at K2's shapes, 2 threads, 64-512 queries at
+    # depth 0-32K (benchmarks/bench_mla.py --prefill): the absorbed form runs at the dot-product
+    # peak on L2-resident blocks of the latent; the expanded one also pays kv_b's output, the
+    # key/value transposes and a softmax per head; int8 runs vpdpbusd (64 MACs an instruction).
+    # The absorbed form handles each query as a sequence of its own, with a fixed cost per
+    # query of about a block of keys (ABSORBED_QUERY_KEYS, at most the history): it loses on
+    # short histories.
+    EXPANDED_MAC_COST, INT8_MAC_COST, ABSORBED_QUERY_KEYS = 1.9, 0.67, 256
+
+    def prefill_form(self, T: int, S: int, cache_dtype) -> str:
+        """"expanded" or "absorbed" for a chunk of T queries (the last T of S cached tokens), by
+        MACs over the P (query, key) pairs the causal mask leaves: expanded S·C·H·(N+V) (kv_b
+        over the cache, shared by the chunk) + P·H·(N+R+V); absorbed P·H·(2C+R) + T·H·C·(N+V)
+        (W_UK into the queries, W_UV after), weighed by their measured time per MAC (above).
+        K2, 512-query chunks: expanded at the start of a prompt; at depth, absorbed on an int8
+        cache, about even on bf16; smaller chunks at depth take the absorbed form."""
+        cfg = self.config
+        H, N, R, C, V = (cfg.num_attention_heads, cfg.qk_nope_head_dim, cfg.qk_rope_head_dim,
+                         cfg.kv_lora_rank, cfg.v_head_dim)
+        P = T * (S - T) + T * (T + 1) // 2
+        expanded = (S * C * H * (N + V) + P * H * (N + R + V)) * self.EXPANDED_MAC_COST
+        latent = (P + T * min(S, self.ABSORBED_QUERY_KEYS)) * H * (2 * C + R)   # over the cache
+        if np.dtype(cache_dtype) == np.int8:
+            latent *= self.INT8_MAC_COST
+        absorbed = latent + T * H * C * (N + V)                                  # W_UK, W_UV
+        return "absorbed" if absorbed < expanded else "expanded"
 
     # ------------------------------------------------------------ feed-forward
     def mlp(self, m: MLP, x):

@@ -21,7 +21,8 @@ from .formats import Fp8Tensor, Int4Tensor, TiledBF16
 # kernels a backend may provide; the composite ops below are built here from them, so the
 # choice of kernel by weight format happens in exactly one place (DeepSeek's linear())
 KERNELS = ("bf16_matmul", "bf16_tiled_matmul", "int4_matmul", "fp8_matmul", "f32_matmul", "rmsnorm",
-           "silu", "rope", "moe", "softmax", "attention", "mla_decode", "mla_absorb_q", "mla_absorb_o",
+           "silu", "rope", "moe", "softmax", "attention", "attention_partial", "mla_attention_partial", "mla_decode", "mla_absorb_q",
+           "mla_absorb_o",
            "cache_dtype")
 _cache: dict = {}
 

@@ -14,6 +14,7 @@ import numpy as np
 
 from .formats import (Fp8Tensor, Int4Tensor, TiledBF16, bf16_to_f32, dequantize_fp8, dequantize_int4,
                       dequantize_int4_arrays, tiled_bf16_shape, untile_bf16)
+from .kvcache import kv8_dequantize
 
 
 # ---------------------------------------------------------------- linear layers
@@ -91,7 +92,7 @@ def silu(x: np.ndarray) -> np.ndarray:
 
 def rope(x: np.ndarray, positions: np.ndarray, inv_freq: np.ndarray) -> np.ndarray:
     """Rotate interleaved pairs (2i, 2i+1) of x[T,H,R] by angle positions[t]·inv_freq[i].
-    This is DeepSeek's complex multiply on the weights' native pair order (K2_SPEC §3.3)."""
+    This is DeepSeek's complex multiply on the weights' native pair order (docs/architecture.md#rope-pairs)."""
     theta = positions.astype(np.float32)[:, None] * inv_freq[None, :]      # [T, R/2] fp32 angles
     cos, sin = np.cos(theta)[:, None, :], np.sin(theta)[:, None, :]         # [T, 1, R/2]
     x0, x1 = x[..., 0::2], x[..., 1::2]
@@ -145,6 +146,45 @@ def attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, scale: float, q_offse
     return np.einsum("hts,shd->thd", softmax(scores), v).astype(np.float32)
 
 
+def attention_partial(q: np.ndarray, k: np.ndarray, v: np.ndarray, scale: float, q_offset: int,
+                      prev=None) -> tuple:
+    """attention() over one block of keys (key s at position s; query t at q_offset + t, which
+    may be negative: a block past some queries), also returning each query's log-sum-exp of the
+    scaled scores, lse[T,H] (-inf where it sees no key). prev = (out, lse) of the other blocks of
+    the same queries: the result is then over all of them (online softmax). A long history is
+    attended block by block this way, its per-head keys and values never all held at once."""
+    T, S = q.shape[0], k.shape[0]
+    scores = np.einsum("thd,shd->hts", q, k) * np.float32(scale)            # [H, T, S]
+    future = np.arange(S)[None, :] > (q_offset + np.arange(T))[:, None]     # [T, S]
+    scores = np.where(future[None], -np.inf, scores)
+    mx = scores.max(axis=-1, initial=-np.inf)                               # [H, T]
+    p = np.exp(scores - np.where(np.isfinite(mx), mx, 0)[..., None])
+    l = p.sum(-1)
+    out = np.einsum("hts,shd->thd", p / np.where(l > 0, l, 1)[..., None], v).astype(np.float32)
+    with np.errstate(divide="ignore"):
+        lse = (mx + np.log(l)).T.astype(np.float32)                         # [T, H]
+    if prev is not None:
+        po, pl = prev
+        m = np.maximum(pl, lse)
+        m = np.where(np.isfinite(m), m, 0)
+        a, b = np.exp(pl - m), np.exp(lse - m)
+        out = ((po * a[..., None] + out * b[..., None]) / np.where(a + b > 0, a + b, 1)[..., None]).astype(np.float32)
+        with np.errstate(divide="ignore"):
+            lse = (m + np.log(a + b)).astype(np.float32)
+    return out, lse
+
+
+def mla_attention_partial(q: np.ndarray, kv: np.ndarray, k_pe: np.ndarray, scale: float, q_offset: int,
+                          prev=None) -> tuple:
+    """MLA's expanded form over one block of the history: q[T,H,N+R], kv[S,H,N+V] (kv_b over the
+    cached latent: per head N key dims, then V value dims), k_pe[S,R] (the rotated rope key,
+    shared by the heads). attention_partial with k = kv[..., :N] | k_pe, v = kv[..., N:]."""
+    S, H = kv.shape[:2]
+    N = q.shape[2] - k_pe.shape[1]
+    k = np.concatenate([kv[..., :N], np.broadcast_to(k_pe[:, None, :], (S, H, k_pe.shape[1]))], -1)
+    return attention_partial(q, k, kv[..., N:], scale, q_offset, prev)
+
+
 def mla_absorb_q(q_nope: np.ndarray, kv_b) -> np.ndarray:
     """Fold W_UK into the query (absorbed MLA): q_nope[B,H,N], kv_b = kv_b_proj [H*(N+V), C]
     (bf16 bits or float32; per head N rows of W_UK then V rows of W_UV) -> q_latent[B,H,C]."""
@@ -165,7 +205,7 @@ def mla_decode(q_latent: np.ndarray, q_pe: np.ndarray, pool: np.ndarray, page_ta
     """Absorbed MLA decode for B sequences, one new query each, over the paged latent cache.
     q_latent[B,H,C] (q_nope already folded through W_UK), q_pe[B,H,R] (rotated),
     pool[P, page, C+R] one layer's pages (latent c then rotated k_pe per token; float32, or
-    uint16 bf16 bits for a bf16 cache),
+    uint16 bf16 bits for a bf16 cache; int8 [P, page, kvcache.kv8_row_bytes(C+R)] rows),
     page_table[B, maxpages] page ids, lengths[B] tokens cached (the new one included).
     Returns u[B,H,C] = Σ_t softmax_t(scale·(q_latent·c_t + q_pe·k_pe_t)) · c_t (zeros for an
     empty sequence)."""
@@ -178,6 +218,8 @@ def mla_decode(q_latent: np.ndarray, q_pe: np.ndarray, pool: np.ndarray, page_ta
             continue
         pages = page_table[b, :(n + page - 1) // page]
         kv = pool[pages].reshape(-1, pool.shape[2])[:n]                      # [S, C+R]
+        if kv.dtype == np.int8:
+            kv = kv8_dequantize(kv, C, C + q_pe.shape[2])
         kv = bf16_to_f32(kv) if kv.dtype == np.uint16 else kv
         c, k_pe = kv[:, :C], kv[:, C:]
         scores = (q_latent[b] @ c.T + q_pe[b] @ k_pe.T) * np.float32(scale)  # [H, S]

@@ -154,9 +154,11 @@ static void b_mla_decode(arr out, arr q_latent, arr q_pe, arr pool, arr page_tab
     const int B = q_latent.shape(0), H = q_latent.shape(1), C = q_latent.shape(2);
     const float* qr = cptr<float>(q_pe, "q_pe", {B, H, -1});
     const int R = q_pe.shape(2);
-    const bool bf16 = pool.dtype().is(py::dtype::of<uint16_t>());
-    const void* pp = bf16 ? (const void*)cptr<uint16_t>(pool, "pool", {-1, -1, C + R})
-                          : (const void*)cptr<float>(pool, "pool", {-1, -1, C + R});
+    const int kind = pool.dtype().is(py::dtype::of<uint16_t>()) ? KV_BF16
+                     : pool.dtype().is(py::dtype::of<int8_t>()) ? KV_INT8 : KV_F32;
+    const void* pp = kind == KV_BF16 ? (const void*)cptr<uint16_t>(pool, "pool", {-1, -1, C + R})
+                     : kind == KV_INT8 ? (const void*)cptr<int8_t>(pool, "pool", {-1, -1, kv8_row_bytes(C + R)})
+                                       : (const void*)cptr<float>(pool, "pool", {-1, -1, C + R});
     const int P = pool.shape(0), page = pool.shape(1);
     const int32_t* pt = cptr<int32_t>(page_table, "page_table", {B, -1});
     const int maxp = page_table.shape(1);
@@ -169,7 +171,7 @@ static void b_mla_decode(arr out, arr q_latent, arr q_pe, arr pool, arr page_tab
             need(pt[(size_t)b * maxp + j] >= 0 && pt[(size_t)b * maxp + j] < P, "page_table: page id out of range");
     }
     py::gil_scoped_release nogil;
-    mla_decode(op, ql, qr, pp, bf16, pt, ln, B, H, C, R, page, maxp, scale);
+    mla_decode(op, ql, qr, pp, kind, pt, ln, B, H, C, R, page, maxp, scale);
 }
 
 static void b_mla_absorb_q(arr out, arr q_nope, arr kv_b) {
@@ -204,8 +206,46 @@ static void b_attention(arr out, arr q, arr k, arr v, float scale, int q_offset)
     const int Dv = v.shape(2);
     float* op = wptr<float>(out, "out", {T, H, Dv});
     need(q_offset >= 0, "q_offset must be >= 0");
+    const AttnKV kv{kp, (size_t)H * Dk, (size_t)Dk, Dk, nullptr, 0, 0, vp, (size_t)H * Dv, (size_t)Dv};
     py::gil_scoped_release nogil;
-    attention(op, qp, kp, vp, T, S, H, Dk, Dv, scale, q_offset);
+    attention(op, nullptr, false, qp, kv, T, S, H, Dv, scale, q_offset);
+}
+
+// out and lse [T, H] in/out: merge = true combines this block of keys with what they hold.
+static void b_attention_lse(arr out, arr lse, bool merge, arr q, arr k, arr v, float scale, int q_offset) {
+    const float* qp = cptr<float>(q, "q", {-1, -1, -1});
+    const int T = q.shape(0), H = q.shape(1), Dk = q.shape(2);
+    const float* kp = cptr<float>(k, "k", {-1, H, Dk});
+    const int S = k.shape(0);
+    const float* vp = cptr<float>(v, "v", {S, H, -1});
+    const int Dv = v.shape(2);
+    float* op = wptr<float>(out, "out", {T, H, Dv});
+    float* lp = wptr<float>(lse, "lse", {T, H});
+    need(q_offset >= 0, "q_offset must be >= 0");
+    const AttnKV kv{kp, (size_t)H * Dk, (size_t)Dk, Dk, nullptr, 0, 0, vp, (size_t)H * Dv, (size_t)Dv};
+    py::gil_scoped_release nogil;
+    attention(op, lp, merge, qp, kv, T, S, H, Dv, scale, q_offset);
+}
+
+// MLA's expanded form: q [T, H, N+R], kv = kv_b's output [S, H, N+V] (keys' nope part, then the
+// values), k_pe [S, R] (shared by the heads); out [T, H, V] and lse [T, H] as attention_lse.
+static void b_mla_attention_lse(arr out, arr lse, bool merge, arr q, arr kv, arr k_pe, int N, float scale,
+                                int q_offset) {
+    const float* qp = cptr<float>(q, "q", {-1, -1, -1});
+    const int T = q.shape(0), H = q.shape(1), Dk = q.shape(2);
+    need(N >= 0 && N <= Dk, "N: out of range");
+    const int R = Dk - N;
+    const float* kvp = cptr<float>(kv, "kv", {-1, H, -1});
+    const int S = kv.shape(0), V = kv.shape(2) - N;
+    need(V >= 0, "kv: fewer than N columns per head");
+    const float* kr = cptr<float>(k_pe, "k_pe", {S, R});
+    float* op = wptr<float>(out, "out", {T, H, V});
+    float* lp = wptr<float>(lse, "lse", {T, H});
+    need(q_offset >= 0, "q_offset must be >= 0");
+    const size_t row = (size_t)H * (N + V);
+    const AttnKV a{kvp, row, (size_t)(N + V), N, kr, (size_t)R, R, kvp + N, row, (size_t)(N + V)};
+    py::gil_scoped_release nogil;
+    attention(op, lp, merge, qp, a, T, S, H, V, scale, q_offset);
 }
 
 static void b_rmsnorm(arr out, arr x, arr w, float eps) {
@@ -270,6 +310,8 @@ PYBIND11_MODULE(K2LITE_CPU_MODULE, m) {
     m.def("mla_absorb_q", &b_mla_absorb_q);
     m.def("mla_absorb_o", &b_mla_absorb_o);
     m.def("attention", &b_attention);
+    m.def("attention_lse", &b_attention_lse);
+    m.def("mla_attention_lse", &b_mla_attention_lse);
     m.def("rmsnorm", &b_rmsnorm);
     m.def("rope", &b_rope);
     m.def("stream_read", &b_stream_read);

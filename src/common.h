@@ -37,6 +37,26 @@ static inline float round_bf16(float f) {
 
 static inline int ceil_div(int a, int b) { return (a + b - 1) / b; }
 
+#ifdef K2_AVX512
+// exp(x) for x <= 0 (Cephes expf: 2^n · poly(r), |r| <= ln2/2, ~1 ulp); scalef underflows to
+// 0 cleanly, the clamp maps -inf; NaN passes through.
+static inline __m512 exp512(__m512 x) {
+    x = _mm512_max_ps(_mm512_set1_ps(-104.f), x);
+    const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                          _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
+    r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
+    __m512 p = _mm512_set1_ps(1.9875691500e-4f);
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
+    p = _mm512_fmadd_ps(_mm512_mul_ps(p, r), r, _mm512_add_ps(r, _mm512_set1_ps(1.f)));
+    return _mm512_scalef_ps(p, n);
+}
+#endif
+
 // p rounded up to the next 64-byte boundary (a buffer allocated 64 bytes long enough).
 template <class T>
 static inline T* align64(T* p) { return (T*)(((uintptr_t)p + 63) & ~(uintptr_t)63); }
@@ -133,16 +153,34 @@ struct ExpertMats {
 void moe(float* out, const float* x, const int32_t* lidx, const float* weights,
          const ExpertMats* experts, int n_used, int fmt, int group, int T, int D, int F, int K);
 
-// pool: [pages][page][C+R] float32, or bf16 bits when bf16 (widened as they are read)
-void mla_decode(float* out, const float* q_latent, const float* q_pe, const void* pool, bool bf16,
+// Latent cache element types (kvcache.py, ref.mla_decode). An int8 row of W = C+R values is
+// kv8_row_bytes(W) bytes: the codes round(x / s) (|code| <= 127; latent and rope key each with
+// its own absmax scale), then at byte kv8_meta(W) float s_latent, float s_rope, int32 Σ latent
+// codes, int32 Σ rope codes (the sums let the query be unsigned in the VNNI dot products).
+enum KvDtype { KV_F32 = 0, KV_BF16 = 1, KV_INT8 = 2 };
+static inline int kv8_meta(int W) { return (W + 3) / 4 * 4; }
+static inline int kv8_row_bytes(int W) { return kv8_meta(W) + 16; }
+// pool: [pages][page][row] of float32, bf16 bits or int8 rows (kind). float32 rows and exact
+// mode run fp32 FMAs; bf16 and int8 rows run vdpbf16ps / vpdpbusd where built (mla_decode.cpp).
+void mla_decode(float* out, const float* q_latent, const float* q_pe, const void* pool, int kind,
                 const int32_t* page_table, const int32_t* lengths, int B, int H, int C, int R,
                 int page, int max_pages, float scale);
 // q_latent[B,H,C] = q_nope[B,H,N] folded through W_UK; o[B,H,V] = u[B,H,C] through W_UV;
 // kv_b is kv_b_proj as bf16 bits [H*(N+V), C] (mla_decode.cpp).
 void mla_absorb_q(float* out, const float* q_nope, const uint16_t* kv_b, int B, int H, int N, int V, int C);
 void mla_absorb_o(float* out, const float* u, const uint16_t* kv_b, int B, int H, int N, int V, int C);
-void attention(float* out, const float* q, const float* k, const float* v, int T, int S, int H,
-               int Dk, int Dv, float scale, int q_offset);
+// Keys and values of attention(), read in place: key i < N of token s, head h at
+// kn[s*kn_tok + h*kn_head + i], key N + r (shared by the heads) at kr[s*kr_tok + r], value c at
+// v[s*v_tok + h*v_head + c]. q is [T, H, N+R].
+struct AttnKV {
+    const float* kn; size_t kn_tok, kn_head; int N;
+    const float* kr; size_t kr_tok; int R;
+    const float* v; size_t v_tok, v_head;
+};
+// lse [T, H] (or null): each query's log-sum-exp; merge: out and lse hold an earlier block's
+// result, combined with this one (attention.cpp).
+void attention(float* out, float* lse, bool merge, const float* q, const AttnKV& kv, int T, int S, int H, int Dv,
+               float scale, int q_offset);
 void rmsnorm(float* out, const float* x, const float* w, int T, int D, float eps);
 void rope(float* out, const float* x, const int64_t* positions, const float* inv_freq,
           int T, int H, int R);

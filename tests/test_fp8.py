@@ -52,13 +52,28 @@ def test_fp8_checkpoint_matches_transformers(fp8_model):
     with open(os.path.join(fp8_model, "config.json")) as f:
         assert json.load(f)["quantization_config"]["quant_method"] == "fp8"
     ids = np.random.default_rng(3).integers(0, 384, 40)
-    want = hf_logits(hf_model(fp8_model), ids)
+    hf = hf_model(fp8_model)
+    want = hf_logits(hf, ids)
+    # The cpu backend's fast path runs bf16 activations and bf16 attention products, as a GPU
+    # does: on this random MoE a score moved by bf16 rounding can flip an expert choice, so its
+    # bound is transformers' own bf16 run against fp32 (0.12 here; the fast path 0.08). Its
+    # exact mode must match as ref does: the FP8 blocks are decoded exactly either way.
+    with torch.no_grad():
+        bound = rel(hf.to(torch.bfloat16)(torch.tensor([list(ids)]), use_cache=False).logits[0].float().numpy(), want)
     for b in BACKENDS:
-        llm = k2lite.load(fp8_model, device=b)
-        assert isinstance(llm.weights.layers[1].mlp.experts[0][0], Fp8Tensor)
-        err = rel(llm.logits(ids), want)
-        print(f"fp8 {b}: rel err {err:.2e}")
-        assert err < (1e-4 if b == "ref" else 1e-2), f"{b}: {err:.2e}"
+        for exact in ((False, True) if b == "cpu" else (False,)):
+            if b == "cpu":
+                from k2lite import cpu
+                cpu.set_exact(exact)
+            try:
+                llm = k2lite.load(fp8_model, device=b)
+                assert isinstance(llm.weights.layers[1].mlp.experts[0][0], Fp8Tensor)
+                err = rel(llm.logits(ids), want)
+            finally:
+                if b == "cpu":
+                    cpu.set_exact(False)
+            print(f"fp8 {b} exact={exact}: rel err {err:.2e} (transformers bf16: {bound:.2e})")
+            assert err < (1e-4 if b == "ref" or exact else bound), f"{b}: {err:.2e}"
 
 
 def test_convert_fp8_and_bf16_to_int4_release(fp8_model, tmp_path):

@@ -12,6 +12,7 @@ import pytest
 
 from k2lite import ops, ref
 from k2lite.formats import Fp8Tensor, f32_to_bf16, quantize_fp8, quantize_int4, tile_bf16
+from k2lite.kvcache import kv8_quantize
 
 BACKENDS = [b for b in ("cpu", "cuda")]
 SEEDS = (0, 1, 2)
@@ -72,13 +73,15 @@ def mk_moe(rng, T, D, F, E, K, fmt):
     return (f32(rng, T, D), experts, idx, rng.random((T, K)).astype(np.float32))
 
 
-def mk_mla(rng, B, H, C, R, page, P, bf16=False):
-    lengths = rng.integers(1, 6 * page + 1, B).astype(np.int32)
-    lengths[0] = 6 * page                          # one full table
-    table = rng.permutation(P)[: B * 6].reshape(B, 6).astype(np.int32)
+def mk_mla(rng, B, H, C, R, page, P, bf16=False, kv="f32", pages=6):
+    lengths = rng.integers(1, pages * page + 1, B).astype(np.int32)
+    lengths[0] = pages * page                      # one full table
+    table = rng.permutation(P)[: B * pages].reshape(B, pages).astype(np.int32)
     pool = f32(rng, P, page, C + R)
-    return (f32(rng, B, H, C), f32(rng, B, H, R), f32_to_bf16(pool) if bf16 else pool, table, lengths,
-            float(1 / np.sqrt(C + R)))
+    pool[..., C:] *= 0.5                           # rope keys on a scale of their own
+    kv = "bf16" if bf16 else kv
+    pool = f32_to_bf16(pool) if kv == "bf16" else kv8_quantize(pool, C) if kv == "int8" else pool
+    return (f32(rng, B, H, C), f32(rng, B, H, R), pool, table, lengths, float(1 / np.sqrt(C + R)))
 
 
 def mk_bf16_tiled_matmul(rng, T, I, N):
@@ -114,6 +117,14 @@ INT4_TOL, MOE_INT4_TOL = 1e-4, 2e-4
 # BF16 matmuls run on bf16-rounded activations with AVX512-BF16 dot products (as on a GPU;
 # src/cpu/bf16_matmul.cpp): measured NMSE ~3e-6 (2^-9 relative); exact mode keeps fp32.
 BF16_TOL = 2e-5
+# mla_decode against ref on the same cache (ref widens bf16 / dequantizes int8 rows exactly).
+# bf16 rows on AVX512-BF16: the query and the probabilities are rounded to bf16 (relative error
+# <= 2^-9 per element, random signs: score and output errors ~2^-9 / sqrt(3) relative, NMSE
+# ~4e-6 measured); int8 rows: the query is quantized per head (absmax / 127 steps) and P·s_c to
+# uint8 per 64-token block, NMSE ~4-9e-5 measured. The f32 path and the other SIMD levels stay exact.
+MLA_BF16_TOL, MLA_INT8_TOL = 2e-5, 3e-4
+# The expanded prefill attention on AVX512-BF16: q·scale, k, v and P rounded to bf16 (NMSE ~1e-5).
+ATTN_TOL = 4e-5
 
 # (op, id, builder, kwargs, nmse tolerance, max-abs tolerance or None)
 I_ODD = 7 * 32 + 32
@@ -166,22 +177,33 @@ CASES += [
     ("moe", mk_moe, dict(T=2, D=160, F=160, E=4, K=2, fmt="int4"), MOE_INT4_TOL, None),  # partial blocks
     ("mla_decode", mk_mla, dict(B=1, H=4, C=64, R=16, page=16, P=8), 1e-10, 1e-5),
     ("mla_decode", mk_mla, dict(B=3, H=11, C=96, R=16, page=7, P=30), 1e-10, 1e-5),
-    ("mla_decode", mk_mla, dict(B=1, H=16, C=512, R=64, page=100, P=8), 1e-10, 1e-5),  # split-KV
-    ("mla_decode", mk_mla, dict(B=2, H=11, C=40, R=9, page=90, P=14), 1e-10, 1e-5),    # tails, split
-    # a bf16 cache (uint16 bits, the cpu backend's with AVX512-BF16): widened as rows are read
-    ("mla_decode", mk_mla, dict(B=3, H=11, C=96, R=16, page=7, P=30, bf16=True), 1e-10, 1e-5),
-    ("mla_decode", mk_mla, dict(B=1, H=16, C=512, R=64, page=100, P=8, bf16=True), 1e-10, 1e-5),  # split-KV
-    ("mla_decode", mk_mla, dict(B=2, H=11, C=40, R=9, page=90, P=14, bf16=True), 1e-10, 1e-5),
-    ("attention", mk_attention, dict(T=1, S=9, H=3, Dk=24, Dv=20, off=8), 1e-10, 1e-5),
-    ("attention", mk_attention, dict(T=13, S=13, H=4, Dk=40, Dv=24, off=0), 1e-10, 1e-5),
-    ("attention", mk_attention, dict(T=5, S=21, H=2, Dk=16, Dv=16, off=16), 1e-10, 1e-5),
+    ("mla_decode", mk_mla, dict(B=1, H=16, C=512, R=64, page=100, P=40, pages=30), 1e-10, 1e-5),  # split-KV
+    ("mla_decode", mk_mla, dict(B=2, H=11, C=40, R=9, page=90, P=14), 1e-10, 1e-5),    # tails
+    ("mla_decode", mk_mla, dict(B=2, H=11, C=40, R=9, page=90, P=40, pages=20), 1e-10, 1e-5),  # tails, split
+]
+# bf16 and int8 caches (the cpu backend's default with AVX512-BF16, and kv_cache="int8"):
+# odd widths (C, R not multiples of 16, 32 or 64), odd head counts, pages of odd sizes, split-KV
+# (> 1024 tokens), K2's head shape
+for kv, tol in (("bf16", MLA_BF16_TOL), ("int8", MLA_INT8_TOL)):
+    CASES += [
+        ("mla_decode", mk_mla, dict(B=1, H=4, C=64, R=16, page=16, P=8, kv=kv), tol, None),
+        ("mla_decode", mk_mla, dict(B=3, H=11, C=96, R=16, page=7, P=30, kv=kv), tol, None),
+        ("mla_decode", mk_mla, dict(B=1, H=16, C=512, R=64, page=100, P=40, kv=kv, pages=30), tol, None),
+        ("mla_decode", mk_mla, dict(B=2, H=11, C=40, R=9, page=90, P=14, kv=kv), tol, None),
+        ("mla_decode", mk_mla, dict(B=2, H=7, C=200, R=33, page=50, P=60, kv=kv, pages=25), tol, None),
+    ]
+CASES += [
+    ("attention", mk_attention, dict(T=1, S=9, H=3, Dk=24, Dv=20, off=8), ATTN_TOL, None),
+    ("attention", mk_attention, dict(T=13, S=13, H=4, Dk=40, Dv=24, off=0), ATTN_TOL, None),
+    ("attention", mk_attention, dict(T=5, S=21, H=2, Dk=16, Dv=16, off=16), ATTN_TOL, None),
+    ("attention", mk_attention, dict(T=9, S=70, H=2, Dk=33, Dv=67, off=61), ATTN_TOL, None),     # odd dims
     ("mla_absorb_q", mk_mla_absorb_q, dict(B=1, H=5, N=12, V=7, C=40), 1e-10, None),
     ("mla_absorb_q", mk_mla_absorb_q, dict(B=3, H=2, N=16, V=16, C=33), 1e-10, None),
     ("mla_absorb_q", mk_mla_absorb_q, dict(B=2, H=3, N=20, V=8, C=300), 1e-10, None),   # 128-col blocks + tail
     ("mla_absorb_q", mk_mla_absorb_q, dict(B=1, H=2, N=128, V=128, C=512), 1e-10, None), # K2 head shape
     ("mla_absorb_o", mk_mla_absorb_o, dict(B=1, H=5, N=12, V=7, C=40), 1e-10, None),
     ("mla_absorb_o", mk_mla_absorb_o, dict(B=3, H=4, N=16, V=19, C=37), 1e-10, None),
-    ("attention", mk_attention, dict(T=37, S=40, H=3, Dk=33, Dv=19, off=3), 1e-10, 1e-5),
+    ("attention", mk_attention, dict(T=37, S=40, H=3, Dk=33, Dv=19, off=3), ATTN_TOL, None),
     ("rmsnorm", mk_rmsnorm, dict(T=1, D=7168), 1e-12, 1e-5),
     ("rmsnorm", mk_rmsnorm, dict(T=7, D=513), 1e-12, 1e-5),
     ("rope", mk_rope, dict(T=1, H=5, R=64), 1e-12, 1e-5),
@@ -318,16 +340,93 @@ def test_fp8_moe_dispatch(name):
         assert cpu.moe_supports(args[1][0][0])
 
 
+@pytest.mark.parametrize("seed", SEEDS, ids=lambda s: f"s{s}")
 @pytest.mark.parametrize("name", BACKENDS)
-def test_mla_decode_empty_sequence(name):
-    """A sequence with nothing cached attends to nothing: zeros, next to normal ones (and a
-    long one that the CPU kernel splits over threads)."""
+def test_attention_partial_blocks_merge_to_the_whole(name, seed):
+    """attention_partial over blocks of the keys, merged in turn, gives attention() over all of
+    them and the log-sum-exp of every query's scores; a block past the first queries (negative
+    offset) leaves those as they were; alone, a query seeing no key gets zeros and -inf."""
     be = backend(name)
-    ql, qp, pool, table, _, sc = mk_mla(np.random.default_rng(9), 3, 5, 40, 8, 100, 20)
-    lengths = np.array([0, 600, 0], np.int32)
+    rng = np.random.default_rng(seed)
+    T, S, H, Dk, Dv = 21, 77, 3, 35, 19
+    q, k, v, sc, _ = mk_attention(rng, T, S, H, Dk, Dv, 0)
+    off = S - T + 2                                   # the last two keys: nobody's yet
+    want = ref.attention(q, k, v, sc, off)
+    scores = np.einsum("thd,shd->ths", q, k) * np.float32(sc)
+    scores = np.where(np.arange(S)[None, None, :] > (off + np.arange(T))[:, None, None], -np.inf, scores)
+    want_lse = np.log(np.exp(scores - scores.max(-1, keepdims=True)).sum(-1)) + scores.max(-1)
+    for cuts in ((30, 60), (10, 56, 65), (57,)):
+        acc = None
+        for a, b in zip((0,) + cuts, cuts + (S,)):
+            acc = be.attention_partial(q, k[a:b], v[a:b], sc, off - a, acc)
+        assert nmse(acc[0], want) < ATTN_TOL, cuts
+        assert np.abs(acc[1] - want_lse).max() < 1e-3 * max(1.0, float(np.abs(want_lse).max())), cuts
+    o, lse = be.attention_partial(q, k[60:], v[60:], sc, off - 60)
+    first = off + np.arange(T) < 60                   # these queries see none of keys 60..
+    assert first.any() and not o[first].any() and np.isneginf(lse[first]).all()
+    assert np.isfinite(lse[~first]).all()
+
+
+@pytest.mark.parametrize("seed", SEEDS, ids=lambda s: f"s{s}")
+@pytest.mark.parametrize("name", BACKENDS)
+def test_mla_attention_partial(name, seed):
+    """MLA's expanded form reads keys (kv's N dims per head, then k_pe shared by the heads) and
+    values (kv's V dims) in place: the same as attention_partial on the concatenated copies, in
+    blocks merged in turn, a block past the first queries included."""
+    be = backend(name)
+    rng = np.random.default_rng(seed)
+    T, S, H, N, R, V = 19, 90, 3, 24, 9, 17
+    q, kv, k_pe = f32(rng, T, H, N + R), f32(rng, S, H, N + V), f32(rng, S, R)
+    k = np.concatenate([kv[..., :N], np.broadcast_to(k_pe[:, None], (S, H, R))], -1)
+    sc, off = 0.2, S - T
+    want = ref.attention_partial(q, k, kv[..., N:], sc, off)
+    acc = None
+    for a, b in ((0, 40), (40, 80), (80, S)):
+        acc = be.mla_attention_partial(q, kv[a:b], k_pe[a:b], sc, off - a, acc)
+    assert nmse(acc[0], want[0]) < ATTN_TOL
+    assert np.abs(acc[1] - want[1]).max() < 1e-3 * float(np.abs(want[1]).max())
+    one = be.mla_attention_partial(q, kv, k_pe, sc, off)
+    assert nmse(one[0], want[0]) < ATTN_TOL
+
+
+MLA_TOL = {"f32": 1e-10, "bf16": MLA_BF16_TOL, "int8": MLA_INT8_TOL}
+
+
+@pytest.mark.parametrize("kv", ["f32", "bf16", "int8"])
+@pytest.mark.parametrize("name", BACKENDS)
+def test_mla_decode_empty_sequence(name, kv):
+    """A sequence with nothing cached attends to nothing: zeros, next to normal ones (and a
+    long one that the CPU kernel splits into token ranges)."""
+    be = backend(name)
+    ql, qp, pool, table, _, sc = mk_mla(np.random.default_rng(9), 3, 5, 40, 8, 100, 60, kv=kv, pages=20)
+    lengths = np.array([0, 1900, 0], np.int32)
     got, want = be.mla_decode(ql, qp, pool, table, lengths, sc), ref.mla_decode(ql, qp, pool, table, lengths, sc)
     assert not got[[0, 2]].any() and not want[[0, 2]].any()
-    assert nmse(got, want) < 1e-10
+    assert nmse(got, want) < MLA_TOL[kv]
+
+
+@pytest.mark.parametrize("kv", ["f32", "bf16", "int8"])
+def test_mla_decode_invariant(kv):
+    """On the CPU every sum of mla_decode is formed in one order whatever the thread count (token
+    ranges of fixed positions, merged in order) and whatever else is in the batch: the same
+    sequence gives bit-identical results alone, in a batch, with 1, 2 or 3 threads."""
+    from k2lite import cpu
+    rng = np.random.default_rng(11)
+    ql, qp, pool, table, lengths, sc = mk_mla(rng, 3, 13, 96, 24, 64, 120, kv=kv, pages=40)
+    lengths[1] = 700
+    threads = cpu.get_threads()
+    try:
+        outs = []
+        for th in (1, 2, 3):
+            cpu.set_threads(th)
+            outs.append(cpu.mla_decode(ql, qp, pool, table, lengths, sc))
+            for b in range(3):
+                alone = cpu.mla_decode(ql[b:b + 1], qp[b:b + 1], pool, table[b:b + 1], lengths[b:b + 1], sc)
+                assert np.array_equal(alone[0], outs[-1][b]), (kv, th, b)
+        assert np.array_equal(outs[0], outs[1]) and np.array_equal(outs[0], outs[2])
+    finally:
+        cpu.set_threads(threads)
+    assert nmse(outs[0], ref.mla_decode(ql, qp, pool, table, lengths, sc)) < MLA_TOL[kv]
 
 
 @pytest.mark.parametrize("name", BACKENDS)
@@ -391,6 +490,9 @@ def _bad_cases():
         "mla_page_out_of_range": ("mla_decode", (ql, qp, pool, bad_table, np.full(2, 24, np.int32), sc)),
         "mla_length_too_long": ("mla_decode", (ql, qp, pool, table, np.full(2, 25, np.int32), sc)),
         "mla_pool_dim": ("mla_decode", (ql, qp, pool[:, :, :-1], table, lengths, sc)),
+        "mla_int8_row": ("mla_decode", (ql, qp, np.ascontiguousarray(kv8_quantize(pool, 32)[:, :, :-4]), table,
+                                        lengths, sc)),
+        "mla_int8_noncontig": ("mla_decode", (ql, qp, kv8_quantize(pool, 32)[::2], table // 2, lengths, sc)),
         "absorb_q_rows": ("mla_absorb_q", (ql, f32_to_bf16(ql.reshape(-1, ql.shape[2])[:-1]))),
         "absorb_o_cols": ("mla_absorb_o", (ql, f32_to_bf16(np.ones((ql.shape[1] * 4, 7), np.float32)), 2)),
         "attention_shapes": ("attention", (q, k[:, :1], v, s, 0)),

@@ -1,45 +1,42 @@
-// Absorbed MLA decode over the paged latent cache (K2_SPEC §3.4): per sequence b and head h,
+// Absorbed MLA decode over the paged latent cache (docs/architecture.md#mla-absorbed, docs/kv-cache.md#mla-decode): per sequence b and head h,
 // u[b,h] = Σ_t softmax_t(scale·(q_latent·c_t + q_pe·k_pe_t)) · c_t, t < lengths[b].
 // Softmax is fp32 and streaming (running max m, running sum l, rescaled accumulator).
 //
-// AVX-512: work items are (sequence, token range, head chunk). Long sequences are split into
-// token ranges (split-KV, ~4 items per thread, the (m, l, acc) partials merged at the end), so
-// a single sequence keeps every thread busy and its rows leave memory once; short contexts
-// split the heads instead. An item walks its range in blocks of BS tokens (~147 KB at K2
-// shapes: L2, the next block prefetched) and all heads of the item visit each block:
-// (1) scores in 4-head x 4-token register tiles (16 independent FMA chains, one
-// horizontal-sum tree per tile), (2) online softmax with a vector exp, (3) P·c in 4-head x
-// 64-column register tiles, each row slice loaded once per 4 heads.
-// Elsewhere: the portable loops, work items (sequence, chunk of 8 heads).
+// The cache rows are float32, bf16 bits or int8 codes with per-token scales (common.h KvDtype).
+// At depth this op is compute-bound (64 heads x (576 + 512) MACs per cached token, ~20x the
+// time to read a bf16 row), so the rows are multiplied in their own width:
+//   bf16 rows: vdpbf16ps (32 MACs per instruction, twice an fp32 FMA) with the query and the
+//     probabilities rounded to bf16, as a GPU runs MLA (FlashMLA);
+//   int8 rows: vpdpbusd (64 MACs) with the query quantized per head (unsigned codes + 128, the
+//     offset taken back with the row's stored code sum) and, for P·c, the probabilities times
+//     the rows' scales quantized to uint8 per (head, 64-token block) against the block's max;
+//   float32 rows (and bf16 in exact mode): fp32 FMAs, as ref to rounding.
+// Every sum is formed in one order whatever the thread count: scores in fixed 4x4 register
+// tiles, P·c over the tokens in order, and a long sequence is cut into ranges of KVC tokens at
+// fixed positions (split-KV: each range's (m, l, acc) partial, merged in range order), so
+// threads only decide which items run where (ranges, or head chunks when there are few).
+//
+// AVX-512: an item walks its range in blocks of BS tokens (in L2, the next block prefetched) and
+// all heads of the item visit each block: (1) scores in 4-head x 4-token register tiles (16
+// independent chains, one horizontal-sum tree per tile), (2) online softmax with a vector exp,
+// (3) P·c in 4-head x 64-column register tiles. For the dot-product instructions, which sum
+// pairs (bf16) or quads (int8) of adjacent elements, the block's rows are first interleaved
+// once into scratch so adjacent elements are 2 or 4 tokens of one column.
+// Elsewhere: the portable loops, work items (sequence, chunk of 8 heads), int8 rows widened.
 #include "common.h"
 #include <type_traits>
 #include <vector>
 #include <algorithm>
 
 #ifdef K2_AVX512
+#if defined(K2_BF16DP) && defined(__AVX512VNNI__)
+#define K2_MLA_DP 1
+#endif
 namespace {
 
-const int BS = 64;   // tokens per block
-const int HQ = 4;    // heads per register tile
-const int MINP = 256;   // fewest tokens per range; below, heads split instead (no merge: ~15% at 260)
-
-// exp(x) for x <= 0 (Cephes expf: 2^n · poly(r), |r| <= ln2/2, ~1 ulp); scalef underflows to
-// 0 cleanly, the clamp maps -inf; NaN passes through.
-inline __m512 exp512(__m512 x) {
-    x = _mm512_max_ps(_mm512_set1_ps(-104.f), x);
-    const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
-                                          _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
-    r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
-    __m512 p = _mm512_set1_ps(1.9875691500e-4f);
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
-    p = _mm512_fmadd_ps(_mm512_mul_ps(p, r), r, _mm512_add_ps(r, _mm512_set1_ps(1.f)));
-    return _mm512_scalef_ps(p, n);
-}
+const int BS = 128;    // tokens per block
+const int HQ = 4;      // heads per register tile
+const int KVC = 1024;  // tokens per split-KV range (a multiple of BS; fixed: results never depend on it)
 
 // Lane i of the result = the sum of v[i]'s 16 lanes.
 inline __m512 hsum16(const __m512* v) {
@@ -58,150 +55,416 @@ inline __m512 hsum16(const __m512* v) {
                          _mm512_shuffle_f32x4(w01, w23, _MM_SHUFFLE(3, 1, 3, 1)));
 }
 
-// 16 cache elements from p as fp32 (m: which; the rest zero): float32 rows, or bf16 bits
-// (a bf16 block is widened once into scratch rows, not in the tiles, which every head quad
-// runs over each row again).
-inline __m512 load16(__mmask16 m, const float* p) { return _mm512_maskz_loadu_ps(m, p); }
-inline __m512 load16(__mmask16 m, const uint16_t* p) {
-    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, p)), 16));
+// The same for int32 lanes (exact integer sums; the same shuffles).
+inline __m512i hsum16i(const __m512i* v) {
+    __m512i x[8], z[4];
+    for (int k = 0; k < 8; k++)
+        x[k] = _mm512_add_epi32(_mm512_unpacklo_epi32(v[2 * k], v[2 * k + 1]), _mm512_unpackhi_epi32(v[2 * k], v[2 * k + 1]));
+    for (int k = 0; k < 4; k++)
+        z[k] = _mm512_add_epi32(_mm512_unpacklo_epi64(x[2 * k], x[2 * k + 1]), _mm512_unpackhi_epi64(x[2 * k], x[2 * k + 1]));
+    const __m512i w01 = _mm512_add_epi32(_mm512_shuffle_i32x4(z[0], z[1], _MM_SHUFFLE(2, 0, 2, 0)),
+                                         _mm512_shuffle_i32x4(z[0], z[1], _MM_SHUFFLE(3, 1, 3, 1)));
+    const __m512i w23 = _mm512_add_epi32(_mm512_shuffle_i32x4(z[2], z[3], _MM_SHUFFLE(2, 0, 2, 0)),
+                                         _mm512_shuffle_i32x4(z[2], z[3], _MM_SHUFFLE(3, 1, 3, 1)));
+    return _mm512_add_epi32(_mm512_shuffle_i32x4(w01, w23, _MM_SHUFFLE(2, 0, 2, 0)),
+                            _mm512_shuffle_i32x4(w01, w23, _MM_SHUFFLE(3, 1, 3, 1)));
 }
 
-// Row i of a 4x4 register tile (named accumulators aij, see below): aij += v · xj, j < 4.
-#define K2_FMA4(i, v)                                                                              \
-    {                                                                                              \
-        const __m512 v_ = (v);                                                                     \
-        a##i##0 = _mm512_fmadd_ps(v_, x0, a##i##0);                                                \
-        a##i##1 = _mm512_fmadd_ps(v_, x1, a##i##1);                                                \
-        a##i##2 = _mm512_fmadd_ps(v_, x2, a##i##2);                                                \
-        a##i##3 = _mm512_fmadd_ps(v_, x3, a##i##3);                                                \
-    }
-
-// s[i*BS + j] = scale · q_i·row_j for 4 heads (q rows Wp apart, zero past W) x 4 rows of W
-// elements; the rows are not padded: the last step's masked loads stay inside them.
-inline void score_tile(float* s, const float* q, int Wp, const float* const* row, int W, float scale) {
-    const float *r0 = row[0], *r1 = row[1], *r2 = row[2], *r3 = row[3];
-    // named accumulators (head i, token j: aij), as in pv_tile
-    __m512 a00 = _mm512_setzero_ps(), a01 = a00, a02 = a00, a03 = a00, a10 = a00, a11 = a00, a12 = a00;
-    __m512 a13 = a00, a20 = a00, a21 = a00, a22 = a00, a23 = a00, a30 = a00, a31 = a00, a32 = a00, a33 = a00;
-    for (int c = 0; c < W; c += 16) {
-        const __mmask16 m = W - c >= 16 ? 0xFFFF : (__mmask16)((1u << (W - c)) - 1);
-        const __m512 x0 = load16(m, r0 + c), x1 = load16(m, r1 + c);
-        const __m512 x2 = load16(m, r2 + c), x3 = load16(m, r3 + c);
-#define K2_QK_HEAD(i) K2_FMA4(i, _mm512_load_ps(q + (size_t)i * Wp + c))
-        K2_QK_HEAD(0) K2_QK_HEAD(1) K2_QK_HEAD(2) K2_QK_HEAD(3)
-#undef K2_QK_HEAD
-    }
-    const __m512 a[16] = {a00, a01, a02, a03, a10, a11, a12, a13, a20, a21, a22, a23, a30, a31, a32, a33};
-    const __m512 r = _mm512_mul_ps(hsum16(a), _mm512_set1_ps(scale));   // lane 4i+j: head i, token j
+// Scores of a 4x4 tile, lane 4i+j (head i, token j), to rows of S (BS apart).
+inline void store_tile(float* s, __m512 r) {
     _mm_storeu_ps(s, _mm512_extractf32x4_ps(r, 0));
     _mm_storeu_ps(s + BS, _mm512_extractf32x4_ps(r, 1));
     _mm_storeu_ps(s + 2 * BS, _mm512_extractf32x4_ps(r, 2));
     _mm_storeu_ps(s + 3 * BS, _mm512_extractf32x4_ps(r, 3));
 }
 
+// 16 cache elements from p as fp32 (m: which; the rest zero): float32 rows, or bf16 bits
+// (in exact mode a bf16 block is widened once into scratch rows, not in the tiles, which
+// every head quad runs over each row again).
+inline __m512 load16(__mmask16 m, const float* p) { return _mm512_maskz_loadu_ps(m, p); }
+inline __m512 load16(__mmask16 m, const uint16_t* p) {
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, p)), 16));
+}
+
+// Row i of a 4x4 register tile (named accumulators aij: gcc 12 stores an array of them to the
+// stack on every step, 1.6x slower): aij = OP(aij, v, xj), j < 4.
+#define K2_ROW4(OP, i, v)                                                                          \
+    {                                                                                              \
+        const auto v_ = (v);                                                                       \
+        a##i##0 = OP(a##i##0, v_, x0);                                                             \
+        a##i##1 = OP(a##i##1, v_, x1);                                                             \
+        a##i##2 = OP(a##i##2, v_, x2);                                                             \
+        a##i##3 = OP(a##i##3, v_, x3);                                                             \
+    }
+#define K2_TILE_DECL(T, zero)                                                                      \
+    T a00 = zero, a01 = a00, a02 = a00, a03 = a00, a10 = a00, a11 = a00, a12 = a00, a13 = a00;     \
+    T a20 = a00, a21 = a00, a22 = a00, a23 = a00, a30 = a00, a31 = a00, a32 = a00, a33 = a00;
+#define K2_TILE_ARRAY {a00, a01, a02, a03, a10, a11, a12, a13, a20, a21, a22, a23, a30, a31, a32, a33}
+inline __m512 fma_(__m512 a, __m512 v, __m512 x) { return _mm512_fmadd_ps(v, x, a); }
+
+// s[i*BS + j] = scale · q_i·row_j for 4 heads (q rows Wp apart, zero past W) x 4 rows of W
+// elements; the rows are not padded: the last step's masked loads stay inside them.
+inline void score_tile(float* s, const float* q, int Wp, const float* const* row, int W, float scale) {
+    const float *r0 = row[0], *r1 = row[1], *r2 = row[2], *r3 = row[3];
+    K2_TILE_DECL(__m512, _mm512_setzero_ps())
+    for (int c = 0; c < W; c += 16) {
+        const __mmask16 m = W - c >= 16 ? 0xFFFF : (__mmask16)((1u << (W - c)) - 1);
+        const __m512 x0 = load16(m, r0 + c), x1 = load16(m, r1 + c);
+        const __m512 x2 = load16(m, r2 + c), x3 = load16(m, r3 + c);
+#define K2_QK_HEAD(i) K2_ROW4(fma_, i, _mm512_load_ps(q + (size_t)i * Wp + c))
+        K2_QK_HEAD(0) K2_QK_HEAD(1) K2_QK_HEAD(2) K2_QK_HEAD(3)
+#undef K2_QK_HEAD
+    }
+    const __m512 a[16] = K2_TILE_ARRAY;
+    store_tile(s, _mm512_mul_ps(hsum16(a), _mm512_set1_ps(scale)));
+}
+
 // acc[i][c0..c0+64) = acc·corr[i] + Σ_{j<nb} p[i*BS + j] · row_j[c0..c0+64) for 4 heads
 // (acc rows Cp apart); m masks the columns past C (loaded as zeros).
 inline void pv_tile(float* acc, int Cp, const float* p, const float* corr, const float* const* row, int nb,
                     int c0, const __mmask16* m) {
-    // named accumulators (head i, columns 16k: aik): gcc 12 stores an array of them to the
-    // stack on every token here (1.6x slower)
-    __m512 a00 = _mm512_setzero_ps(), a01 = a00, a02 = a00, a03 = a00, a10 = a00, a11 = a00, a12 = a00;
-    __m512 a13 = a00, a20 = a00, a21 = a00, a22 = a00, a23 = a00, a30 = a00, a31 = a00, a32 = a00, a33 = a00;
+    K2_TILE_DECL(__m512, _mm512_setzero_ps())
     for (int j = 0; j < nb; j++) {
         const float* r = row[j] + c0;
         const __m512 x0 = load16(m[0], r), x1 = load16(m[1], r + 16);
         const __m512 x2 = load16(m[2], r + 32), x3 = load16(m[3], r + 48);
-#define K2_PV_HEAD(i) K2_FMA4(i, _mm512_set1_ps(p[i * BS + j]))
+#define K2_PV_HEAD(i) K2_ROW4(fma_, i, _mm512_set1_ps(p[i * BS + j]))
         K2_PV_HEAD(0) K2_PV_HEAD(1) K2_PV_HEAD(2) K2_PV_HEAD(3)
 #undef K2_PV_HEAD
     }
-    const __m512 a[16] = {a00, a01, a02, a03, a10, a11, a12, a13, a20, a21, a22, a23, a30, a31, a32, a33};
+    const __m512 a[16] = K2_TILE_ARRAY;
     for (int k = 0; k < 16; k++) {
         float* ak = acc + (size_t)(k / 4) * Cp + c0 + 16 * (k % 4);
         _mm512_store_ps(ak, _mm512_fmadd_ps(_mm512_load_ps(ak), _mm512_set1_ps(corr[k / 4]), a[k]));
     }
 }
 
+#ifdef K2_MLA_DP
+inline __m512 dpbf16_(__m512 a, __m512i v, __m512i x) { return _mm512_dpbf16_ps(a, (__m512bh)v, (__m512bh)x); }
+// a += Σ_4 v.u8 · x.s8 per dword. Inline asm: gcc 12 copies every accumulator of a tile to a
+// fresh register around each _mm512_dpbusd_epi32 (and spills), 1.5x slower.
+inline __m512i dpbusd_(__m512i a, __m512i v, __m512i x) {
+    asm("vpdpbusd %2, %1, %0" : "+v"(a) : "v"(v), "vm"(x));
+    return a;
+}
+
+// bf16 rows: s[i*BS + j] = scale · q_i·row_j, q bf16 (rows Wq apart, zero past W), 32 elements
+// a step, each lane summing its pairs in order.
+inline void score_tile_bf16(float* s, const uint16_t* q, int Wq, const char* const* row, int W, float scale) {
+    const uint16_t *r0 = (const uint16_t*)row[0], *r1 = (const uint16_t*)row[1];
+    const uint16_t *r2 = (const uint16_t*)row[2], *r3 = (const uint16_t*)row[3];
+    K2_TILE_DECL(__m512, _mm512_setzero_ps())
+#define K2_QK_HEAD(i) K2_ROW4(dpbf16_, i, _mm512_load_si512(q + (size_t)i * Wq + c))
+    int c = 0;
+    for (; c + 32 <= W; c += 32) {   // plain loads; the tail masked (the rows are not padded)
+        const __m512i x0 = _mm512_loadu_si512(r0 + c), x1 = _mm512_loadu_si512(r1 + c);
+        const __m512i x2 = _mm512_loadu_si512(r2 + c), x3 = _mm512_loadu_si512(r3 + c);
+        K2_QK_HEAD(0) K2_QK_HEAD(1) K2_QK_HEAD(2) K2_QK_HEAD(3)
+    }
+    if (c < W) {
+        const __mmask32 m = (__mmask32)((1u << (W - c)) - 1);
+        const __m512i x0 = _mm512_maskz_loadu_epi16(m, r0 + c), x1 = _mm512_maskz_loadu_epi16(m, r1 + c);
+        const __m512i x2 = _mm512_maskz_loadu_epi16(m, r2 + c), x3 = _mm512_maskz_loadu_epi16(m, r3 + c);
+        K2_QK_HEAD(0) K2_QK_HEAD(1) K2_QK_HEAD(2) K2_QK_HEAD(3)
+    }
+#undef K2_QK_HEAD
+    const __m512 a[16] = K2_TILE_ARRAY;
+    store_tile(s, _mm512_mul_ps(hsum16(a), _mm512_set1_ps(scale)));
+}
+
+// int8 rows: lane 4i+j = Σ_{c<n} q_i[c] · row_j[off + c] (unsigned query codes, rows Qs apart
+// and zero past n; signed row codes), exact integer sums, as float.
+inline __m512 score_tile_q8(const uint8_t* q, int Qs, const char* const* row, int off, int n) {
+    const int8_t *r0 = (const int8_t*)row[0] + off, *r1 = (const int8_t*)row[1] + off;
+    const int8_t *r2 = (const int8_t*)row[2] + off, *r3 = (const int8_t*)row[3] + off;
+    K2_TILE_DECL(__m512i, _mm512_setzero_si512())
+#define K2_QK_HEAD(i) K2_ROW4(dpbusd_, i, _mm512_load_si512(q + (size_t)i * Qs + c))
+    int c = 0;
+    for (; c + 64 <= n; c += 64) {   // plain loads; the tail masked
+        const __m512i x0 = _mm512_loadu_si512(r0 + c), x1 = _mm512_loadu_si512(r1 + c);
+        const __m512i x2 = _mm512_loadu_si512(r2 + c), x3 = _mm512_loadu_si512(r3 + c);
+        K2_QK_HEAD(0) K2_QK_HEAD(1) K2_QK_HEAD(2) K2_QK_HEAD(3)
+    }
+    if (c < n) {
+        const __mmask64 m = (__mmask64)((1ull << (n - c)) - 1);
+        const __m512i x0 = _mm512_maskz_loadu_epi8(m, r0 + c), x1 = _mm512_maskz_loadu_epi8(m, r1 + c);
+        const __m512i x2 = _mm512_maskz_loadu_epi8(m, r2 + c), x3 = _mm512_maskz_loadu_epi8(m, r3 + c);
+        K2_QK_HEAD(0) K2_QK_HEAD(1) K2_QK_HEAD(2) K2_QK_HEAD(3)
+    }
+#undef K2_QK_HEAD
+    const __m512i ai[16] = K2_TILE_ARRAY;
+    return _mm512_cvtepi32_ps(hsum16i(ai));   // |sum| <= 127·255·n: exact in int32
+}
+
+// Interleaved block scratch: X[g][k][v] (64 bytes each) for token group g (2 bf16 / 4 int8
+// tokens), column chunk k (32 / 64 columns) and vector v (2 / 4): dword j of vector v holds the
+// group's tokens of column 32k + 16v + j (bf16) or 64k + 16v + j (int8).
+inline void interleave_bf16(__m512i* X, const char* const* row, int nb, int C, int nck) {
+    for (int g = 0; g < (nb + 1) / 2; g++) {
+        const uint16_t* ra = (const uint16_t*)row[2 * g];
+        const uint16_t* rb = 2 * g + 1 < nb ? (const uint16_t*)row[2 * g + 1] : nullptr;
+        for (int k = 0; k < nck; k++) {
+            const int left = C - 32 * k;
+            const __mmask32 m = left >= 32 ? 0xFFFFFFFFu : left <= 0 ? 0 : (__mmask32)((1u << left) - 1);
+            const __m512i a = _mm512_maskz_loadu_epi16(m, ra + 32 * k);
+            const __m512i b = rb ? _mm512_maskz_loadu_epi16(m, rb + 32 * k) : _mm512_setzero_si512();
+            const __m512i lo = _mm512_unpacklo_epi16(a, b), hi = _mm512_unpackhi_epi16(a, b);
+            // lo's 128-bit lanes hold columns 8L..8L+3, hi's 8L+4..8L+7: back to column order
+            X[((size_t)g * nck + k) * 2] = _mm512_permutex2var_epi64(lo, _mm512_set_epi64(11, 10, 3, 2, 9, 8, 1, 0), hi);
+            X[((size_t)g * nck + k) * 2 + 1] = _mm512_permutex2var_epi64(lo, _mm512_set_epi64(15, 14, 7, 6, 13, 12, 5, 4), hi);
+        }
+    }
+}
+
+inline void interleave_q8(__m512i* X, const char* const* row, int nb, int C, int nck) {
+    for (int g = 0; g < (nb + 3) / 4; g++)
+        for (int k = 0; k < nck; k++) {
+            const int left = C - 64 * k;
+            const __mmask64 m = left >= 64 ? ~0ull : left <= 0 ? 0 : (__mmask64)((1ull << left) - 1);
+            __m512i r[4];
+            for (int j = 0; j < 4; j++)
+                r[j] = 4 * g + j < nb ? _mm512_maskz_loadu_epi8(m, row[4 * g + j] + 64 * k) : _mm512_setzero_si512();
+            const __m512i lo01 = _mm512_unpacklo_epi8(r[0], r[1]), hi01 = _mm512_unpackhi_epi8(r[0], r[1]);
+            const __m512i lo23 = _mm512_unpacklo_epi8(r[2], r[3]), hi23 = _mm512_unpackhi_epi8(r[2], r[3]);
+            // vector v's 128-bit lane L: columns 16L + 4v .. +3; a 4x4 transpose of the lanes puts
+            // the columns back in order
+            const __m512i x0 = _mm512_unpacklo_epi16(lo01, lo23), x1 = _mm512_unpackhi_epi16(lo01, lo23);
+            const __m512i x2 = _mm512_unpacklo_epi16(hi01, hi23), x3 = _mm512_unpackhi_epi16(hi01, hi23);
+            const __m512i t0 = _mm512_shuffle_i32x4(x0, x1, _MM_SHUFFLE(1, 0, 1, 0));
+            const __m512i t1 = _mm512_shuffle_i32x4(x2, x3, _MM_SHUFFLE(1, 0, 1, 0));
+            const __m512i t2 = _mm512_shuffle_i32x4(x0, x1, _MM_SHUFFLE(3, 2, 3, 2));
+            const __m512i t3 = _mm512_shuffle_i32x4(x2, x3, _MM_SHUFFLE(3, 2, 3, 2));
+            __m512i* x = X + ((size_t)g * nck + k) * 4;
+            x[0] = _mm512_shuffle_i32x4(t0, t1, _MM_SHUFFLE(2, 0, 2, 0));
+            x[1] = _mm512_shuffle_i32x4(t0, t1, _MM_SHUFFLE(3, 1, 3, 1));
+            x[2] = _mm512_shuffle_i32x4(t2, t3, _MM_SHUFFLE(2, 0, 2, 0));
+            x[3] = _mm512_shuffle_i32x4(t2, t3, _MM_SHUFFLE(3, 1, 3, 1));
+        }
+}
+
+// acc[i][c0..c0+64) = acc·corr[i] + Σ_g P_i[g] · X[g][..] for 4 heads, 64 columns:
+// bf16 P pairs (rows BS apart) over X in 32-column chunks 2·c0/64 and the next.
+inline void pv_tile_bf16(float* acc, int Cp, const uint16_t* p, const float* corr, const __m512i* X, int ng,
+                         int nck, int c0) {
+    K2_TILE_DECL(__m512, _mm512_setzero_ps())
+    const int k = c0 / 32;
+    for (int g = 0; g < ng; g++) {
+        const __m512i* xg = X + ((size_t)g * nck + k) * 2;
+        const __m512i x0 = xg[0], x1 = xg[1], x2 = xg[2], x3 = xg[3];
+        uint32_t pp[4];
+        for (int i = 0; i < 4; i++) std::memcpy(&pp[i], p + (size_t)i * BS + 2 * g, 4);
+#define K2_PV_HEAD(i) K2_ROW4(dpbf16_, i, _mm512_set1_epi32((int)pp[i]))
+        K2_PV_HEAD(0) K2_PV_HEAD(1) K2_PV_HEAD(2) K2_PV_HEAD(3)
+#undef K2_PV_HEAD
+    }
+    const __m512 a[16] = K2_TILE_ARRAY;
+    for (int q = 0; q < 16; q++) {
+        float* aq = acc + (size_t)(q / 4) * Cp + c0 + 16 * (q % 4);
+        _mm512_store_ps(aq, _mm512_fmadd_ps(_mm512_load_ps(aq), _mm512_set1_ps(corr[q / 4]), a[q]));
+    }
+}
+
+// The same over int8 X (4 tokens a dword) with uint8 P quads; sb[i]: head i's P scale.
+inline void pv_tile_q8(float* acc, int Cp, const uint8_t* p, const float* corr, const float* sb, const __m512i* X,
+                       int ng, int nck, int c0) {
+    K2_TILE_DECL(__m512i, _mm512_setzero_si512())
+    const int k = c0 / 64;
+    for (int g = 0; g < ng; g++) {
+        const __m512i* xg = X + ((size_t)g * nck + k) * 4;
+        const __m512i x0 = xg[0], x1 = xg[1], x2 = xg[2], x3 = xg[3];
+        uint32_t pp[4];
+        for (int i = 0; i < 4; i++) std::memcpy(&pp[i], p + (size_t)i * BS + 4 * g, 4);
+#define K2_PV_HEAD(i) K2_ROW4(dpbusd_, i, _mm512_set1_epi32((int)pp[i]))
+        K2_PV_HEAD(0) K2_PV_HEAD(1) K2_PV_HEAD(2) K2_PV_HEAD(3)
+#undef K2_PV_HEAD
+    }
+    const __m512i a[16] = K2_TILE_ARRAY;
+    for (int q = 0; q < 16; q++) {
+        float* aq = acc + (size_t)(q / 4) * Cp + c0 + 16 * (q % 4);
+        _mm512_store_ps(aq, _mm512_fmadd_ps(_mm512_load_ps(aq), _mm512_set1_ps(corr[q / 4]),
+                                            _mm512_mul_ps(_mm512_cvtepi32_ps(a[q]), _mm512_set1_ps(sb[q / 4]))));
+    }
+}
+#endif
+
+enum Mode { M_F32, M_BF16W, M_BF16DP, M_Q8 };
+
 struct Item { int b, h0, h1, t0, t1, slot; };   // slot < 0: whole sequence, written to out
 
 struct Args {
-    float* out; const float* q_latent; const float* q_pe; const void* pool; const int32_t* page_table;
-    int H, C, R, page, max_pages; float scale;
+    float* out; const float* q_latent; const float* q_pe; const char* pool; const int32_t* page_table;
+    int H, C, R, page, max_pages, row_bytes; float scale;
+    const void* qprep; const float* qscale; int Hp;   // prep_query's, [B][Hp] heads
     float* part_acc; float* part_ml;   // per slot: acc [H][C]; m [H] then l [H]
 };
 
-template <class E>
+// Per-thread scratch, kept between calls: O(H·(C+R) + BS·(C+R)), independent of the context.
+struct Scratch {
+    std::vector<float> f;
+    std::vector<float> x;              // interleaved block (bf16 / int8 modes), 64-byte aligned
+    std::vector<const char*> rows;     // this block's rows, the next's
+    std::vector<const float*> frows;   // this block's as float32 rows (M_F32, M_BF16W)
+    std::vector<float> wide;           // M_BF16W: [BS][Wp] widened
+};
+
+// The query of head slot i (< Hp, the heads rounded up to HQ; zero past H) of sequence b in the
+// form M_BF16DP / M_Q8 multiply: bf16 [Wq], or codes round(q / s) + 128 (unsigned for vpdpbusd,
+// s = absmax / 127, the latent and the rope parts each their own) [Qs] and s_c, s_r at qs[0], qs[Hp].
+// Prepared once per call, not per item.
+template <int M>
+void prep_query(void* qout, float* qs, const Args& A, int b, int i) {
+    const int C = A.C, R = A.R, W = C + R;
+    const bool real = i < A.H;
+    const float* ql = A.q_latent + ((size_t)b * A.H + i) * C;
+    const float* qr = A.q_pe + ((size_t)b * A.H + i) * R;
+    if (M == M_BF16DP) {
+        uint16_t* qi = (uint16_t*)qout;
+        std::fill(qi, qi + ceil_div(W, 32) * 32, (uint16_t)0);
+        for (int c = 0; real && c < W; c++) {
+            const float f = round_bf16(c < C ? ql[c] : qr[c - C]);
+            uint32_t u;
+            std::memcpy(&u, &f, 4);
+            qi[c] = (uint16_t)(u >> 16);
+        }
+    } else {
+        const int Cq = ceil_div(C, 64) * 64;
+        uint8_t* qi = (uint8_t*)qout;
+        std::fill(qi, qi + Cq + ceil_div(R, 64) * 64, (uint8_t)0);
+        for (int part = 0; part < 2; part++) {
+            const float* src = part ? qr : ql;
+            const int n = real ? (part ? R : C) : 0;
+            float amax = 0.f;
+            for (int c = 0; c < n; c++) amax = std::max(amax, std::fabs(src[c]));
+            const float inv = amax > 0.f ? 127.f / amax : 0.f;
+            for (int c = 0; c < n; c++) qi[part * Cq + c] = (uint8_t)(128 + (int)std::nearbyint(src[c] * inv));
+            qs[part * A.Hp] = amax / 127.f;
+        }
+    }
+}
+
+template <int M>
 void run_item(const Args& A, const Item& it) {
     const int C = A.C, R = A.R, W = C + R, H = A.H;
     const int Wp = ceil_div(W, 16) * 16, Cp = ceil_div(C, 64) * 64;
+    const int Wq = ceil_div(W, 32) * 32;                              // bf16 query, 32-element steps
+    const int Cq = ceil_div(C, 64) * 64, Qs = Cq + ceil_div(R, 64) * 64;   // int8 query codes
     const int nh = it.h1 - it.h0, nhp = ceil_div(nh, HQ) * HQ;
-    // per thread, kept between calls: O(H·(C+R)), independent of the context length
-    static thread_local std::vector<float> buf;
-    static thread_local std::vector<const E*> rows(2 * BS);   // this block's, the next's
-    static thread_local std::vector<const float*> frows(BS);  // this block's as float32 rows
-    static thread_local std::vector<float> wide;              // bf16 pools: [BS][Wp] widened
-    const size_t need = (size_t)nhp * (Wp + Cp + BS + 3) + 16;
-    if (buf.size() < need) buf.resize(need);
-    float* qc = align64(buf.data());              // [nhp][Wp]: q_latent | q_pe | zeros
-    float* acc = qc + (size_t)nhp * Wp;           // [nhp][Cp]
+    static thread_local Scratch sc;
+    const size_t qfloats = M == M_F32 || M == M_BF16W ? (size_t)nhp * Wp : 0;
+    const size_t need = qfloats + (size_t)nhp * (Cp + 2 * BS + 4) + 4 * BS + 64;
+    if (sc.f.size() < need) sc.f.resize(need);
+    if (sc.rows.size() < 2 * BS) sc.rows.resize(2 * BS), sc.frows.resize(BS);
+    float* qc = align64(sc.f.data());             // M_F32, M_BF16W: the query as float32 [nhp][Wp]
+    float* acc = align64(qc + qfloats);           // [nhp][Cp]
     float* S = acc + (size_t)nhp * Cp;            // [nhp][BS] scores, then P
-    float* m = S + (size_t)nhp * BS;
+    float* P2 = S + (size_t)nhp * BS;             // [nhp][BS]: P as bf16 or uint8 (M_BF16DP, M_Q8)
+    float* m = P2 + (size_t)nhp * BS;
     float* l = m + nhp;
     float* corr = l + nhp;
+    [[maybe_unused]] float* sb = corr + nhp;      // M_Q8: P's scale per head (this block)
+    float* tok = sb + nhp;                        // M_Q8: per token s_c, s_r, Σc, Σr [4][BS]
+    // M_BF16DP, M_Q8: this item's heads of the prepared query (prep_query)
+    const size_t hq = (size_t)it.b * A.Hp + it.h0;
+    [[maybe_unused]] const uint16_t* qb = (const uint16_t*)A.qprep + hq * Wq;
+    [[maybe_unused]] const uint8_t* q8 = (const uint8_t*)A.qprep + hq * Qs;
+    [[maybe_unused]] const float* qs = A.qscale + (size_t)it.b * 2 * A.Hp + it.h0;   // s_c; s_r at + Hp
     for (int i = 0; i < nhp; i++) {
-        float* qi = qc + (size_t)i * Wp;
-        const int h = it.h0 + i;
-        if (i < nh) {
-            std::memcpy(qi, A.q_latent + ((size_t)it.b * H + h) * C, sizeof(float) * C);
-            std::memcpy(qi + C, A.q_pe + ((size_t)it.b * H + h) * R, sizeof(float) * R);
-            std::fill(qi + W, qi + Wp, 0.f);
-        } else {
+        if (M == M_F32 || M == M_BF16W) {
+            const int h = it.h0 + i;
+            float* qi = qc + (size_t)i * Wp;
             std::fill(qi, qi + Wp, 0.f);
+            if (i < nh) {
+                std::memcpy(qi, A.q_latent + ((size_t)it.b * A.H + h) * C, sizeof(float) * C);
+                std::memcpy(qi + C, A.q_pe + ((size_t)it.b * A.H + h) * R, sizeof(float) * R);
+            }
         }
         m[i] = -INFINITY;
         l[i] = 0.f;
     }
     std::fill(acc, acc + (size_t)nhp * Cp, 0.f);
     const int32_t* pt = A.page_table + (size_t)it.b * A.max_pages;
-    const E** cur = rows.data();
-    const E** nxt = cur + BS;
-    const E* pool = (const E*)A.pool;
-    auto block_rows = [&](const E** r, int t0) {
+    const char** cur = sc.rows.data();
+    const char** nxt = cur + BS;
+    auto block_rows = [&](const char** r, int t0) {
         const int nb = std::min(BS, it.t1 - t0);
         for (int j = 0; j < nb; j++) {
             const int t = t0 + j;
-            r[j] = pool + ((size_t)pt[t / A.page] * A.page + t % A.page) * W;
+            r[j] = A.pool + ((size_t)pt[t / A.page] * A.page + t % A.page) * A.row_bytes;
         }
         return nb;
     };
     const int nq = nhp / HQ;
     int nb = it.t1 > it.t0 ? block_rows(cur, it.t0) : 0;
+    [[maybe_unused]] const int nck = M == M_BF16DP ? Cp / 32 : Cp / 64;   // interleaved column chunks
+    if (M == M_BF16DP || M == M_Q8) {
+        const size_t nx = (size_t)(M == M_BF16DP ? BS / 2 : BS / 4) * nck * (M == M_BF16DP ? 2 : 4);
+        if (sc.x.size() < 16 * nx + 16) sc.x.resize(16 * nx + 16);
+    }
+    [[maybe_unused]] __m512i* X = (__m512i*)align64(sc.x.data());
+    if (M == M_BF16W && sc.wide.size() < (size_t)BS * Wp) sc.wide.resize((size_t)BS * Wp);
     for (int t0 = it.t0; t0 < it.t1; t0 += BS) {
         const int nb4 = ceil_div(nb, 4) * 4;
-        for (int j = 0; j < nb; j++) {
-            if constexpr (std::is_same<E, float>::value) {
-                frows[j] = cur[j];
-            } else {
-                if (wide.size() < (size_t)BS * Wp) wide.resize((size_t)BS * Wp);
-                float* w = wide.data() + (size_t)j * Wp;
-                for (int c = 0; c < W; c += 16) {
-                    const __mmask16 k = W - c >= 16 ? 0xFFFF : (__mmask16)((1u << (W - c)) - 1);
-                    _mm512_mask_storeu_ps(w + c, k, load16(k, cur[j] + c));
+        const char** rw = cur;   // 4-row score tiles: the last row repeated as padding (unused)
+        for (int j = nb; j < nb4; j++) cur[j] = cur[nb - 1];
+        if (M == M_F32 || M == M_BF16W) {
+            for (int j = 0; j < nb4; j++) {
+                if (M == M_F32) {
+                    sc.frows[j] = (const float*)cur[j];
+                } else {
+                    float* w = sc.wide.data() + (size_t)j * Wp;
+                    for (int c = 0; c < W; c += 16) {
+                        const __mmask16 k = W - c >= 16 ? 0xFFFF : (__mmask16)((1u << (W - c)) - 1);
+                        _mm512_mask_storeu_ps(w + c, k, load16(k, (const uint16_t*)cur[j] + c));
+                    }
+                    sc.frows[j] = w;
                 }
-                frows[j] = w;
             }
         }
-        for (int j = nb; j < nb4; j++) frows[j] = frows[nb - 1];   // score padding, unused
         // the next block's rows (scattered pages) are prefetched into L2 a slice per head quad
         const int nbn = t0 + BS < it.t1 ? block_rows(nxt, t0 + BS) : 0;
+#ifdef K2_MLA_DP
+        if (M == M_Q8)
+            for (int j = 0; j < nb4; j++) {
+                const char* meta = cur[j] + kv8_meta(W);
+                float v[2];
+                int32_t s[2];
+                std::memcpy(v, meta, 8);
+                std::memcpy(s, meta + 8, 8);
+                tok[j] = v[0]; tok[BS + j] = v[1]; tok[2 * BS + j] = (float)s[0]; tok[3 * BS + j] = (float)s[1];
+            }
+        if (M == M_Q8)
+            for (int j = nb4; j < BS; j++) tok[j] = 0.f;   // P·s_c runs over the whole block
+#endif
         for (int i = 0; i < nhp; i += HQ) {
-            for (int j = 0; j < nb4; j += 4)
-                score_tile(S + (size_t)i * BS + j, qc + (size_t)i * Wp, Wp, frows.data() + j, W, A.scale);
+            for (int j = 0; j < nb4; j += 4) {
+                float* s = S + (size_t)i * BS + j;
+                if (M == M_F32 || M == M_BF16W) {
+                    score_tile(s, qc + (size_t)i * Wp, Wp, sc.frows.data() + j, W, A.scale);
+#ifdef K2_MLA_DP
+                } else if (M == M_BF16DP) {
+                    score_tile_bf16(s, qb + (size_t)i * Wq, Wq, rw + j, W, A.scale);
+                } else {
+                    // lane 4i+j: scale · (s_q,c·s_c,j·(dot_c - 128·Σc_j) + s_q,r·s_r,j·(dot_r - 128·Σr_j)),
+                    // the 128s taking back the query codes' offset
+                    const uint8_t* q = q8 + (size_t)i * Qs;
+                    const __m512 lc = score_tile_q8(q, Qs, rw + j, 0, C);
+                    const __m512 lr = score_tile_q8(q + Cq, Qs, rw + j, C, R);
+                    const __m512i byhead = _mm512_set_epi32(3, 3, 3, 3, 2, 2, 2, 2, 1, 1, 1, 1, 0, 0, 0, 0);
+                    auto tokv = [&](int k) { return _mm512_broadcast_f32x4(_mm_loadu_ps(tok + k * BS + j)); };
+                    auto headv = [&](int k) {
+                        return _mm512_permutexvar_ps(byhead, _mm512_castps128_ps512(_mm_loadu_ps(qs + k * A.Hp + i)));
+                    };
+                    const __m512 c128 = _mm512_set1_ps(128.f);
+                    const __m512 dc = _mm512_mul_ps(_mm512_mul_ps(headv(0), tokv(0)), _mm512_fnmadd_ps(c128, tokv(2), lc));
+                    const __m512 dr = _mm512_mul_ps(_mm512_mul_ps(headv(1), tokv(1)), _mm512_fnmadd_ps(c128, tokv(3), lr));
+                    store_tile(s, _mm512_mul_ps(_mm512_add_ps(dc, dr), _mm512_set1_ps(A.scale)));
+#endif
+                }
+            }
             for (int j = nbn * (i / HQ) / nq; j < nbn * (i / HQ + 1) / nq; j++) {
-                const char* r = (const char*)nxt[j];
-                const int bytes = W * (int)sizeof(E);
-                for (int o = 0; o < bytes; o += 64) _mm_prefetch(r + o, _MM_HINT_T1);
-                _mm_prefetch(r + bytes - 1, _MM_HINT_T1);
+                const char* r = nxt[j];
+                for (int o = 0; o < A.row_bytes; o += 64) _mm_prefetch(r + o, _MM_HINT_T1);
+                _mm_prefetch(r + A.row_bytes - 1, _MM_HINT_T1);
             }
         }
         for (int i = 0; i < nhp; i++) {   // online softmax; S becomes P (zeros past nb)
@@ -215,67 +478,111 @@ void run_item(const Args& A, const Item& it) {
             corr[i] = std::exp(m[i] - mn);   // 0 on the first block
             const __m512 mv = _mm512_set1_ps(mn);
             __m512 sum = _mm512_setzero_ps();
-            for (int j = 0; j < nb; j += 16) {
-                const __mmask16 k = nb - j >= 16 ? 0xFFFF : (__mmask16)((1u << (nb - j)) - 1);
+            for (int j = 0; j < BS; j += 16) {
+                const __mmask16 k = nb - j >= 16 ? 0xFFFF : nb - j <= 0 ? 0 : (__mmask16)((1u << (nb - j)) - 1);
                 const __m512 p = _mm512_maskz_mov_ps(k, exp512(_mm512_sub_ps(_mm512_loadu_ps(s + j), mv)));
                 _mm512_storeu_ps(s + j, p);
                 sum = _mm512_add_ps(sum, p);
             }
             l[i] = l[i] * corr[i] + _mm512_reduce_add_ps(sum);
             m[i] = mn;
-        }
-        for (int i = 0; i < nhp; i += HQ)
-            for (int c0 = 0; c0 < C; c0 += 64) {
-                __mmask16 cm[4];   // columns past C
-                for (int k = 0; k < 4; k++) {
-                    const int left = C - c0 - 16 * k;
-                    cm[k] = left >= 16 ? 0xFFFF : left <= 0 ? 0 : (__mmask16)((1u << left) - 1);
+#ifdef K2_MLA_DP
+            if (M == M_BF16DP) {    // P rounded to bf16 (vcvtneps2bf16: nearest even)
+                uint16_t* pb = (uint16_t*)P2 + (size_t)i * BS;
+                for (int j = 0; j < BS; j += 16)
+                    _mm256_storeu_si256((__m256i*)(pb + j), (__m256i)_mm512_cvtneps_pbh(_mm512_loadu_ps(s + j)));
+            } else if (M == M_Q8) {  // P·s_c (the rows' latent scales) as uint8 against its block max
+                __m512 pm = _mm512_setzero_ps();
+                for (int j = 0; j < BS; j += 16) {
+                    const __m512 v = _mm512_mul_ps(_mm512_loadu_ps(s + j), _mm512_loadu_ps(tok + j));
+                    _mm512_storeu_ps(s + j, v);   // S is not read again
+                    pm = _mm512_max_ps(pm, v);
                 }
-                pv_tile(acc + (size_t)i * Cp, Cp, S + (size_t)i * BS, corr + i, frows.data(), nb, c0, cm);
+                const float mx8 = _mm512_reduce_max_ps(pm);
+                const __m512 inv = _mm512_set1_ps(mx8 > 0.f ? 255.f / mx8 : 0.f);
+                uint8_t* pq = (uint8_t*)P2 + (size_t)i * BS;
+                for (int j = 0; j < BS; j += 16)
+                    _mm_storeu_si128((__m128i*)(pq + j),
+                                     _mm512_cvtusepi32_epi8(_mm512_cvtps_epu32(_mm512_mul_ps(_mm512_loadu_ps(s + j), inv))));
+                sb[i] = mx8 / 255.f;
             }
+#endif
+        }
+        if (M == M_F32 || M == M_BF16W) {
+            for (int i = 0; i < nhp; i += HQ)
+                for (int c0 = 0; c0 < C; c0 += 64) {
+                    __mmask16 cm[4];   // columns past C
+                    for (int k = 0; k < 4; k++) {
+                        const int left = C - c0 - 16 * k;
+                        cm[k] = left >= 16 ? 0xFFFF : left <= 0 ? 0 : (__mmask16)((1u << left) - 1);
+                    }
+                    pv_tile(acc + (size_t)i * Cp, Cp, S + (size_t)i * BS, corr + i, sc.frows.data(), nb, c0, cm);
+                }
+#ifdef K2_MLA_DP
+        } else if (M == M_BF16DP) {
+            interleave_bf16(X, cur, nb, C, nck);
+            for (int i = 0; i < nhp; i += HQ)
+                for (int c0 = 0; c0 < C; c0 += 64)
+                    pv_tile_bf16(acc + (size_t)i * Cp, Cp, (const uint16_t*)P2 + (size_t)i * BS, corr + i,
+                                 X, (nb + 1) / 2, nck, c0);
+        } else {
+            interleave_q8(X, cur, nb, C, nck);
+            for (int i = 0; i < nhp; i += HQ)
+                for (int c0 = 0; c0 < C; c0 += 64)
+                    pv_tile_q8(acc + (size_t)i * Cp, Cp, (const uint8_t*)P2 + (size_t)i * BS, corr + i,
+                               sb + i, X, (nb + 3) / 4, nck, c0);
+#endif
+        }
         std::swap(cur, nxt);
         nb = nbn;
     }
     for (int i = 0; i < nh; i++) {
         const int h = it.h0 + i;
         const float* ai = acc + (size_t)i * Cp;
+        float* o;
+        float f = 1.f;
         if (it.slot < 0) {
-            const float inv = l[i] > 0.f ? 1.f / l[i] : 0.f;   // length 0 -> zeros
-            float* o = A.out + ((size_t)it.b * H + h) * C;
-            for (int c = 0; c < C; c++) o[c] = ai[c] * inv;
+            f = l[i] > 0.f ? 1.f / l[i] : 0.f;   // length 0 -> zeros
+            o = A.out + ((size_t)it.b * H + h) * C;
         } else {
-            std::memcpy(A.part_acc + ((size_t)it.slot * H + h) * C, ai, sizeof(float) * C);
+            o = A.part_acc + ((size_t)it.slot * H + h) * C;
             A.part_ml[(size_t)it.slot * 2 * H + h] = m[i];
             A.part_ml[(size_t)it.slot * 2 * H + H + h] = l[i];
         }
+        for (int c = 0; c < C; c++) o[c] = ai[c] * f;
     }
 }
 
 }  // namespace
 
-void mla_decode(float* out, const float* q_latent, const float* q_pe, const void* pool, bool bf16,
+static void mla_decode_portable(float* out, const float* q_latent, const float* q_pe, const char* pool, int kind,
+                                const int32_t* page_table, const int32_t* lengths, int B, int H, int C, int R,
+                                int page, int max_pages, float scale);
+
+void mla_decode(float* out, const float* q_latent, const float* q_pe, const void* pool, int kind,
                 const int32_t* page_table, const int32_t* lengths, int B, int H, int C, int R,
                 int page, int max_pages, float scale) {
     if (B <= 0 || H <= 0 || C <= 0) return;
+#ifndef K2_MLA_DP
+    if (kind == KV_INT8)
+        return mla_decode_portable(out, q_latent, q_pe, (const char*)pool, kind, page_table, lengths, B, H, C, R,
+                                   page, max_pages, scale);
+#endif
     int nt = 1;
 #ifdef _OPENMP
     nt = omp_get_max_threads();
 #endif
-    // Token ranges: ~4 items per thread over all sequences, at least MINP tokens each.
+    // Token ranges of KVC tokens at fixed positions; too few items for ~4 per thread: split the
+    // heads too (chunks of a multiple of HQ heads; no effect on any sum).
     const int want = 4 * nt;
-    int64_t total = 0;
-    for (int b = 0; b < B; b++) total += lengths[b];
     std::vector<int> np(B), slot0(B);
     int nitems = 0, nslots = 0;
     for (int b = 0; b < B; b++) {
-        const int n = lengths[b];
-        const int64_t byshare = total > 0 ? ((int64_t)n * want + total - 1) / total : 1;
-        np[b] = (int)std::max<int64_t>(1, std::min<int64_t>(byshare, n / MINP));
+        np[b] = std::max(1, ceil_div(lengths[b], KVC));
         slot0[b] = nslots;
         if (np[b] > 1) nslots += np[b];
         nitems += np[b];
     }
-    // Too few tokens for that: split the heads too (chunks of a multiple of HQ heads).
     int hcs = H;
     if (nitems < want) {
         const int nhc = std::min(ceil_div(H, HQ), ceil_div(want, nitems));
@@ -284,11 +591,9 @@ void mla_decode(float* out, const float* q_latent, const float* q_pe, const void
     std::vector<Item> items;
     for (int b = 0; b < B; b++)
         for (int k = 0; k < np[b]; k++)
-            for (int h0 = 0; h0 < H; h0 += hcs) {
-                const int64_t n = lengths[b];
-                items.push_back({b, h0, std::min(H, h0 + hcs), (int)(n * k / np[b]), (int)(n * (k + 1) / np[b]),
+            for (int h0 = 0; h0 < H; h0 += hcs)
+                items.push_back({b, h0, std::min(H, h0 + hcs), k * KVC, std::min(lengths[b], (k + 1) * KVC),
                                  np[b] > 1 ? slot0[b] + k : -1});
-            }
     std::stable_sort(items.begin(), items.end(), [](const Item& x, const Item& y) {
         return (int64_t)(x.t1 - x.t0) * (x.h1 - x.h0) > (int64_t)(y.t1 - y.t0) * (y.h1 - y.h0);
     });
@@ -296,21 +601,54 @@ void mla_decode(float* out, const float* q_latent, const float* q_pe, const void
     static thread_local std::vector<float> kept;
     std::unique_ptr<float[]> big;
     float* part = kept_scratch(kept, big, (size_t)nslots * H * (C + 2));
-    const Args A{out, q_latent, q_pe, pool, page_table, H, C, R, page, max_pages, scale,
-                 part, part + (size_t)nslots * H * C};
+    const int W = C + R;
+    int mode = kind == KV_F32 ? M_F32 : M_BF16W;
+#ifdef K2_MLA_DP
+    if (kind == KV_INT8) mode = M_Q8;
+    else if (kind == KV_BF16 && !g_exact) mode = M_BF16DP;
+#endif
+    const int row_bytes = kind == KV_F32 ? 4 * W : kind == KV_BF16 ? 2 * W : kv8_row_bytes(W);
+    // the query in the dot products' form, once for all items: [B][Hp] rows (+ scales, M_Q8)
+    const int Hp = ceil_div(H, HQ) * HQ;
+    const size_t qrow = mode == M_BF16DP ? 2 * (size_t)ceil_div(W, 32) * 32
+                                         : (size_t)ceil_div(C, 64) * 64 + ceil_div(R, 64) * 64;
+    static thread_local std::vector<float> qkept;
+    const size_t qn = mode == M_BF16DP || mode == M_Q8 ? (size_t)B * Hp * (qrow / 4 + 2) + 16 : 0;
+    if (qkept.size() < qn) qkept.resize(qn);
+    float* qscale = qkept.data();
+    void* qprep = align64(qkept.data() + 2 * (size_t)B * Hp);
+    const Args A{out, q_latent, q_pe, (const char*)pool, page_table, H, C, R, page, max_pages, row_bytes, scale,
+                 qprep, qscale, Hp, part, part + (size_t)nslots * H * C};
     std::vector<int> split;   // sequences with partials
     for (int b = 0; b < B; b++)
         if (np[b] > 1) split.push_back(b);
     const int nmerge = (int)split.size() * H;
     #pragma omp parallel
     {
+#ifdef K2_MLA_DP
+        if (mode == M_BF16DP || mode == M_Q8) {
+            #pragma omp for schedule(static)
+            for (int i = 0; i < B * Hp; i++) {
+                const int b = i / Hp, h = i % Hp;
+                float* qs = qscale + (size_t)b * 2 * Hp + h;
+                if (mode == M_BF16DP) prep_query<M_BF16DP>((char*)qprep + i * qrow, qs, A, b, h);
+                else prep_query<M_Q8>((char*)qprep + i * qrow, qs, A, b, h);
+            }
+        }
+#endif
         #pragma omp for schedule(dynamic, 1)
         for (int i = 0; i < (int)items.size(); i++) {
-            if (bf16) run_item<uint16_t>(A, items[i]);
-            else run_item<float>(A, items[i]);
+            switch (mode) {
+                case M_F32: run_item<M_F32>(A, items[i]); break;
+                case M_BF16W: run_item<M_BF16W>(A, items[i]); break;
+#ifdef K2_MLA_DP
+                case M_BF16DP: run_item<M_BF16DP>(A, items[i]); break;
+                default: run_item<M_Q8>(A, items[i]); break;
+#endif
+            }
         }
         #pragma omp for schedule(static)
-        for (int i = 0; i < nmerge; i++) {   // out = Σ_k e^(m_k-M) acc_k / Σ_k e^(m_k-M) l_k
+        for (int i = 0; i < nmerge; i++) {   // out = Σ_k e^(m_k-M) acc_k / Σ_k e^(m_k-M) l_k, in range order
             const int b = split[i / H], h = i % H;
             const float* ml = A.part_ml + (size_t)slot0[b] * 2 * H;
             float M = -INFINITY;
@@ -332,22 +670,24 @@ void mla_decode(float* out, const float* q_latent, const float* q_pe, const void
     }
 }
 
-#else
-static inline float elem(const float* p, int i) { return p[i]; }
-static inline float elem(const uint16_t* p, int i) { return bf16_to_f32(p[i]); }
+#endif  // K2_AVX512
 
-template <class E>
-static void mla_decode_portable(float* out, const float* q_latent, const float* q_pe, const E* pool,
-                                const int32_t* page_table, const int32_t* lengths, int B, int H, int C, int R,
-                                int page, int max_pages, float scale) {
-    const int W = C + R;               // floats per cached token
+// The portable loops (AVX2 and scalar builds; int8 rows on AVX-512 builds without VNNI/BF16):
+// work items (sequence, chunk of 8 heads); a block's bf16 or int8 rows are widened to float32
+// once per item, then every head runs fp32 sums over them, as ref.
+[[maybe_unused]] static void mla_decode_portable(float* out, const float* q_latent, const float* q_pe,
+                                                 const char* pool, int kind, const int32_t* page_table,
+                                                 const int32_t* lengths, int B, int H, int C, int R, int page,
+                                                 int max_pages, float scale) {
+    const int W = C + R;               // values per cached token
     const int HC = 8;                  // heads per work item
     const int BS = 64;                 // tokens per block
     const int nhc = ceil_div(H, HC);
+    const size_t row_bytes = kind == KV_F32 ? 4 * (size_t)W : kind == KV_BF16 ? 2 * (size_t)W : kv8_row_bytes(W);
     #pragma omp parallel
     {
-        std::vector<float> acc((size_t)HC * C), m(HC), l(HC), s(BS);
-        std::vector<const E*> rows(BS);
+        std::vector<float> acc((size_t)HC * C), m(HC), l(HC), s(BS), wide(kind == KV_F32 ? 0 : (size_t)BS * W);
+        std::vector<const float*> rows(BS);
         #pragma omp for schedule(dynamic, 1)
         for (int it = 0; it < B * nhc; it++) {
             const int b = it / nhc, h0 = (it % nhc) * HC, h1 = std::min(H, h0 + HC);
@@ -358,20 +698,32 @@ static void mla_decode_portable(float* out, const float* q_latent, const float* 
             for (int t0 = 0; t0 < n; t0 += BS) {
                 const int nb = std::min(BS, n - t0);
                 for (int j = 0; j < nb; j++) {
-                    int t = t0 + j;
-                    rows[j] = pool + ((size_t)page_table[(size_t)b * max_pages + t / page] * page + t % page) * W;
+                    const int t = t0 + j;
+                    const char* r = pool + ((size_t)page_table[(size_t)b * max_pages + t / page] * page + t % page) * row_bytes;
+                    float* w = wide.data() + (size_t)j * W;
+                    if (kind == KV_F32) {
+                        rows[j] = (const float*)r;
+                        continue;
+                    } else if (kind == KV_BF16) {
+                        for (int c = 0; c < W; c++) w[c] = bf16_to_f32(((const uint16_t*)r)[c]);
+                    } else {   // code · scale (ref.kv8_dequantize)
+                        float sc[2];
+                        std::memcpy(sc, r + kv8_meta(W), 8);
+                        for (int c = 0; c < W; c++) w[c] = (float)((const int8_t*)r)[c] * sc[c >= C];
+                    }
+                    rows[j] = w;
                 }
                 for (int h = h0; h < h1; h++) {
                     const float* ql = q_latent + ((size_t)b * H + h) * C;
                     const float* qr = q_pe + ((size_t)b * H + h) * R;
                     float mb = -INFINITY;
                     for (int j = 0; j < nb; j++) {
-                        const E* kv = rows[j];
+                        const float* kv = rows[j];
                         float d1 = 0.f, d2 = 0.f;
                         #pragma omp simd reduction(+:d1)
-                        for (int c = 0; c < C; c++) d1 += ql[c] * elem(kv, c);
+                        for (int c = 0; c < C; c++) d1 += ql[c] * kv[c];
                         #pragma omp simd reduction(+:d2)
-                        for (int r = 0; r < R; r++) d2 += qr[r] * elem(kv, C + r);
+                        for (int r = 0; r < R; r++) d2 += qr[r] * kv[C + r];
                         s[j] = (d1 + d2) * scale;
                         mb = std::max(mb, s[j]);
                     }
@@ -385,9 +737,9 @@ static void mla_decode_portable(float* out, const float* q_latent, const float* 
                     for (int j = 0; j < nb; j++) {
                         const float p = std::exp(s[j] - mn);
                         lsum += p;
-                        const E* kv = rows[j];
+                        const float* kv = rows[j];
                         #pragma omp simd
-                        for (int c = 0; c < C; c++) a[c] += p * elem(kv, c);
+                        for (int c = 0; c < C; c++) a[c] += p * kv[c];
                     }
                     m[hh] = mn;
                     l[hh] = lsum;
@@ -403,15 +755,12 @@ static void mla_decode_portable(float* out, const float* q_latent, const float* 
     }
 }
 
-void mla_decode(float* out, const float* q_latent, const float* q_pe, const void* pool, bool bf16,
+#ifndef K2_AVX512
+void mla_decode(float* out, const float* q_latent, const float* q_pe, const void* pool, int kind,
                 const int32_t* page_table, const int32_t* lengths, int B, int H, int C, int R,
                 int page, int max_pages, float scale) {
-    if (bf16)
-        mla_decode_portable(out, q_latent, q_pe, (const uint16_t*)pool, page_table, lengths, B, H, C, R, page,
-                            max_pages, scale);
-    else
-        mla_decode_portable(out, q_latent, q_pe, (const float*)pool, page_table, lengths, B, H, C, R, page,
-                            max_pages, scale);
+    mla_decode_portable(out, q_latent, q_pe, (const char*)pool, kind, page_table, lengths, B, H, C, R, page,
+                        max_pages, scale);
 }
 #endif
 
