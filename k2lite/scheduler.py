@@ -100,6 +100,7 @@ class Scheduler:
         self.max_idle = 4 * self.max_batch
         self.cached_tokens = 0           # prompt tokens served from the prompt cache
         self.force = None                # test-only hook: force(req) -> list of ids or None
+        self.mix_prompt = 16             # prompt remainders this short ride in decode steps (0: never)
         self._stopping = False
         self._thread = threading.Thread(target=self._loop, name="k2lite-scheduler", daemon=True)
 
@@ -257,8 +258,15 @@ class Scheduler:
             self._finish(r, "error")
 
     def _step(self):
-        """One prefill chunk of the oldest new request, then one decode step for all the others."""
-        pre = next((r for r in self.live if r.fed < len(r.prompt)), None)
+        """One prefill chunk of the oldest new request, then one decode step for all the others.
+        Short prompt remainders (<= mix_prompt tokens) ride in the decode step instead, one
+        token a step, whenever that step has other rows: a burst of short requests then runs
+        in lockstep, and no step reads every weight for one short prefill alone."""
+        feeding = [r for r in self.live if r.fed < len(r.prompt)]
+        mixed = []
+        if len(feeding) < len(self.live) or len(feeding) > 1:
+            mixed = [r for r in feeding if len(r.prompt) - r.fed <= self.mix_prompt]
+        pre = next((r for r in feeding if r not in mixed), None)
         if pre is not None:    # chunked, so a long prompt delays the running answers one chunk at most
             chunk = pre.prompt[pre.fed:pre.fed + self.llm.prefill_chunk]
             last = pre.fed + len(chunk) == len(pre.prompt)
@@ -267,15 +275,19 @@ class Scheduler:
             pre.fed += len(chunk)
             if pre.fed == len(pre.prompt):
                 self._emit(pre, logits[-1])
-        batch = [r for r in self.live if r.fed == len(r.prompt)]
+        batch = [r for r in self.live if r.fed == len(r.prompt)] + mixed
         if not batch:
             return
         # tokens [B], one per sequence: each weight is read once for the whole batch
-        logits = self.model.forward([r.next_token for r in batch], self.cache, [r.state for r in batch],
-                                    decode=True)
+        tokens = [r.next_token if r.fed == len(r.prompt) else r.prompt[r.fed] for r in batch]
+        logits = self.model.forward(tokens, self.cache, [r.state for r in batch], decode=True)
         self.steps += 1
         self.max_batch_seen = max(self.max_batch_seen, len(batch))
         for r, z in zip(batch, logits):
+            if r.fed < len(r.prompt):          # a prompt token: only the last one's logits count
+                r.fed += 1
+                if r.fed < len(r.prompt):
+                    continue
             self._emit(r, z)
 
     def _emit(self, r: Request, logits):
