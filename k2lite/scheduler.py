@@ -280,15 +280,16 @@ class Scheduler:
             return
         # tokens [B], one per sequence: each weight is read once for the whole batch
         tokens = [r.next_token if r.fed == len(r.prompt) else r.prompt[r.fed] for r in batch]
-        logits = self.model.forward(tokens, self.cache, [r.state for r in batch], decode=True)
+        # logits only where a token is sampled: answers, and the last token of a prompt
+        rows = [i for i, r in enumerate(batch) if r.fed >= len(r.prompt) - 1]
+        logits = self.model.forward(tokens, self.cache, [r.state for r in batch], decode=True,
+                                    rows=rows, head=bool(rows))
         self.steps += 1
         self.max_batch_seen = max(self.max_batch_seen, len(batch))
-        for r, z in zip(batch, logits):
-            if r.fed < len(r.prompt):          # a prompt token: only the last one's logits count
-                r.fed += 1
-                if r.fed < len(r.prompt):
-                    continue
-            self._emit(r, z)
+        for r in batch:
+            r.fed = min(r.fed + 1, len(r.prompt))
+        for i, z in zip(rows, logits if rows else []):
+            self._emit(batch[i], z)
 
     def _emit(self, r: Request, logits):
         """Sample r's next token and account it; a failure here fails r alone."""
