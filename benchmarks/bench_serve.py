@@ -12,6 +12,8 @@ submitted at once and each generates exactly `-n` tokens (greedy, no eos), as B 
                     the prefills, which the scheduler interleaves one chunk per step)
   step tok/s        B / median time of the decode steps that ran with all B sequences
   x single          aggregate over the B=1 aggregate of the same round
+  tok/cpu-s         generated tokens per CPU-second the process was granted (on a loaded box
+                    this tells a slow step from a starved one)
 
 --mix compares the scheduler's policies in the same run: with mix_prompt 16 (the default) short
 prompts are fed one token a step inside the batched decode step, so a burst of requests runs in
@@ -59,7 +61,7 @@ def run(sched, llm, B, n_gen, n_prompt, rng):
         prompt = [int(t) for t in rng.integers(0, llm.config.vocab_size, n_prompt)]
         reqs.append(Request(prompt, Sampler(temperature=0.0), n_gen, [], set(), None,
                             reserve=-(-(n_prompt + n_gen) // page)))
-    t = time.perf_counter()
+    t, cpu = time.perf_counter(), time.process_time()
     sched.submit(reqs)
     done = 0
     for r in reqs:
@@ -70,7 +72,7 @@ def run(sched, llm, B, n_gen, n_prompt, rng):
         if ev[1] == "error" or r.finish_reason != "length":
             raise RuntimeError(f"request ended with {ev[1]} / {r.finish_reason}")
         done += len(r.out)
-    return done, time.perf_counter() - t
+    return done, time.perf_counter() - t, time.process_time() - cpu
 
 
 def main():
@@ -98,14 +100,15 @@ def main():
     meter = ReadMeter()
     rng = np.random.default_rng(0)
     run(sched, llm, 1, 2, a.prompt, rng)               # warm-up: first touch of the weight pages
-    agg, steps, reads = {}, {}, {}
+    agg, steps, reads, per_cpu = {}, {}, {}, {}
     for _ in range(a.repeats):
         for B in a.streams:
             for mix in a.mix:
                 sched.mix_prompt = mix
                 clock.times.clear()
                 before = meter.sample()
-                n, dt = run(sched, llm, B, a.n, a.prompt, rng)
+                n, dt, cpu = run(sched, llm, B, a.n, a.prompt, rng)
+                per_cpu.setdefault((B, mix), []).append(n / cpu)
                 reads.setdefault((B, mix), []).append(max(before, meter.sample()))
                 agg.setdefault((B, mix), []).append(n / dt)
                 full = clock.times.get(B, [])
@@ -115,14 +118,15 @@ def main():
     print(f"model {a.model}, {per_token / 1e9:.2f} GB of weights per single-token step, "
           f"{a.prompt}-token prompts, {a.n} tokens per stream, threads {a.threads or 'default'}, "
           f"{'anonymous' if a.no_mmap else 'mmap'}{' + repack' if a.repack else ''}")
-    print("| streams | mix_prompt | aggregate tok/s (runs) | x single | full-batch step tok/s | read GB/s |")
-    print("| ---: | ---: | --- | ---: | ---: | ---: |")
+    print("| streams | mix_prompt | aggregate tok/s (runs) | x single | full-batch step tok/s | tok/cpu-s | read GB/s |")
+    print("| ---: | ---: | --- | ---: | ---: | ---: | ---: |")
     for B in a.streams:
         for mix in a.mix:
             runs, base = agg[B, mix], statistics.median(agg[min(a.streams), mix])
             st = f"{statistics.median(steps[B, mix]):.1f}" if (B, mix) in steps else "-"
             print(f"| {B} | {mix} | {statistics.median(runs):.2f} ({', '.join(f'{r:.2f}' for r in runs)}) | "
-                  f"{statistics.median(runs) / base:.1f}x | {st} | {statistics.median(reads[B, mix]) / 1e9:.1f} |")
+                  f"{statistics.median(runs) / base:.1f}x | {st} | {statistics.median(per_cpu[B, mix]):.2f} | "
+                  f"{statistics.median(reads[B, mix]) / 1e9:.1f} |")
 
 
 if __name__ == "__main__":

@@ -219,7 +219,9 @@ def project(llm, row: dict, target_config: str) -> dict:
     n_dense = tgt.num_hidden_layers - n_moe
     head_ratio = (tgt.vocab_size * tgt.hidden_size) / (cfg.vocab_size * cfg.hidden_size)
     read = row["read_gb_s"] * 1e9
-    out = {"kind": "projection", "model": tgt.extra.get("architectures", ["?"])[0], "depth": row["depth"],
+    import os
+    name = os.path.basename(os.path.dirname(os.path.abspath(target_config)))
+    out = {"kind": "projection", "model": name, "depth": row["depth"],
            "layers": tgt.num_hidden_layers, "experts": tgt.n_routed_experts}
 
     def mean(xs, fallback):
