@@ -244,17 +244,28 @@ def info(path, context):
 @main.command()
 @click.argument("path")
 @click.option("-p", "n_prompt", type=click.IntRange(0), default=512, show_default=True, help="Prompt tokens.")
-@click.option("-n", "n_gen", type=click.IntRange(0), default=128, show_default=True, help="Generated tokens.")
-@click.option("-r", "repeats", type=click.IntRange(1), default=3, show_default=True, help="Repetitions.")
+@click.option("-n", "n_gen", type=click.IntRange(0), help="Generated tokens [default: 128; 16 with --depth].")
+@click.option("-r", "repeats", type=click.IntRange(1), help="Repetitions [default: 3; 1 with --depth].")
 @click.option("--bw-bytes", type=click.IntRange(1 << 20), default=1 << 30, show_default=True,
               help="Size of the bandwidth probe array.")
+@click.option("--depth", help="Comma-separated cache depths, e.g. 0,4096,32768: pp and tg with that many "
+              "tokens already cached (synthetic fill, see k2lite/bench.py), and a projection to K2 Thinking.")
+@click.option("--json", "as_json", is_flag=True, help="With --depth: one JSON object per line.")
+@KV_CACHE
 @click.option("--device", type=click.Choice(["cpu", "cuda", "ref"]), default="cpu", show_default=True)
 @click.option("--threads", "-t", type=click.IntRange(1))
 @WEIGHTS
-@KV_CACHE
-def bench(path, n_prompt, n_gen, repeats, bw_bytes, device, threads, weights, kv_cache):
+def bench(path, n_prompt, n_gen, repeats, bw_bytes, depth, as_json, kv_cache, device, threads, weights):
     """Prompt-processing and generation tokens/s (llama-bench), with memory-bandwidth use."""
     from .info import bench as run_bench, human, measure_bandwidth, model_info
+    if depth is not None:
+        from .bench import bench_depth
+        return bench_depth(path, depth, n_prompt, 16 if n_gen is None else n_gen, repeats or 1, bw_bytes,
+                           as_json, kv_cache, echo=click.echo, device=device, threads=threads,
+                           **weight_mode(weights))
+    if as_json:
+        raise click.UsageError("--json goes with --depth")
+    n_gen, repeats = 128 if n_gen is None else n_gen, repeats or 3
     mi = model_info(path)
     llm = load_model(path, device, threads, weights, kv_cache=kv_cache)
     results = run_bench(llm, n_prompt, n_gen, repeats)
@@ -272,6 +283,7 @@ def bench(path, n_prompt, n_gen, repeats, bw_bytes, device, threads, weights, kv
     if tg:
         used = statistics.mean(results[tg[0]]) * mi.decode_bytes_per_token
         click.echo(f"{tg[0]}: {human(used)}/s of weights read = {100 * used / bw:.2f}% of measured bandwidth")
+
 
 
 @main.command()

@@ -273,13 +273,14 @@ class Model:
 
     # ------------------------------------------------------------ the whole step
     def forward(self, tokens, cache: PagedKVCache, seqs: list, decode: bool,
-                trace: Callable | None = None, last_only: bool = False, head: bool = True):
+                trace: Callable | None = None, last_only: bool = False, head: bool = True, rows=None):
         """Run new tokens through the model; returns logits f32 [T, vocab].
         decode=False: tokens[T] all belong to seqs[0] (prefill or multi-token append).
         decode=True:  tokens[B] is one new token for each of seqs[B].
         last_only: logits of the last token only ([1, vocab]); a prefill for generation needs
         no more, and lm_head over 163840 tokens is the largest matmul of the model.
-        head=False: only fill the cache, return None (a prefill chunk before the last one)."""
+        head=False: only fill the cache, return None (a prefill chunk before the last one).
+        rows: logits of these rows only ([len(rows), vocab]; a batched step's prompt tokens need none)."""
         cfg, ops, w = self.config, self.ops, self.weights
         tokens = np.asarray(tokens, np.int64)
         if decode:
@@ -300,5 +301,5 @@ class Model:
         cache.advance(seqs, positions)
         if not head:
             return None
-        x = x[-1:] if last_only else x
+        x = x[-1:] if last_only else x if rows is None else x[np.asarray(rows, np.int64)]
         return ops.linear(ops.rmsnorm(x, w.norm, cfg.rms_norm_eps), w.lm_head)

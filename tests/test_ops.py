@@ -291,7 +291,7 @@ def test_bf16_batch_invariant():
     if not getattr(cpu._cpu, "bf16_dp", False):
         pytest.skip("no AVX512-BF16 path in this build")
     rng = np.random.default_rng(6)
-    for T, I, N in ((37, 2 * 2048 + 77, 45), (5, 31, 17), (20, 7168, 33)):
+    for T, I, N in ((37, 2 * 2048 + 77, 45), (5, 31, 17), (20, 7168, 33), (16, 2048 + 5, 21), (32, 4100, 9)):
         x, w = mk_bf16_matmul(rng, T, I, N)
         full = cpu.bf16_matmul(x, w)
         assert np.array_equal(full, cpu.bf16_tiled_matmul(x, tile_bf16(w).data, N))

@@ -103,6 +103,7 @@ class Scheduler:
         self.idle: OrderedDict = OrderedDict()   # SeqState -> ids cached in it (int64 array)
         self.max_idle = 4 * self.max_batch
         self.cached_tokens = 0           # prompt tokens served from the prompt cache
+        self.mix_prompt = 16             # prompt remainders this short ride in decode steps (0: never)
         self._stopping = False
         self._thread = threading.Thread(target=self._loop, name="k2lite-scheduler", daemon=True)
 
@@ -283,8 +284,15 @@ class Scheduler:
             self._finish(r, "error")
 
     def _step(self):
-        """One prefill chunk of the oldest new request, then one decode step for all the others."""
-        pre = next((r for r in self.live if r.fed < len(r.prompt)), None)
+        """One prefill chunk of the oldest new request, then one decode step for all the others.
+        Short prompt remainders (<= mix_prompt tokens) ride in the decode step instead, one
+        token a step, whenever that step has other rows: a burst of short requests then runs
+        in lockstep, and no step reads every weight for one short prefill alone."""
+        feeding = [r for r in self.live if r.fed < len(r.prompt)]
+        mixed = []
+        if len(feeding) < len(self.live) or len(feeding) > 1:
+            mixed = [r for r in feeding if len(r.prompt) - r.fed <= self.mix_prompt]
+        pre = next((r for r in feeding if r not in mixed), None)
         if pre is not None:    # chunked, so a long prompt delays the running answers one chunk at most
             chunk = pre.prompt[pre.fed:pre.fed + self.llm.prefill_chunk]
             last = pre.fed + len(chunk) == len(pre.prompt)
@@ -293,18 +301,23 @@ class Scheduler:
             pre.fed += len(chunk)
             if pre.fed == len(pre.prompt):
                 self._emit(pre, logits[-1])
-        batch = [r for r in self.live if r.fed == len(r.prompt)]
+        batch = [r for r in self.live if r.fed == len(r.prompt)] + mixed
         if not batch:
             return
         # tokens [B], one per sequence: each weight is read once for the whole batch
+        tokens = [r.next_token if r.fed == len(r.prompt) else r.prompt[r.fed] for r in batch]
+        # logits only where a token is sampled: answers, and the last token of a prompt
+        rows = [i for i, r in enumerate(batch) if r.fed >= len(r.prompt) - 1]
         t0 = time.perf_counter()
-        logits = self.model.forward([r.next_token for r in batch], self.cache, [r.state for r in batch],
-                                    decode=True)
+        logits = self.model.forward(tokens, self.cache, [r.state for r in batch], decode=True,
+                                    rows=rows, head=bool(rows))
         self.metrics.decode_step(len(batch), time.perf_counter() - t0)
         self.steps += 1
         self.max_batch_seen = max(self.max_batch_seen, len(batch))
-        for r, z in zip(batch, logits):
-            self._emit(r, z)
+        for r in batch:
+            r.fed = min(r.fed + 1, len(r.prompt))
+        for i, z in zip(rows, logits if rows else []):
+            self._emit(batch[i], z)
 
     def _emit(self, r: Request, logits):
         """Sample r's next token and account it; a failure here fails r alone."""

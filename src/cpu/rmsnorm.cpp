@@ -2,7 +2,8 @@
 #include "common.h"
 
 void rmsnorm(float* out, const float* x, const float* w, int T, int D, float eps) {
-    #pragma omp parallel for schedule(static) if (T > 4)
+    // a batched decode step's few rows take microseconds: waking the other thread costs more
+    #pragma omp parallel for schedule(static) if ((size_t)T * D >= (1u << 20))
     for (int t = 0; t < T; t++) {
         const float* xt = x + (size_t)t * D;
         float* o = out + (size_t)t * D;

@@ -6,7 +6,8 @@
 void rope(float* out, const float* x, const int64_t* positions, const float* inv_freq,
           int T, int H, int R) {
     const int P = R / 2;
-    #pragma omp parallel if (T > 4)
+    // a batched decode step's few rows take microseconds: waking the other thread costs more
+    #pragma omp parallel if ((size_t)T * H * R >= (1u << 20))
     {
         std::vector<float> cs(P), sn(P);
         #pragma omp for schedule(static)
