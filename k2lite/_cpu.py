@@ -36,12 +36,19 @@ def supported_levels() -> list:
 def _load():
     forced = os.environ.get("K2LITE_SIMD")
     levels = [forced] if forced else supported_levels()
-    for level in levels:
+    for i, level in enumerate(levels):
         try:
-            return level, importlib.import_module(f"k2lite._cpu_{level}")
-        except ImportError:
+            mod = importlib.import_module(f"k2lite._cpu_{level}")
+        except ImportError as e:
             if forced:
                 raise
+            failed = e
+            continue
+        if i:   # a faster build this CPU runs is broken or missing: say so, it costs several times
+            import warnings
+            warnings.warn(f"k2lite: the {levels[0]} kernels did not load ({failed}); using the slower "
+                          f"{level} build (rebuild: pip install -e .)", RuntimeWarning, stacklevel=2)
+        return level, mod
     raise ImportError("no k2lite CPU kernel build is installed (k2lite._cpu_scalar missing)")
 
 
