@@ -13,7 +13,7 @@ DEFAULT_PROMPT = "It is a truth universally acknowledged"
 
 
 class Group(click.Group):
-    """Turns every expected failure (bad args, bad model folder) into `error: ...`, exit 2 (as the issue and click usage errors do)."""
+    """Turns every expected failure (bad args, bad model folder) into `error: ...`, exit 2 (as click usage errors do)."""
 
     def main(self, args=None, prog_name=None, **kw):
         kw.pop("standalone_mode", None)
