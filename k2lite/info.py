@@ -52,7 +52,8 @@ class ModelInfo:
         return c.num_hidden_layers * c.num_attention_heads * (c.qk_head_dim + c.v_head_dim)
 
     def context_bytes(self, tokens: int, kv_itemsize: int = 4) -> int:
-        """Weights plus the latent cache for `tokens` tokens (k2lite caches float32)."""
+        """Weights plus the latent cache for `tokens` tokens at kv_itemsize bytes per value (f32 4,
+        bf16 2; the int8 cache: kv8_bytes_per_token)."""
         return self.total_bytes + tokens * self.kv_elems_per_token() * kv_itemsize
 
 

@@ -19,6 +19,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from .checks import cdiv
+
 from .formats import bf16_to_f32, f32_to_bf16
 
 
@@ -116,7 +118,7 @@ class PagedKVCache:
 
     def pages_for(self, n: int) -> int:
         """Pages that hold n tokens."""
-        return -(-n // self.page_size)
+        return cdiv(n, self.page_size)
 
     def _take_pages(self, seq: SeqState, k: int):
         """Grow seq to k pages from the free list (the caller checked pages_free)."""

@@ -12,6 +12,7 @@ import sys
 import numpy as np
 
 from . import ops
+from .checks import cdiv
 from .config import Config
 from .errors import ModelFormatError
 from .kvcache import KV_DTYPES, PagedKVCache, SeqState, common_prefix
@@ -155,7 +156,7 @@ class LLM(GenerationMixin):
             raise ValueError(f"kv_cache: the cuda backend keeps a float32 cache, not {kv_cache}")
         dtype = KV_DTYPES[kv_cache] if kv_cache else self.ops.cache_dtype()
         self.cache = PagedKVCache(self.config.num_hidden_layers, width, page_size,
-                                  max_pages=-(-cap // page_size), dtype=dtype, latent=self.config.kv_lora_rank)
+                                  max_pages=cdiv(cap, page_size), dtype=dtype, latent=self.config.kv_lora_rank)
         self.tokenizer = self._load_tokenizer(path)
         if self.tokenizer is not None and self.tokenizer.vocab_size > self.config.vocab_size:
             raise ModelFormatError(f"{path}: the tokenizer has {self.tokenizer.vocab_size} ids, more than "

@@ -325,11 +325,6 @@ PYBIND11_MODULE(K2LITE_CPU_MODULE, m) {
 #else
     m.attr("bf16_dp") = false;
 #endif
-#if defined(K2_AVX512) && defined(__AVX512VBMI__)
-    m.attr("fp8_simd") = "avx512vbmi";
-#else
-    m.attr("fp8_simd") = "scalar";
-#endif
 #if defined(K2_AVX512)
     m.attr("simd") = "avx512";
 #elif defined(__AVX2__)

@@ -25,6 +25,7 @@ import functools
 import numpy as np
 
 from ..chat import ROLES, StreamParser
+from ..checks import cdiv
 from .scheduler import Request
 
 MAX_BODY = 8 << 20          # bytes of JSON we accept in one request
@@ -153,7 +154,7 @@ def _requests(llm, body, prompts, parser, limits, param, echoes=None) -> list:
             reqs.append(Request(prompt, llm.make_sampler(**s["sampling"], seed=seed), m, s["stop"],
                                 set(llm.eos_ids), parser() if parser else None, index=i * n + j,
                                 presence=s["presence"], frequency=s["frequency"], bias=s["bias"],
-                                echo=echoes[i] if echoes else "", reserve=-(-(len(prompt) + m) // page)))
+                                echo=echoes[i] if echoes else "", reserve=cdiv(len(prompt) + m, page)))
     return reqs
 
 
