@@ -25,6 +25,7 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 import k2lite  # noqa: E402
+from k2lite import ops  # noqa: E402
 from k2lite.info import ReadMeter, model_info  # noqa: E402
 import numpy as np  # noqa: E402
 
@@ -60,6 +61,7 @@ def main():
     print("| ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
     for t in a.threads:
         llm = k2lite.load(a.model, device=a.device, threads=t, mmap=not a.no_mmap, repack=a.repack)
+        print(f"<!-- backend: {ops.describe(llm.backend)} -->")
         with llm.sequence() as seq:                 # cold: the first touch of every weight page
             t0 = time.perf_counter()
             seq.append(list(range(200, 264)), last_only=True)

@@ -198,6 +198,8 @@ def main():
 
 
 def report(args, load0, bw, rows):
+    from k2lite import ops
+    print(f"backend: {ops.describe('cpu')}")
     print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cpus, "
           f"threads={args.threads}, simd={cpu.SIMD}, int4 vnni={cpu.INT4_VNNI}, "
           f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY')}, load average {load0:.1f} -> {os.getloadavg()[0]:.1f}")

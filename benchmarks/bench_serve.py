@@ -115,6 +115,8 @@ def main():
                 if full:
                     steps.setdefault((B, mix), []).append(B / statistics.median(full))
     sched.stop()
+    from k2lite import ops
+    print(f"backend: {ops.describe(llm.backend)}")
     print(f"model {a.model}, {per_token / 1e9:.2f} GB of weights per single-token step, "
           f"{a.prompt}-token prompts, {a.n} tokens per stream, threads {a.threads or 'default'}, "
           f"{'anonymous' if a.no_mmap else 'mmap'}{' + repack' if a.repack else ''}")

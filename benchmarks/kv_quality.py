@@ -57,6 +57,8 @@ def main():
         text = f.read()
     text = reflow(text[text.index("\n" + HELDOUT_FROM + "\n"):])
     base = None
+    from k2lite import ops
+    print(f"backend: {ops.describe('cpu' if ops.available('cpu') else 'ref')}")
     print("| cache | form | tokens | mean NLL | perplexity | vs bf16 | s |")
     print("| --- | --- | ---: | ---: | ---: | ---: | ---: |")
     for form in ("decode", "prefill"):

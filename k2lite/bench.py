@@ -255,7 +255,11 @@ def report(llm, depths, n_prompt, n_gen, repeats, meter, as_json: bool, target_c
     with llm.sequence() as seq:          # warm-up, not timed: first touch of the weight pages
         seq.append(np.arange(min(max(n_prompt, 2), 64)) % llm.config.vocab_size, last_only=True)
         seq.append([1])
+    from . import ops
+    backend = ops.describe(llm.backend)
     if not as_json:
+        kv = {"uint16": "bf16", "float32": "f32", "int8": "int8"}[llm.cache.pool.dtype.name]
+        echo(f"backend: {backend}, {kv} latent cache")
         echo(f"| depth | pp{n_prompt} t/s | tg t/s | weights GB/token | weights GB/s | read GB/s | "
              "fraction | tg attention ms/layer | tg weights ms/layer |")
         echo("| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
@@ -263,7 +267,7 @@ def report(llm, depths, n_prompt, n_gen, repeats, meter, as_json: bool, target_c
         row = run_depth(llm, d, n_prompt, n_gen, repeats, meter)
         rows.append(row)
         if as_json:
-            echo(json.dumps({"kind": "measured", **row}))
+            echo(json.dumps({"kind": "measured", "backend": backend, **row}))
             continue
         tg = row.get("tg_ms")
         echo(f"| {d} | {row.get('pp_tok_s', float('nan')):.2f} | {row.get('tg_tok_s', float('nan')):.2f} | "

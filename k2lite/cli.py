@@ -257,6 +257,7 @@ def info(path, context):
 @WEIGHTS
 def bench(path, n_prompt, n_gen, repeats, bw_bytes, depth, as_json, kv_cache, device, threads, weights):
     """Prompt-processing and generation tokens/s (llama-bench), with memory-bandwidth use."""
+    from . import ops
     from .info import bench as run_bench, human, measure_bandwidth, model_info
     if depth is not None:
         from .bench import bench_depth
@@ -274,7 +275,7 @@ def bench(path, n_prompt, n_gen, repeats, bw_bytes, depth, as_json, kv_cache, de
     click.echo("| --- | ---: | ---: | --- | ---: | ---: | ---: |")
     for test, runs in results.items():
         sd = statistics.stdev(runs) if len(runs) > 1 else 0.0
-        click.echo(f"| {name} | {human(mi.total_bytes)} | {human(mi.total_params, '')} | {llm.backend} | "
+        click.echo(f"| {name} | {human(mi.total_bytes)} | {human(mi.total_params, '')} | {ops.describe(llm.backend)} | "
                    f"{threads or os.cpu_count()} | {test} | {statistics.mean(runs):.2f} ± {sd:.2f} |")
     bw = measure_bandwidth(bw_bytes)
     click.echo(f"memory bandwidth: {human(bw)}/s (parallel sum over {human(bw_bytes)}, best of 3)")
