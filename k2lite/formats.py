@@ -240,3 +240,14 @@ def quantize_fp8(w: np.ndarray, block: tuple = (128, 128)) -> Fp8Tensor:
     scale = np.where(amax == 0, 1.0, amax / E4M3_MAX).astype(np.float32)
     full = np.repeat(np.repeat(scale, bo, 0), bi, 1)[:out, :n]
     return Fp8Tensor(f32_to_e4m3(w / full), scale, (out, n), tuple(block))
+
+
+def to_dense(w) -> np.ndarray:
+    """Any weight format -> float32 [N, I] (the expanded prefill form's kv_b, embeddings, oracles)."""
+    if isinstance(w, Int4Tensor):
+        return dequantize_int4(w)
+    if isinstance(w, Fp8Tensor):
+        return dequantize_fp8(w)
+    if isinstance(w, TiledBF16):
+        return bf16_to_f32(untile_bf16(w))
+    return bf16_to_f32(w) if w.dtype == np.uint16 else np.asarray(w, np.float32)

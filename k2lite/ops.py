@@ -16,14 +16,13 @@ import types
 import numpy as np
 
 from . import ref
-from .formats import Fp8Tensor, Int4Tensor, TiledBF16
+from .formats import Fp8Tensor, Int4Tensor, TiledBF16, to_dense
 
 # kernels a backend may provide; the composite ops below are built here from them, so the
 # choice of kernel by weight format happens in exactly one place (DeepSeek's linear())
 KERNELS = ("bf16_matmul", "bf16_tiled_matmul", "int4_matmul", "fp8_matmul", "f32_matmul", "rmsnorm",
-           "silu", "rope", "moe", "softmax", "attention", "attention_partial", "mla_attention_partial", "mla_decode", "mla_absorb_q",
-           "mla_absorb_o",
-           "cache_dtype")
+           "silu", "rope", "moe", "softmax", "attention", "attention_partial", "mla_attention_partial",
+           "mla_decode", "mla_absorb_q", "mla_absorb_o")
 _cache: dict = {}
 
 
@@ -74,6 +73,8 @@ def get(name: str | None = None) -> types.SimpleNamespace:
         ns = types.SimpleNamespace(name=name)
         for op in KERNELS:
             setattr(ns, op, getattr(mod, op, None) or getattr(host, op, None) or getattr(ref, op))
+        # not a kernel: how this backend stores the latent cache (a function: exact mode changes it)
+        ns.cache_dtype = getattr(mod, "cache_dtype", ref.cache_dtype)
         if hasattr(mod, "set_threads") or hasattr(host, "set_threads"):
             ns.set_threads = getattr(mod, "set_threads", None) or host.set_threads
         if hasattr(mod, "moe"):
@@ -112,7 +113,7 @@ def _compose(ns, native_moe, moe_supports=None):
             return native_moe(x, experts, idx, weights)
         return ref.moe(x, experts, idx, weights, expert_fn=swiglu_expert)   # other formats
 
-    ns.linear, ns.swiglu_expert, ns.moe, ns.dense = linear, swiglu_expert, moe, ref.dense
+    ns.linear, ns.swiglu_expert, ns.moe, ns.dense = linear, swiglu_expert, moe, to_dense
 
 
 def _default() -> str:

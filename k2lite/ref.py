@@ -12,8 +12,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from .formats import (Fp8Tensor, Int4Tensor, TiledBF16, bf16_to_f32, dequantize_fp8, dequantize_int4,
-                      dequantize_int4_arrays, tiled_bf16_shape, untile_bf16)
+from .formats import (Fp8Tensor, TiledBF16, bf16_to_f32, dequantize_fp8, dequantize_int4_arrays,
+                      tiled_bf16_shape, to_dense, untile_bf16)
 from .kvcache import kv8_dequantize
 
 
@@ -45,30 +45,6 @@ def fp8_matmul(x: np.ndarray, weight: np.ndarray, scale_inv: np.ndarray, block: 
 
 def f32_matmul(x: np.ndarray, w: np.ndarray) -> np.ndarray:
     return x @ np.asarray(w, np.float32).T
-
-
-def linear(x: np.ndarray, w) -> np.ndarray:
-    """The one choke point where the weight format picks the kernel (DeepSeek's linear())."""
-    if isinstance(w, Int4Tensor):
-        return int4_matmul(x, w.packed, w.scales, w.group_size)
-    if isinstance(w, Fp8Tensor):
-        return fp8_matmul(x, w.weight, w.scale_inv, w.block)
-    if isinstance(w, TiledBF16):
-        return bf16_tiled_matmul(x, w.data, w.shape[0])
-    if w.dtype == np.uint16:
-        return bf16_matmul(x, w)
-    return f32_matmul(x, w)
-
-
-def dense(w) -> np.ndarray:
-    """Any weight format -> float32 [N, I] (for the expanded prefill form and for tests)."""
-    if isinstance(w, Int4Tensor):
-        return dequantize_int4(w)
-    if isinstance(w, Fp8Tensor):
-        return dequantize_fp8(w)
-    if isinstance(w, TiledBF16):
-        return bf16_to_f32(untile_bf16(w))
-    return bf16_to_f32(w) if w.dtype == np.uint16 else np.asarray(w, np.float32)
 
 
 # ---------------------------------------------------------------- elementwise
@@ -103,16 +79,17 @@ def rope(x: np.ndarray, positions: np.ndarray, inv_freq: np.ndarray) -> np.ndarr
 
 
 # ---------------------------------------------------------------- mixture of experts
-def swiglu_expert(x: np.ndarray, gate, up, down) -> np.ndarray:
-    """down( silu(gate·x) ⊙ (up·x) ) for x[T,D]."""
-    return linear(silu(linear(x, gate)) * linear(x, up), down)
+def swiglu(x: np.ndarray, gate, up, down) -> np.ndarray:
+    """One expert, down( silu(gate·x) ⊙ (up·x) ) for x[T,D], on the weights dequantized to f32."""
+    g, u = x @ to_dense(gate).T, x @ to_dense(up).T
+    return (silu(g) * u) @ to_dense(down).T
 
 
-def moe(x: np.ndarray, experts: list, idx: np.ndarray, weights: np.ndarray,
-        expert_fn=swiglu_expert) -> np.ndarray:
-    """Routed-expert sum Σ_k weights[t,k] · Expert_{idx[t,k]}(x[t]) for x[T,D].
-    experts[e] = (gate_proj, up_proj, down_proj). Tokens are grouped per expert so each
-    chosen expert's weights are read once for the whole batch."""
+def moe(x: np.ndarray, experts: list, idx: np.ndarray, weights: np.ndarray, expert_fn=swiglu) -> np.ndarray:
+    """Routed-expert sum Σ_k weights[t,k] · expert_fn(x[t], *experts[idx[t,k]]) for x[T,D].
+    experts[e] = (gate_proj, up_proj, down_proj). ops.py passes its own swiglu_expert (the
+    backend's matmuls, picked by weight format in ops.linear, the one place that happens).
+    Tokens are grouped per expert so each chosen expert's weights are read once for the batch."""
     out = np.zeros_like(x)
     flat = idx.reshape(-1)
     order = np.argsort(flat, kind="stable")
@@ -189,14 +166,14 @@ def mla_absorb_q(q_nope: np.ndarray, kv_b) -> np.ndarray:
     """Fold W_UK into the query (absorbed MLA): q_nope[B,H,N], kv_b = kv_b_proj [H*(N+V), C]
     (bf16 bits or float32; per head N rows of W_UK then V rows of W_UV) -> q_latent[B,H,C]."""
     B, H, N = q_nope.shape
-    w = dense(kv_b).reshape(H, -1, kv_b.shape[1])
+    w = to_dense(kv_b).reshape(H, -1, kv_b.shape[1])
     return np.einsum("bhn,hnc->bhc", q_nope, w[:, :N]).astype(np.float32)
 
 
 def mla_absorb_o(u: np.ndarray, kv_b, N: int) -> np.ndarray:
     """Apply W_UV to the attended latent: u[B,H,C] -> o[B,H,V], kv_b as in mla_absorb_q."""
     B, H, C = u.shape
-    w = dense(kv_b).reshape(H, -1, C)
+    w = to_dense(kv_b).reshape(H, -1, C)
     return np.einsum("bhc,hvc->bhv", u, w[:, N:]).astype(np.float32)
 
 
