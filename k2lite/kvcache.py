@@ -81,7 +81,9 @@ class CacheFullError(RuntimeError):
 
 
 @dataclass(eq=False)     # identity: a sequence is itself, not its pages
-class SeqState:
+class CacheSlot:
+    """One sequence's place in the paged cache (the page table of a `llm.Sequence`, which adds its
+    token ids and the model calls)."""
     pages: list = field(default_factory=list)   # page ids, in token order
     length: int = 0                             # tokens cached so far
     closed: bool = False
@@ -113,14 +115,14 @@ class PagedKVCache:
     def pages_free(self) -> int:
         return len(self.free_pages) + self.max_pages - self.pool.shape[1]
 
-    def new_seq(self) -> SeqState:
-        return SeqState()
+    def new_seq(self) -> CacheSlot:
+        return CacheSlot()
 
     def pages_for(self, n: int) -> int:
         """Pages that hold n tokens."""
         return cdiv(n, self.page_size)
 
-    def _take_pages(self, seq: SeqState, k: int):
+    def _take_pages(self, seq: CacheSlot, k: int):
         """Grow seq to k pages from the free list (the caller checked pages_free)."""
         while len(seq.pages) < k:
             if not self.free_pages:
@@ -153,25 +155,25 @@ class PagedKVCache:
         for s, p in last:
             self._take_pages(s, p // self.page_size + 1)
 
-    def truncate(self, seq: SeqState, n: int):
+    def truncate(self, seq: CacheSlot, n: int):
         """Forget positions n.. of a sequence; pages it no longer needs go back to the pool."""
         keep = self.pages_for(n)
         self.free_pages.extend(reversed(seq.pages[keep:]))
         del seq.pages[keep:]
         seq.length = min(seq.length, n)
 
-    def copy_prefix(self, src: SeqState, n: int) -> SeqState:
+    def copy_prefix(self, src: CacheSlot, n: int) -> CacheSlot:
         """A new sequence holding a copy of src's first n rows, in pages of its own."""
         k = self.pages_for(n)
         if k > self.pages_free:
             raise CacheFullError(f"KV cache is full: {k} pages needed to copy a prefix, {self.pages_free} free")
-        dst = SeqState()
+        dst = CacheSlot()
         self._take_pages(dst, k)
         self.pool[:, dst.pages] = self.pool[:, src.pages[:k]]
         dst.length = n
         return dst
 
-    def free(self, seq: SeqState):
+    def free(self, seq: CacheSlot):
         self.free_pages.extend(reversed(seq.pages))
         seq.pages, seq.length, seq.closed = [], 0, True
 
@@ -190,7 +192,7 @@ class PagedKVCache:
         self.pool[layer, pages, offs] = (f32_to_bf16(rows) if dt == np.uint16 else
                                          kv8_quantize(rows, self.latent) if dt == np.int8 else rows)
 
-    def gather(self, layer: int, seq: SeqState, n: int, start: int = 0) -> np.ndarray:
+    def gather(self, layer: int, seq: CacheSlot, n: int, start: int = 0) -> np.ndarray:
         """Cached rows start..n-1 of one sequence, [n - start, width] float32."""
         p0 = start // self.page_size
         pages = np.asarray(seq.pages[p0:self.pages_for(n)], np.int64)

@@ -15,7 +15,7 @@ from . import ops
 from .checks import cdiv
 from .config import Config
 from .errors import ModelFormatError
-from .kvcache import KV_DTYPES, PagedKVCache, SeqState, common_prefix
+from .kvcache import KV_DTYPES, CacheSlot, PagedKVCache, common_prefix
 from .loader import Checkpoint, load_weights
 from .model import Model
 
@@ -27,7 +27,7 @@ class Sequence:
 
     def __init__(self, llm: "LLM"):
         self.llm = llm
-        self.state: SeqState = llm.cache.new_seq()
+        self.state: CacheSlot = llm.cache.new_seq()
         self.tokens: list = []
 
     def __len__(self):

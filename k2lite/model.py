@@ -27,7 +27,7 @@ import numpy as np
 
 from . import ops as _ops
 from .config import Config
-from .kvcache import PagedKVCache, SeqState
+from .kvcache import PagedKVCache, CacheSlot
 
 
 # ---------------------------------------------------------------- weights

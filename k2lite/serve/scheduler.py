@@ -65,7 +65,7 @@ class Request:
     tools: bool = True              # deliver tool calls (tool_choice "none": drop them)
     # scheduler-side state
     reserve: int = 0                # pages this request may need in all
-    state: object = None            # SeqState once admitted
+    state: object = None            # CacheSlot once admitted
     fed: int = 0                    # prompt tokens prefilled so far (or found in the prompt cache)
     cached: int = 0                 # prompt tokens reused from the prompt cache
     next_token: int = -1            # the sampled token the next decode step feeds
@@ -100,7 +100,7 @@ class Scheduler:
         # Prompt cache: the sequences of finished requests, kept with their token ids (oldest
         # first) until their pages are needed. A new request adopts the one sharing the longest
         # start with its prompt, so a chat client resending its history computes only the new turn.
-        self.idle: OrderedDict = OrderedDict()   # SeqState -> ids cached in it (int64 array)
+        self.idle: OrderedDict = OrderedDict()   # CacheSlot -> ids cached in it (int64 array)
         self.max_idle = 4 * self.max_batch
         self.cached_tokens = 0           # prompt tokens served from the prompt cache
         self.mix_prompt = 16             # prompt remainders this short ride in decode steps (0: never)
