@@ -389,13 +389,32 @@ def test_config_file_that_cannot_be_read(tmp_path):
         Config.from_json(str(tmp_path / "config.json"))
 
 
-@pytest.mark.skipif(os.geteuid() == 0, reason="root reads anything")
-def test_unreadable_files(tiny_model, tmp_path):
+def test_unreadable_files(tiny_model, tmp_path, monkeypatch):
+    """A file the process may not read (permission bits, which root ignores: so the refusal is
+    simulated at open) is a one-line ModelFormatError naming it."""
+    import builtins
+    real_open, real_os_open = builtins.open, os.open
+    blocked = []
+
+    def refuse(path):
+        if str(path) in blocked:
+            raise PermissionError(13, "Permission denied", str(path))
+
+    def fake_open(path, *a, **k):
+        refuse(path)
+        return real_open(path, *a, **k)
+
+    def fake_os_open(path, *a, **k):
+        refuse(path)
+        return real_os_open(path, *a, **k)
+    monkeypatch.setattr(builtins, "open", fake_open)
+    monkeypatch.setattr(os, "open", fake_os_open)
     for name, match in (("config.json", "config.json: cannot read"), (SHARD, f"{SHARD}: cannot open")):
         path = copy_model(tiny_model, tmp_path / name)
-        os.chmod(os.path.join(path, name), 0)
+        blocked[:] = [os.path.join(path, name)]
         with pytest.raises(ModelFormatError, match=match):
             load_and_run(path)
+        blocked.clear()
 
 
 def test_configs_of_the_family_parse():
