@@ -1,7 +1,7 @@
 """Build k2lite: the pure-Python package plus two native modules.
 
-k2lite._cpu_{avx512,avx2,scalar}  pybind11 C++17 kernels in src/cpu, one build per SIMD level
-k2lite._cuda  CUDA kernels in src/cuda (built when nvcc is found; K2LITE_CUDA=1 forces, =0 disables)
+k2lite.backends._cpu_{avx512,avx2,scalar}  pybind11 C++17 kernels in src/cpu, one build per SIMD level
+k2lite.backends._cuda  CUDA kernels in src/cuda (built when nvcc is found; K2LITE_CUDA=1 forces, =0 disables)
 """
 import copy
 import os
@@ -16,7 +16,7 @@ from setuptools import find_packages, setup
 
 
 # One build runs on any x86-64: the kernels are compiled once per SIMD level and
-# k2lite/_cpu.py picks the best level the running CPU supports (K2LITE_SIMD overrides).
+# k2lite/backends/cpu.py picks the best level the running CPU supports (K2LITE_SIMD overrides).
 SIMD_LEVELS = {
     # Zen 4 / Sapphire Rapids class: AVX-512 with VNNI (INT4), BF16 and VBMI (FP8 decode)
     "avx512": ["-march=x86-64-v4", "-mavx512vnni", "-mavx512bf16", "-mavx512vbmi"],
@@ -32,7 +32,7 @@ def cpu_extensions():
     base = ["-O3", "-std=c++17", "-fopenmp", "-fno-wrapv"]
     x86 = platform.machine().lower() in ("x86_64", "amd64")
     levels = SIMD_LEVELS if x86 else {"scalar": []}
-    return [Pybind11Extension(f"k2lite._cpu_{name}", sources, include_dirs=["src"],
+    return [Pybind11Extension(f"k2lite.backends._cpu_{name}", sources, include_dirs=["src"],
                               define_macros=[("K2LITE_CPU_MODULE", f"_cpu_{name}")],
                               extra_compile_args=base + flags, extra_link_args=["-fopenmp"])
             for name, flags in levels.items()]
@@ -49,13 +49,13 @@ def want_cuda():
 
 
 class BuildExt(build_ext):
-    """build_ext that also compiles the .cu files of k2lite._cuda with nvcc, and compiles each
+    """build_ext that also compiles the .cu files of k2lite.backends._cuda with nvcc, and compiles each
     SIMD level of the CPU kernels in a folder of its own: they share their sources, so in one
     folder their objects would overwrite each other (with `-j`, a level could link another
     level's objects, module-init symbol included)."""
 
     def build_extension(self, ext):
-        if ext.name.startswith("k2lite._cpu_") and not getattr(self, "_per_level", False):
+        if ext.name.startswith("k2lite.backends._cpu_") and not getattr(self, "_per_level", False):
             level = copy.copy(self)           # build_ext -j runs extensions in threads: no shared state
             level._per_level = True
             level.build_temp = os.path.join(self.build_temp, ext.name.rsplit(".", 1)[1])
@@ -93,7 +93,7 @@ ext_modules = cpu_extensions()
 if want_cuda():
     home = cuda_home()
     ext_modules.append(Pybind11Extension(
-        "k2lite._cuda", sorted(glob("src/cuda/*.cu")) + ["src/bindings_cuda.cpp"],
+        "k2lite.backends._cuda", sorted(glob("src/cuda/*.cu")) + ["src/bindings_cuda.cpp"],
         include_dirs=["src", os.path.join(home, "include")],
         # static cudart: the module imports on machines without the toolkit's shared libs
         library_dirs=[os.path.join(home, d) for d in ("lib64", "lib", "targets/x86_64-linux/lib")],

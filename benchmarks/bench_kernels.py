@@ -2,7 +2,7 @@
 
   python benchmarks/bench_kernels.py [--threads N] [--reps R] [--quick]
 
-1. bandwidth: a parallel C++ sum over a 1 GiB float32 buffer (k2lite._cpu.stream_read);
+1. bandwidth: a parallel C++ sum over a 1 GiB float32 buffer (k2lite.backends.cpu.stream_read);
 2. INT4 GEMV/GEMM at K2 expert shapes, cycling through enough experts (~1 GiB) that every call
    reads its weights from DRAM, not cache;
 3. BF16 GEMV/GEMM at attention / dense / lm_head shapes (also cycled over > caches), row-major
@@ -29,7 +29,8 @@ import numpy as np
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from k2lite import cpu, ref
+from k2lite import ref
+from k2lite.backends import cpu
 from k2lite.info import ReadMeter
 from k2lite.formats import Fp8Tensor, Int4Tensor, tile_bf16
 

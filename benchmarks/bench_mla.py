@@ -10,14 +10,14 @@ the pool. Decode rows (the median time per call, the pool bytes read per second)
                   before the dot-product kernels: git archive it, compile src/ with setup.py's
                   avx512 flags into one .so; it loads under its own name)
   f32             float32 pool, fp32 FMAs (the exact path)
-  bf16 fp32       bf16 pool widened, fp32 FMAs (exact mode, k2lite.cpu.set_exact(True))
+  bf16 fp32       bf16 pool widened, fp32 FMAs (exact mode, k2lite.backends.cpu.set_exact(True))
   bf16 dp         bf16 pool, vdpbf16ps (query and probabilities rounded to bf16)
   int8 vnni       int8 pool (kv8 rows), vpdpbusd
 With --prefill T (0: off) a chunk of T queries at each depth runs through Model's two prefill
 attention forms (k2lite/model.py: mla_expanded in blocks of the history, mla_absorbed on the
 decode kernel; `chosen` marks the one Model.prefill_form picks) on bf16 and int8 caches, and,
 with --base, as before: the whole history expanded at once, --base's attention kernel.
-Read bandwidth (k2lite._cpu.stream_read over 1 GiB) is sampled before and after each context.
+Read bandwidth (k2lite.backends.cpu.stream_read over 1 GiB) is sampled before and after each context.
 """
 import argparse
 import os
@@ -27,7 +27,8 @@ import time
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))   # this checkout's k2lite
-from k2lite import cpu as kcpu, ops  # noqa: E402
+from k2lite import ops
+from k2lite.backends import cpu as kcpu  # noqa: E402
 from k2lite.formats import f32_to_bf16  # noqa: E402
 from k2lite.kvcache import kv8_quantize  # noqa: E402
 

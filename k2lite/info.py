@@ -205,7 +205,7 @@ class ReadMeter:
     def __init__(self, nbytes: int = 1 << 30):
         import numpy as np
         try:
-            from ._cpu import stream_read as read
+            from .backends.cpu import stream_read as read
         except ImportError:
             read = np.sum
         self.read, self.buf = read, np.ones(max(nbytes // 4, 1), np.float32)

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .checks import cdiv
+from .backends.checks import cdiv
 
 from .formats import bf16_to_f32, f32_to_bf16
 

@@ -12,7 +12,7 @@ import sys
 import numpy as np
 
 from . import ops
-from .checks import cdiv
+from .backends.checks import cdiv
 from .config import Config
 from .errors import ModelFormatError
 from .kvcache import KV_DTYPES, CacheSlot, PagedKVCache, common_prefix
@@ -129,7 +129,7 @@ class LLM(GenerationMixin):
                                f"({ops.missing_reason('cpu')}): run `pip install -e .` or `python setup.py "
                                "build_ext --inplace` in the source tree, or pass device='ref' for the numpy reference")
         if device == "cuda" and not ops.available("cuda"):
-            raise RuntimeError("device='cuda' needs k2lite._cuda (built when nvcc is found) and a GPU")
+            raise RuntimeError("device='cuda' needs k2lite.backends._cuda (built when nvcc is found) and a GPU")
         self.device, self.backend = device, backend
         self.prefill_chunk = max(1, int(prefill_chunk))
         self.ops = ops.get(backend)

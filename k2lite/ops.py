@@ -1,8 +1,8 @@
 """The only door from the model to the kernels.
 
 A backend is a module with some of ref.py's functions, same names and signatures:
-`ref` (numpy, always there), `cpu` (k2lite/cpu.py over the pybind11 module k2lite._cpu) and
-`cuda` (k2lite/cuda.py over k2lite._cuda). `get(name)` returns a namespace whose every op
+`ref` (numpy, always there), `cpu` (k2lite/backends/cpu.py over its pybind11 modules) and
+`cuda` (k2lite/backends/cuda.py over k2lite.backends._cuda). `get(name)` returns a namespace whose every op
 comes from the chosen backend where it has it, and from `ref` otherwise, so a backend can
 grow one op at a time. The default is chosen once at import: K2LITE_BACKEND=ref|cpu|cuda
 overrides, else `cpu` when its module imports, else `ref`.
@@ -49,8 +49,7 @@ def describe(name: str) -> str:
         return "ref (numpy reference)"
     mod = _module(name)
     if name == "cpu":
-        from . import _cpu
-        return f"cpu ({_cpu.LEVEL} build, {mod.get_threads()} threads)"
+        return f"cpu ({mod.LEVEL} build, {mod.get_threads()} threads)"
     return name
 
 
@@ -59,7 +58,7 @@ def _module(name: str):
         return ref
     if name not in ("cpu", "cuda"):
         raise ValueError(f"unknown backend {name!r}: expected ref, cpu or cuda")
-    return importlib.import_module(f"k2lite.{name}")
+    return importlib.import_module(f"k2lite.backends.{name}")
 
 
 def get(name: str | None = None) -> types.SimpleNamespace:

@@ -1,7 +1,7 @@
 """The numpy specification of every k2lite op: plain, slow, and the oracle for the kernels.
 
 Each function here has a twin with the same name and signature in every native backend
-(`k2lite/cpu.py` over `k2lite._cpu`, `k2lite/cuda.py` over `k2lite._cuda`); `ops.py` picks
+(`k2lite/backends/cpu.py` and `k2lite/backends/cuda.py` over their native modules); `ops.py` picks
 one backend and falls back to these. All arithmetic is float32, as in the reference PyTorch
 implementations run in float32; BF16 weights are uint16 bit arrays (see formats.py).
 

@@ -1,4 +1,4 @@
-// pybind11 glue for k2lite._cpu: checks arguments, extracts pointers, calls src/cpu; no math.
+// pybind11 glue for k2lite.backends._cpu_<level>: checks arguments, extracts pointers, calls src/cpu; no math.
 // k2lite/cpu.py validates with friendly messages first; these checks (dtype, C order, shapes,
 // index ranges) make a direct call just as safe. Arrays may be read-only (mmap'd weights):
 // only `out` is written. Each op releases the GIL while it runs.
@@ -293,7 +293,7 @@ static int b_get_threads() {
 static void b_set_exact(bool on) { g_exact = on; }
 static bool b_get_exact() { return g_exact; }
 
-// setup.py builds these sources once per SIMD level, as k2lite._cpu_avx512 / _cpu_avx2 /
+// setup.py builds these sources once per SIMD level, as k2lite.backends._cpu_avx512 / _cpu_avx2 /
 // _cpu_scalar; k2lite/_cpu.py imports the best one this machine runs.
 #ifndef K2LITE_CPU_MODULE
 #define K2LITE_CPU_MODULE _cpu

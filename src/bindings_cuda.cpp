@@ -1,4 +1,4 @@
-// pybind11 glue for k2lite._cuda: argument checks and pointer extraction only; the CUDA calls
+// pybind11 glue for k2lite.backends._cuda: argument checks and pointer extraction only; the CUDA calls
 // live in src/cuda/*.cu. Weights live on the device in DeviceBuffers (upload once, freed when
 // the Python object dies); the matmuls take host x / out and device weights, check every
 // shape here (ValueError naming the argument) and release the GIL while they run. CUDA

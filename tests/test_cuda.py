@@ -9,9 +9,9 @@ from k2lite import ops
 
 def test_cuda_module_reports_devices_when_built():
     try:
-        cuda_ext = importlib.import_module("k2lite._cuda")
+        cuda_ext = importlib.import_module("k2lite.backends._cuda")
     except ImportError:
-        pytest.skip("k2lite._cuda not built (no nvcc at install time)")
+        pytest.skip("k2lite.backends._cuda not built (no nvcc at install time)")
     n = cuda_ext.device_count()
     assert isinstance(n, int) and n >= 0
     assert ops.available("cuda") == (n > 0)
@@ -21,7 +21,7 @@ def test_cuda_module_reports_devices_when_built():
 
 @pytest.mark.skipif(not ops.available("cuda"), reason="no CUDA device")
 def test_cuda_device_names():
-    from k2lite import cuda
+    from k2lite.backends import cuda
     assert all(cuda.devices())
 
 
@@ -67,7 +67,7 @@ def _int4_inputs(rng, T, I, N, g, f32_scales=False):
 @pytest.mark.parametrize("T", TOKENS)
 @pytest.mark.parametrize("I,N", BF16_SIZES)
 def test_cuda_bf16_matmul(I, N, T, seed):
-    from k2lite import cuda
+    from k2lite.backends import cuda
     rng = np.random.default_rng(seed)
     x = rng.standard_normal((T, I)).astype(np.float32)
     w = f32_to_bf16(rng.standard_normal((N, I)).astype(np.float32))
@@ -80,7 +80,7 @@ def test_cuda_bf16_matmul(I, N, T, seed):
 @pytest.mark.parametrize("T", TOKENS)
 @pytest.mark.parametrize("I,N,g", INT4_SIZES)
 def test_cuda_int4_matmul(I, N, g, T, seed, f32_scales):
-    from k2lite import cuda
+    from k2lite.backends import cuda
     args = _int4_inputs(np.random.default_rng(seed), T, I, N, g, f32_scales)
     _check(cuda.int4_matmul(*args), ref.int4_matmul(*args))
 
@@ -88,7 +88,7 @@ def test_cuda_int4_matmul(I, N, g, T, seed, f32_scales):
 @needs_cuda
 def test_cuda_int4_padding_codes_ignored():
     """Nibbles past I in the last word (any value) do not change the result."""
-    from k2lite import cuda
+    from k2lite.backends import cuda
     x, packed, scales, g = _int4_inputs(np.random.default_rng(9), 2, 13, 5, 13)
     dirty = packed.copy()
     dirty[:, -1] |= np.int32(0x7 << 20) | np.int32(0xF << 24)   # columns 13, 14 (word 1 holds 8..15)
@@ -97,7 +97,7 @@ def test_cuda_int4_padding_codes_ignored():
 
 @needs_cuda
 def test_cuda_weights_uploaded_once():
-    from k2lite import cuda
+    from k2lite.backends import cuda
     rng = np.random.default_rng(3)
     x = rng.standard_normal((1, 64)).astype(np.float32)
     w = f32_to_bf16(rng.standard_normal((8, 64)).astype(np.float32))
@@ -114,7 +114,7 @@ def test_cuda_weights_uploaded_once():
 @pytest.mark.parametrize("bad", ["x_cols", "w_dtype", "w_1d", "w_noncontig", "packed_dtype", "packed_shape",
                                  "scales_shape", "scales_dtype", "group_zero", "x_3d"])
 def test_cuda_bad_inputs_raise(bad):
-    from k2lite import cuda
+    from k2lite.backends import cuda
     rng = np.random.default_rng(4)
     xb = rng.standard_normal((2, 64)).astype(np.float32)
     wb = f32_to_bf16(rng.standard_normal((8, 64)).astype(np.float32))

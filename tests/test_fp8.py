@@ -63,7 +63,7 @@ def test_fp8_checkpoint_matches_transformers(fp8_model):
     for b in BACKENDS:
         for exact in ((False, True) if b == "cpu" else (False,)):
             if b == "cpu":
-                from k2lite import cpu
+                from k2lite.backends import cpu
                 cpu.set_exact(exact)
             try:
                 llm = k2lite.load(fp8_model, device=b)

@@ -300,7 +300,7 @@ def test_missing_native_module_is_a_one_line_error(text_model, monkeypatch):
 
     def no_cpu(name):
         if name == "cpu":
-            raise ImportError("No module named 'k2lite._cpu_scalar'")
+            raise ImportError("No module named 'k2lite.backends._cpu_scalar'")
         return real(name)
     monkeypatch.setattr(ops, "_module", no_cpu)
     with pytest.raises(RuntimeError, match=r"native kernels, which are not built here .*_cpu_scalar.*"

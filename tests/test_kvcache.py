@@ -125,7 +125,8 @@ def test_chunking_does_not_change_the_logits_on_cpu(tiny_model, exact):
     and probabilities rounded to bf16, as a GPU does), and prefill chunks in the other form: a
     decode step then differs from the same token prefilled by bf16 rounding carried through the
     model (~1% of the logits' range on this random MoE, routing flips included)."""
-    from k2lite import cpu, ops
+    from k2lite import ops
+    from k2lite.backends import cpu
     if not ops.available("cpu"):
         pytest.skip("native CPU module not built")
     ids = [int(i) for i in np.random.default_rng(2).integers(3, 380, 48)]
@@ -221,7 +222,8 @@ def test_cache_types_stay_within_transformers_own_bf16_error(model_factory):
     same checkpoint differs from its fp32 run. A dense model: MoE routing flips would make the
     comparison a coin toss. The cpu backend runs exact (fp32 matmuls) so only the cache and
     attention differ; bf16 runs both modes. Measured (rel. L2): int8 0.85x, bf16 0.2-0.5x the bound."""
-    from k2lite import cpu, ops
+    from k2lite import ops
+    from k2lite.backends import cpu
     if not ops.available("cpu"):
         pytest.skip("native CPU module not built")
     torch = pytest.importorskip("torch")

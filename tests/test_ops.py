@@ -112,7 +112,7 @@ def mk_rope(rng, T, H, R):
 # INT4 with bf16 scales may run with int8-quantized activations (the CPU VNNI path, llama.cpp's
 # q4_0 x q8_0 idea; scales per 8 inputs): measured NMSE ~1-4e-5 for int4_matmul and ~6-8e-5
 # for moe (SwiGLU outputs are heavier-tailed), against llama.cpp's 5e-4 budget. Float32 scales,
-# odd groups and k2lite.cpu.set_exact(True) stay exact (1e-10, test_exact_path).
+# odd groups and k2lite.backends.cpu.set_exact(True) stay exact (1e-10, test_exact_path).
 INT4_TOL, MOE_INT4_TOL = 1e-4, 2e-4
 # BF16 matmuls run on bf16-rounded activations with AVX512-BF16 dot products (as on a GPU;
 # src/cpu/bf16_matmul.cpp): measured NMSE ~3e-6 (2^-9 relative); exact mode keeps fp32.
@@ -213,7 +213,7 @@ CASES += [
 
 def fp8_tol(name):
     """FP8 NMSE bound: exact decoding on ref/cpu; the cuda backend dequantizes FP8 weights to
-    bf16 on the device (k2lite/cuda.py), 2^-9 relative per weight."""
+    bf16 on the device (k2lite/backends/cuda.py), 2^-9 relative per weight."""
     return 2e-5 if name == "cuda" else 1e-10
 
 
@@ -244,7 +244,7 @@ def test_op(name, case, seed):
 def test_exact_path(case, seed):
     """With set_exact(True) the CPU INT4 and BF16 ops reproduce ref (fp32 activations, bf16-rounded
     weights) on every path; the fast path must stay well inside its tolerance."""
-    from k2lite import cpu
+    from k2lite.backends import cpu
     op, build, params, tol, _ = case
     args = build(np.random.default_rng(seed), **params)
     want = getattr(ref, op)(*args)
@@ -261,7 +261,7 @@ def test_int4_batch_invariant():
     """On the CPU, a token's INT4 result does not depend on the other tokens of the call or on
     the thread count (each (row, token) sum is formed the same way in every tile): decode and
     prefill agree bit for bit."""
-    from k2lite import cpu
+    from k2lite.backends import cpu
     rng = np.random.default_rng(4)
     x, packed, scales, g = mk_int4_matmul(rng, 37, 640, 45, 32)
     full = cpu.int4_matmul(x, packed, scales, g)
@@ -286,7 +286,7 @@ def test_bf16_batch_invariant():
     whatever the number of tokens or the layout (rows or TiledBF16), so decode, prefill chunks,
     batches and repacked weights agree bit for bit (a bf16-rounded activation downstream would
     turn the smallest difference into a 2^-9 jump)."""
-    from k2lite import cpu
+    from k2lite.backends import cpu
     from k2lite.formats import tile_bf16
     if not getattr(cpu._cpu, "bf16_dp", False):
         pytest.skip("no AVX512-BF16 path in this build")
@@ -336,7 +336,7 @@ def test_fp8_moe_dispatch(name):
     args = mk_moe(np.random.default_rng(8), 4, 128, 64, 5, 2, "fp8")
     assert nmse(be.moe(*args), ref.moe(*args)) < 1e-10
     if name == "cpu":
-        from k2lite import cpu
+        from k2lite.backends import cpu
         assert cpu.moe_supports(args[1][0][0])
 
 
@@ -410,7 +410,7 @@ def test_mla_decode_invariant(kv):
     """On the CPU every sum of mla_decode is formed in one order whatever the thread count (token
     ranges of fixed positions, merged in order) and whatever else is in the batch: the same
     sequence gives bit-identical results alone, in a batch, with 1, 2 or 3 threads."""
-    from k2lite import cpu
+    from k2lite.backends import cpu
     rng = np.random.default_rng(11)
     ql, qp, pool, table, lengths, sc = mk_mla(rng, 3, 13, 96, 24, 64, 120, kv=kv, pages=40)
     lengths[1] = 700

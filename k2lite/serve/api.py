@@ -25,7 +25,7 @@ import functools
 import numpy as np
 
 from ..chat import ROLES, StreamParser
-from ..checks import cdiv
+from ..backends.checks import cdiv
 from .scheduler import Request
 
 MAX_BODY = 8 << 20          # bytes of JSON we accept in one request

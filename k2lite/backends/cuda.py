@@ -1,4 +1,4 @@
-"""CUDA backend: ref.py's ops over k2lite._cuda (src/cuda/*.cu).
+"""CUDA backend: ref.py's ops over k2lite.backends._cuda (src/cuda/*.cu).
 
 Importing this module fails with ImportError unless the CUDA module was built (setup.py does
 so when nvcc is found) and a GPU is visible, so `ops.available("cuda")` means "usable here".
@@ -19,11 +19,11 @@ import numpy as np
 
 from . import _cuda
 from .checks import bf16_args, fp8_args, int4_args
-from .ref import cache_dtype  # noqa: F401  (fp32 activations here: a float32 cache, not the cpu's bf16)
-from .formats import Fp8Tensor, dequantize_fp8, f32_to_bf16
+from ..ref import cache_dtype  # noqa: F401  (fp32 activations here: a float32 cache, not the cpu's bf16)
+from ..formats import Fp8Tensor, dequantize_fp8, f32_to_bf16
 
 if _cuda.device_count() == 0:
-    raise ImportError("k2lite._cuda is built but no CUDA device is visible")
+    raise ImportError("k2lite.backends._cuda is built but no CUDA device is visible")
 
 
 def devices() -> list:

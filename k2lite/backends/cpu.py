@@ -1,4 +1,8 @@
-"""CPU backend: ref.py's ops over the native kernels in k2lite._cpu (src/cpu/*.cpp).
+"""CPU backend: ref.py's ops over the native kernels (src/cpu/*.cpp).
+
+setup.py compiles src/cpu once per SIMD level: k2lite.backends._cpu_avx512 (AVX-512 with VNNI,
+BF16 and VBMI), _cpu_avx2 (AVX2 + FMA) and _cpu_scalar (any x86-64; the only build elsewhere);
+this module loads the best one the running CPU supports (LEVEL) as `_cpu`.
 
 Each wrapper checks shapes, dtypes and index ranges and raises a one-line ValueError, so no
 bad input reaches native code. Activations are converted (contiguous float32) when needed;
@@ -7,6 +11,7 @@ read-only (mmap'd views). Ops not defined here fall back to ref (see ops.py).
 """
 from __future__ import annotations
 
+import importlib
 import os
 
 import numpy as np
@@ -19,11 +24,59 @@ import numpy as np
 # by another library keeps its own setting).
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-from . import _cpu, ref  # noqa: E402
+from .. import ref  # noqa: E402
 from .checks import activation as _act, bf16_args, cdiv as _cdiv, fp8_args, int4_args  # noqa: E402
 from .checks import fp8_weight as _fp8_weight, group_scales as _group_scales, weight as _weight  # noqa: E402
-from .formats import Fp8Tensor, Int4Tensor, tiled_bf16_shape
-from .kvcache import kv8_row_bytes
+from ..formats import Fp8Tensor, Int4Tensor, tiled_bf16_shape  # noqa: E402
+from ..kvcache import kv8_row_bytes  # noqa: E402
+
+NEEDS = {
+    "avx512": {"avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512cd", "avx512_vnni", "avx512_bf16",
+               "avx512vbmi"},
+    "avx2": {"avx2", "fma", "f16c", "bmi2", "movbe"},
+    "scalar": set(),
+}
+
+
+def cpu_flags() -> set:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
+def supported_levels() -> list:
+    flags = cpu_flags()
+    return [level for level, need in NEEDS.items() if need <= flags]
+
+
+def _load_native():
+    """(level, module): the fastest build this CPU runs (its feature flags first: a build must not
+    even be imported on a CPU without its instructions); K2LITE_SIMD=avx512|avx2|scalar forces one."""
+    forced = os.environ.get("K2LITE_SIMD")
+    levels = [forced] if forced else supported_levels()
+    for i, level in enumerate(levels):
+        try:
+            mod = importlib.import_module(f"k2lite.backends._cpu_{level}")
+        except ImportError as e:
+            if forced:
+                raise
+            failed = e
+            continue
+        if i:   # a faster build this CPU runs is broken or missing: say so, it costs several times
+            import warnings
+            warnings.warn(f"k2lite: the {levels[0]} kernels did not load ({failed}); using the slower "
+                          f"{level} build (rebuild: pip install -e .)", RuntimeWarning, stacklevel=2)
+        return level, mod
+    raise ImportError("no k2lite CPU kernel build is installed (k2lite.backends._cpu_scalar missing)")
+
+
+LEVEL, _cpu = _load_native()
+stream_read = _cpu.stream_read        # the read-bandwidth probe (info.ReadMeter)
 
 SIMD = _cpu.simd
 
