@@ -20,14 +20,14 @@ R rope dims, N nope dims, V value dims, E experts, K experts per token.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable, Optional
 
 import numpy as np
 
 from . import ops as _ops
 from .config import Config
-from .kvcache import PagedKVCache, CacheSlot
+from .kvcache import PagedKVCache
 
 
 # ---------------------------------------------------------------- weights
