@@ -221,10 +221,12 @@ class ChatTemplate:
                 raise ValueError(f"{spec}: no chat_template.jinja or tokenizer_config.json chat_template")
             return t
         if os.path.exists(spec):
-            if spec.endswith(".json"):
-                return cls.from_dir(os.path.dirname(os.path.abspath(spec)), special) or \
-                    _raise(ValueError(f"{spec}: has no 'chat_template'"))
-            return cls.from_file(spec, special)
+            if not spec.endswith(".json"):
+                return cls.from_file(spec, special)
+            t = cls.from_dir(os.path.dirname(os.path.abspath(spec)), special)
+            if t is None:
+                raise ValueError(f"{spec}: has no 'chat_template'")
+            return t
         if spec in chat.DIALECTS:
             return cls(spec, None, chat.DIALECTS[spec], special)
         raise ValueError(f"chat template {spec!r}: no such file, and not a built-in name "
@@ -237,10 +239,6 @@ def _jinja2_missing() -> bool:
     except ImportError:
         return True
     return False
-
-
-def _raise(e):
-    raise e
 
 
 def _opens_think(prompt: str) -> bool:

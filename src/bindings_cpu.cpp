@@ -197,7 +197,9 @@ static void b_mla_absorb_o(arr out, arr u, arr kv_b, int N) {
     mla_absorb_o(op, up, wp, B, H, N, V, C);
 }
 
-static void b_attention(arr out, arr q, arr k, arr v, float scale, int q_offset) {
+// q [T, H, Dk], k [S, H, Dk], v [S, H, Dv] -> out [T, H, Dv]; with lse [T, H] (attention_lse), each
+// query's log-sum-exp too, and merge = true combines this block of keys with what out and lse hold.
+static void run_attention(arr out, arr* lse, bool merge, arr q, arr k, arr v, float scale, int q_offset) {
     const float* qp = cptr<float>(q, "q", {-1, -1, -1});
     const int T = q.shape(0), H = q.shape(1), Dk = q.shape(2);
     const float* kp = cptr<float>(k, "k", {-1, H, Dk});
@@ -205,26 +207,19 @@ static void b_attention(arr out, arr q, arr k, arr v, float scale, int q_offset)
     const float* vp = cptr<float>(v, "v", {S, H, -1});
     const int Dv = v.shape(2);
     float* op = wptr<float>(out, "out", {T, H, Dv});
-    need(q_offset >= 0, "q_offset must be >= 0");
-    const AttnKV kv{kp, (size_t)H * Dk, (size_t)Dk, Dk, nullptr, 0, 0, vp, (size_t)H * Dv, (size_t)Dv};
-    py::gil_scoped_release nogil;
-    attention(op, nullptr, false, qp, kv, T, S, H, Dv, scale, q_offset);
-}
-
-// out and lse [T, H] in/out: merge = true combines this block of keys with what they hold.
-static void b_attention_lse(arr out, arr lse, bool merge, arr q, arr k, arr v, float scale, int q_offset) {
-    const float* qp = cptr<float>(q, "q", {-1, -1, -1});
-    const int T = q.shape(0), H = q.shape(1), Dk = q.shape(2);
-    const float* kp = cptr<float>(k, "k", {-1, H, Dk});
-    const int S = k.shape(0);
-    const float* vp = cptr<float>(v, "v", {S, H, -1});
-    const int Dv = v.shape(2);
-    float* op = wptr<float>(out, "out", {T, H, Dv});
-    float* lp = wptr<float>(lse, "lse", {T, H});
+    float* lp = lse ? wptr<float>(*lse, "lse", {T, H}) : nullptr;
     need(q_offset >= 0, "q_offset must be >= 0");
     const AttnKV kv{kp, (size_t)H * Dk, (size_t)Dk, Dk, nullptr, 0, 0, vp, (size_t)H * Dv, (size_t)Dv};
     py::gil_scoped_release nogil;
     attention(op, lp, merge, qp, kv, T, S, H, Dv, scale, q_offset);
+}
+
+static void b_attention(arr out, arr q, arr k, arr v, float scale, int q_offset) {
+    run_attention(out, nullptr, false, q, k, v, scale, q_offset);
+}
+
+static void b_attention_lse(arr out, arr lse, bool merge, arr q, arr k, arr v, float scale, int q_offset) {
+    run_attention(out, &lse, merge, q, k, v, scale, q_offset);
 }
 
 // MLA's expanded form: q [T, H, N+R], kv = kv_b's output [S, H, N+V] (keys' nope part, then the
