@@ -179,12 +179,13 @@ inline void score_ht_bf16(float* s, int ss, const uint32_t* qt, int Hq, const ch
         for (int g = 0; g < NG; g++) _mm512_store_ps(s + (size_t)t * ss + 16 * g, _mm512_mul_ps(a[t][g], sv));
 }
 
-// int8 rows, the same tiles over integer dot products: a[t][g] = Σ_{k<nk} qt[k] · row_t bytes
-// [off + 4k, +4) (unsigned query codes, signed row codes; exact in int32).
+// int8 rows, the same tiles over integer dot products: a[t][g] = a0[t] + Σ_{k<nk} qt[k] · row_t
+// bytes [off + 4k, +4) (unsigned query codes, signed row codes; exact in int32).
 template <int NG, int N>
-inline void dot_ht_q8(__m512i (&a)[N][NG], const uint32_t* qt, int Hq, const char* const* row, int off, int nk) {
+inline void dot_ht_q8(__m512i (&a)[N][NG], const int32_t* a0, const uint32_t* qt, int Hq, const char* const* row,
+                      int off, int nk) {
     for (int t = 0; t < N; t++)
-        for (int g = 0; g < NG; g++) a[t][g] = _mm512_setzero_si512();
+        for (int g = 0; g < NG; g++) a[t][g] = _mm512_set1_epi32(a0[t]);
     for (int k = 0; k < nk; k++) {
         __m512i q[NG];
         for (int g = 0; g < NG; g++) q[g] = _mm512_load_si512(qt + (size_t)k * Hq + 16 * g);
@@ -195,31 +196,28 @@ inline void dot_ht_q8(__m512i (&a)[N][NG], const uint32_t* qt, int Hq, const cha
     }
 }
 
-// s[t*ss + 16g + i] = scale · (s_q,c·s_c,t·(dot_c - 128·Σc_t) + s_q,r·s_r,t·(dot_r - 128·Σr_t)),
-// the 128s taking back the query codes' offset. The latent quads k < kc are qt's first kc rows;
-// the rope quads [kr0, kr1) of the row (a quad across C holds both parts: each part's query
-// codes are zero in the other's columns) its next rows. qs: s_q,c of the tile's heads, s_q,r at
-// qs + Hq; tok: s_c, s_r, Σc, Σr of the tile's first token, BS apart.
+// s[t*ss + 16g + i] = (σ_c,i · s_c,t) · (dot_c - 128·Σc_t) + (σ_r,i · s_r,t) · (dot_r - 128·Σr_t), σ the
+// query's scales times the softmax scale, the 128s taking back the query codes' offset (the
+// accumulators start at -128·Σ). The latent quads k < kc are qt's first kc rows; the rope quads
+// [kr0, kr1) of the row (a quad across C holds both parts: each part's query codes are zero in
+// the other's columns) its next rows. qs: σ_c of the tile's heads, σ_r at qs + Hq; tok: the
+// tile's first token's s_c, then s_r, -128·Σc, -128·Σr (int32) BS apart.
 template <int NG, int N>
 inline void score_ht_q8(float* s, int ss, const uint32_t* qt, int Hq, const char* const* row, int kc, int kr0,
-                        int kr1, const float* qs, const float* tok, float scale) {
+                        int kr1, const float* qs, const float* tok) {
     __m512i a[N][NG];
-    const __m512 c128 = _mm512_set1_ps(128.f);
-    dot_ht_q8<NG, N>(a, qt, Hq, row, 0, kc);
+    dot_ht_q8<NG, N>(a, (const int32_t*)(tok + 2 * BS), qt, Hq, row, 0, kc);
     for (int t = 0; t < N; t++)
         for (int g = 0; g < NG; g++) {
             const __m512 hs = _mm512_mul_ps(_mm512_load_ps(qs + 16 * g), _mm512_set1_ps(tok[t]));
-            const __m512 d = _mm512_fnmadd_ps(c128, _mm512_set1_ps(tok[2 * BS + t]), _mm512_cvtepi32_ps(a[t][g]));
-            _mm512_store_ps(s + (size_t)t * ss + 16 * g, _mm512_mul_ps(hs, d));
+            _mm512_store_ps(s + (size_t)t * ss + 16 * g, _mm512_mul_ps(hs, _mm512_cvtepi32_ps(a[t][g])));
         }
-    dot_ht_q8<NG, N>(a, qt + (size_t)kc * Hq, Hq, row, 4 * kr0, kr1 - kr0);
-    const __m512 sv = _mm512_set1_ps(scale);
+    dot_ht_q8<NG, N>(a, (const int32_t*)(tok + 3 * BS), qt + (size_t)kc * Hq, Hq, row, 4 * kr0, kr1 - kr0);
     for (int t = 0; t < N; t++)
         for (int g = 0; g < NG; g++) {
             const __m512 hs = _mm512_mul_ps(_mm512_load_ps(qs + Hq + 16 * g), _mm512_set1_ps(tok[BS + t]));
-            const __m512 d = _mm512_fnmadd_ps(c128, _mm512_set1_ps(tok[3 * BS + t]), _mm512_cvtepi32_ps(a[t][g]));
             float* st = s + (size_t)t * ss + 16 * g;
-            _mm512_store_ps(st, _mm512_mul_ps(_mm512_add_ps(_mm512_load_ps(st), _mm512_mul_ps(hs, d)), sv));
+            _mm512_store_ps(st, _mm512_fmadd_ps(hs, _mm512_cvtepi32_ps(a[t][g]), _mm512_load_ps(st)));
         }
 }
 
@@ -314,13 +312,16 @@ inline void pv_tile_q8(float* acc, int Cp, const uint32_t* p, int ps, const floa
 
 enum Mode { M_F32, M_BF16W, M_BF16DP, M_Q8 };
 
-struct Item { int b, h0, h1, t0, t1, slot; };   // slot < 0: whole sequence, written to out
+// slot < 0: whole sequence, written to out; else range k of the sequence's nr (slots slot - k ..)
+struct Item { int b, h0, h1, t0, t1, slot, k, nr; };
 
 struct Args {
     float* out; const float* q_latent; const float* q_pe; const char* pool; const int32_t* page_table;
     int H, C, R, page, max_pages, row_bytes; float scale;
     const uint32_t* qprep; const float* qscale; int Hp;   // prep_query's, [B][..][Hp] heads
-    float* part_acc; float* part_ml;   // per slot: acc [H][C]; m [H] then l [H]
+    // partials: per sequence (its first slot s0, nr ranges) acc at s0·H·C as [H][nr][C], so that the
+    // merge reads each head's ranges in one stream; per slot m [H] then l [H]
+    float* part_acc; float* part_ml;
 };
 
 // Per-thread scratch, kept between calls: O(H·(C+R) + BS·(C+R)), independent of the context.
@@ -342,7 +343,8 @@ inline int qt_rows(int M, int C, int R) {
 // for the score tiles: qt[k*Hp] = dword column k (qt = qprep + b·qt_rows·Hp + i). M_BF16DP:
 // elements 2k, 2k+1 as bf16. M_Q8: codes round(q / s) + 128 (unsigned for vpdpbusd,
 // s = absmax / 127, the latent and the rope key each their own) of columns 4k..4k+3 of its part,
-// 0 for columns outside it (so they add nothing), and s_c, s_r at qs[0], qs[Hp].
+// 0 for columns outside it (so they add nothing), and s·scale (the softmax's) of each part at
+// qs[0], qs[Hp].
 // Prepared once per call, not per item.
 template <int M>
 void prep_query(uint32_t* qt, float* qs, const Args& A, int b, int i) {
@@ -375,7 +377,7 @@ void prep_query(uint32_t* qt, float* qs, const Args& A, int b, int i) {
                 }
                 qt[(size_t)row * Hp] = d;
             }
-            qs[part * Hp] = amax / 127.f;
+            qs[part * Hp] = amax / 127.f * A.scale;
         }
     }
 }
@@ -399,7 +401,7 @@ inline void item_finish(const Args& A, const Item& it, const float* acc, int Cp,
             f = l[i] > 0.f ? 1.f / l[i] : 0.f;   // length 0 -> zeros
             o = A.out + ((size_t)it.b * H + h) * C;
         } else {
-            o = A.part_acc + ((size_t)it.slot * H + h) * C;
+            o = A.part_acc + (((size_t)(it.slot - it.k) * H + (size_t)h * it.nr + it.k) * C);
             A.part_ml[(size_t)it.slot * 2 * H + h] = m[i];
             A.part_ml[(size_t)it.slot * 2 * H + H + h] = l[i];
         }
@@ -517,7 +519,7 @@ void run_item(const Args& A, const Item& it) {
 
 #ifdef K2_MLA_DP
 // The score tiles of one block for head vectors [g0, g0 + NG): NT tokens a tile, the block's
-// last tile narrower; after each tile, after(j) with j its end.
+// last tile narrower.
 template <int M, int NG, int N>
 inline void score_tile_dp(const Args& A, float* S, int ss, const uint32_t* qt, int Hq, const char* const* row,
                           const float* qs, const float* tok) {
@@ -525,17 +527,16 @@ inline void score_tile_dp(const Args& A, float* S, int ss, const uint32_t* qt, i
         score_ht_bf16<NG, N>(S, ss, qt, Hq, row, A.C + A.R, A.scale);
     } else {
         const int C = A.C, W = C + A.R, kc = ceil_div(C, 4);
-        score_ht_q8<NG, N>(S, ss, qt, Hq, row, kc, C / 4, ceil_div(W, 4), qs, tok, A.scale);
+        score_ht_q8<NG, N>(S, ss, qt, Hq, row, kc, C / 4, ceil_div(W, 4), qs, tok);
     }
 }
 
-template <int M, int NG, class After>
+template <int M, int NG>
 void score_block_dp(const Args& A, float* S, int ss, const uint32_t* qt, int Hq, const char* const* row, int nb,
-                    const float* qs, const float* tok, After after) {
+                    const float* qs, const float* tok) {
     int j = 0;
     for (; j + NT <= nb; j += NT) {
         score_tile_dp<M, NG, NT>(A, S + (size_t)j * ss, ss, qt, Hq, row + j, qs, tok + j);
-        after(j + NT);
     }
     float* s = S + (size_t)j * ss;
     switch (nb - j) {   // the last tile, fewer tokens (NT = 6)
@@ -545,7 +546,6 @@ void score_block_dp(const Args& A, float* S, int ss, const uint32_t* qt, int Hq,
         case 4: score_tile_dp<M, NG, 4>(A, s, ss, qt, Hq, row + j, qs, tok + j); break;
         case 5: score_tile_dp<M, NG, 5>(A, s, ss, qt, Hq, row + j, qs, tok + j); break;
     }
-    after(nb);
 }
 static_assert(NT == 6, "score_block_dp's last tiles");
 
@@ -571,7 +571,7 @@ void run_item_dp(const Args& A, const Item& it) {
     float* l = m + nhp;
     float* corr = l + nhp;
     float* sb = corr + nhp;                       // M_Q8: P's scale per head (this block)
-    float* tok = sb + nhp;                        // M_Q8: per token s_c, s_r, Σc, Σr [4][BS]
+    float* tok = sb + nhp;                        // M_Q8: per token s_c, s_r, -128·Σc, -128·Σr [4][BS]
     const int nqt = qt_rows(M, C, A.R);
     const uint32_t* qt = (const uint32_t*)A.qprep + (size_t)it.b * nqt * Hq + it.h0;   // prep_query's
     const float* qs = A.qscale + (size_t)it.b * 2 * Hq + it.h0;   // M_Q8: s_q,c; s_q,r at + Hq
@@ -592,23 +592,20 @@ void run_item_dp(const Args& A, const Item& it) {
                 int32_t s[2];
                 std::memcpy(v, meta, 8);
                 std::memcpy(s, meta + 8, 8);
-                tok[j] = v[0]; tok[BS + j] = v[1]; tok[2 * BS + j] = (float)s[0]; tok[3 * BS + j] = (float)s[1];
+                const int32_t o[2] = {-128 * s[0], -128 * s[1]};   // the query codes' offset
+                tok[j] = v[0];
+                tok[BS + j] = v[1];
+                std::memcpy(tok + 2 * BS + j, o, 4);
+                std::memcpy(tok + 3 * BS + j, o + 1, 4);
             }
         for (int g0 = 0; g0 < ngv; g0 += 4) {   // head vectors, 4 at a time (all of K2's 64 heads)
-            int done = 0;   // the next block's rows, prefetched a slice per tile of the first pass
-            auto after = [&](int j) {
-                if (g0 > 0) return;
-                const int upto = (int)((int64_t)nbn * j / nb);
-                prefetch_rows(nxt, done, upto, A.row_bytes);
-                done = upto;
-            };
             float* s = S + 16 * g0;
             const uint32_t* q = qt + 16 * g0;
             switch (std::min(4, ngv - g0)) {
-                case 1: score_block_dp<M, 1>(A, s, nhp, q, Hq, cur, nb, qs + 16 * g0, tok, after); break;
-                case 2: score_block_dp<M, 2>(A, s, nhp, q, Hq, cur, nb, qs + 16 * g0, tok, after); break;
-                case 3: score_block_dp<M, 3>(A, s, nhp, q, Hq, cur, nb, qs + 16 * g0, tok, after); break;
-                default: score_block_dp<M, 4>(A, s, nhp, q, Hq, cur, nb, qs + 16 * g0, tok, after); break;
+                case 1: score_block_dp<M, 1>(A, s, nhp, q, Hq, cur, nb, qs + 16 * g0, tok); break;
+                case 2: score_block_dp<M, 2>(A, s, nhp, q, Hq, cur, nb, qs + 16 * g0, tok); break;
+                case 3: score_block_dp<M, 3>(A, s, nhp, q, Hq, cur, nb, qs + 16 * g0, tok); break;
+                default: score_block_dp<M, 4>(A, s, nhp, q, Hq, cur, nb, qs + 16 * g0, tok); break;
             }
         }
         // online softmax, 16 heads a vector, tokens in order; P (zeros past nb) in token groups
@@ -662,8 +659,11 @@ void run_item_dp(const Args& A, const Item& it) {
         const int ng = ceil_div(nb, tg);
         if (M == M_BF16DP) interleave_bf16(X, cur, nb, C, nck);
         else interleave_q8(X, cur, nb, C, nck);
+        const int npv = ceil_div(C, 64) * (nh4 / HQ);
+        int ti = 0;
         for (int c0 = 0; c0 < C; c0 += 64)
-            for (int i = 0; i < nh4; i += HQ) {
+            for (int i = 0; i < nh4; i += HQ, ti++) {
+                prefetch_rows(nxt, (int)((int64_t)nbn * ti / npv), (int)((int64_t)nbn * (ti + 1) / npv), A.row_bytes);
                 float* a = acc + (size_t)i * Cp;
                 if (M == M_BF16DP) pv_tile_bf16(a, Cp, P + i, nhp, corr + i, X, ng, nck, c0);
                 else pv_tile_q8(a, Cp, P + i, nhp, corr + i, sb + i, X, ng, nck, c0);
@@ -722,7 +722,7 @@ void mla_decode(float* out, const float* q_latent, const float* q_pe, const void
         for (int k = 0; k < np[b]; k++)
             for (int h0 = 0; h0 < H; h0 += hcs)
                 items.push_back({b, h0, std::min(H, h0 + hcs), k * KVC, std::min(lengths[b], (k + 1) * KVC),
-                                 np[b] > 1 ? slot0[b] + k : -1});
+                                 np[b] > 1 ? slot0[b] + k : -1, k, np[b]});
     std::stable_sort(items.begin(), items.end(), [](const Item& x, const Item& y) {
         return (int64_t)(x.t1 - x.t0) * (x.h1 - x.h0) > (int64_t)(y.t1 - y.t0) * (y.h1 - y.h0);
     });
@@ -784,7 +784,7 @@ void mla_decode(float* out, const float* q_latent, const float* q_pe, const void
             for (int k = 0; k < np[b]; k++) {
                 const float w = std::exp(ml[(size_t)k * 2 * H + h] - M);
                 lsum += w * ml[(size_t)k * 2 * H + H + h];
-                const float* a = A.part_acc + ((size_t)(slot0[b] + k) * H + h) * C;
+                const float* a = A.part_acc + ((size_t)slot0[b] * H + (size_t)h * np[b] + k) * C;
                 #pragma omp simd
                 for (int c = 0; c < C; c++) o[c] += w * a[c];
             }
