@@ -37,7 +37,10 @@ namespace {
 const int BS = 128;    // tokens per block
 const int HQ = 4;      // heads per register tile (fp32 paths; P·c of all paths)
 const int HG = 16;     // heads per vector (the dot-product paths' score tiles)
-const int KVC = 1024;  // tokens per split-KV range (a multiple of BS; fixed: results never depend on it)
+// Tokens per split-KV range (a multiple of BS; fixed: results never depend on it). Each range
+// ends in a partial (acc [H][C] written, read back by the merge: ~128 KB each for K2) and
+// starts on rows not yet prefetched: 2048 halves that traffic against 1024 (~5% at 32K).
+const int KVC = 2048;
 
 // Lane i of the result = the sum of v[i]'s 16 lanes.
 inline __m512 hsum16(const __m512* v) {
@@ -701,9 +704,10 @@ void mla_decode(float* out, const float* q_latent, const float* q_pe, const void
 #endif
     const bool dp = mode == M_BF16DP || mode == M_Q8;
     const int hq = dp ? HG : HQ;   // heads a tile runs
-    // Token ranges of KVC tokens at fixed positions; too few items for ~4 per thread: split the
-    // heads too (chunks of a multiple of hq heads; no effect on any sum).
-    const int want = 4 * nt;
+    // Token ranges of KVC tokens at fixed positions; too few items for ~2 per thread: split the
+    // heads too (chunks of a multiple of hq heads; no effect on any sum). One thread: never (each
+    // chunk reads the rows again, and narrower score tiles load more per dot product).
+    const int want = nt == 1 ? 1 : 2 * nt;
     std::vector<int> np(B), slot0(B);
     int nitems = 0, nslots = 0;
     for (int b = 0; b < B; b++) {
