@@ -407,9 +407,16 @@ inline void item_finish(const Args& A, const Item& it, const float* acc, int Cp,
             o = A.part_acc + (((size_t)(it.slot - it.k) * H + (size_t)h * it.nr + it.k) * C);
             A.part_ml[(size_t)it.slot * 2 * H + h] = m[i];
             A.part_ml[(size_t)it.slot * 2 * H + H + h] = l[i];
+            if (C % 16 == 0 && ((uintptr_t)o & 63) == 0) {
+                // the merge reads it only after every item, from memory anyway: streaming stores
+                // spare the read-for-ownership of lines long evicted by the rows
+                for (int c = 0; c < C; c += 16) _mm512_stream_ps(o + c, _mm512_load_ps(ai + c));
+                continue;
+            }
         }
         for (int c = 0; c < C; c++) o[c] = ai[c] * f;
     }
+    _mm_sfence();   // the streamed partials visible before the merge
 }
 
 // The rows of tokens [t0, min(t0 + BS, it.t1)) of the item's sequence; returns their count.
@@ -749,7 +756,7 @@ void mla_decode(float* out, const float* q_latent, const float* q_pe, const void
     // Partials of split sequences: kept per calling thread up to 64 MB (fresh pages cost ~0.1 ms).
     static thread_local std::vector<float> kept;
     std::unique_ptr<float[]> big;
-    float* part = kept_scratch(kept, big, (size_t)nslots * H * (C + 2));
+    float* part = align64(kept_scratch(kept, big, (size_t)nslots * H * (C + 2) + 16));
     const int W = C + R;
     const int row_bytes = kind == KV_F32 ? 4 * W : kind == KV_BF16 ? 2 * W : kv8_row_bytes(W);
     // the query in the dot products' form, once for all items: per sequence s_q,c [Hp], s_q,r [Hp]
