@@ -9,19 +9,28 @@
 //     probabilities rounded to bf16, as a GPU runs MLA (FlashMLA);
 //   int8 rows: vpdpbusd (64 MACs) with the query quantized per head (unsigned codes + 128, the
 //     offset taken back with the row's stored code sum) and, for P·c, the probabilities times
-//     the rows' scales quantized to uint8 per (head, 64-token block) against the block's max;
+//     the rows' scales quantized to uint8 per (head, 128-token block) against the block's max;
 //   float32 rows (and bf16 in exact mode): fp32 FMAs, as ref to rounding.
-// Every sum is formed in one order whatever the thread count: scores in fixed 4x4 register
-// tiles, P·c over the tokens in order, and a long sequence is cut into ranges of KVC tokens at
-// fixed positions (split-KV: each range's (m, l, acc) partial, merged in range order), so
-// threads only decide which items run where (ranges, or head chunks when there are few).
+// Every sum is formed in one order whatever the thread count: each score in one accumulator
+// (fp32 paths: fixed 4x4 register tiles), P·c over the tokens in order, and a long sequence is
+// cut into ranges of KVC tokens at fixed positions (split-KV: each range's (m, l, acc) partial,
+// merged in range order), so threads only decide which items run where (ranges, or head chunks
+// when there are few).
 //
 // AVX-512: an item walks its range in blocks of BS tokens (in L2, the next block prefetched) and
-// all heads of the item visit each block: (1) scores in 4-head x 4-token register tiles (16
-// independent chains, one horizontal-sum tree per tile), (2) online softmax with a vector exp,
-// (3) P·c in 4-head x 64-column register tiles. For the dot-product instructions, which sum
-// pairs (bf16) or quads (int8) of adjacent elements, the block's rows are first interleaved
-// once into scratch so adjacent elements are 2 or 4 tokens of one column.
+// all heads of the item visit each block. The dot-product paths (run_item_dp), where one cached
+// row feeds all 64 heads (a small GEMM, M = heads): (1) scores with HEADS in the lanes: a
+// broadcast dword of a row (2 bf16 / 4 int8 adjacent columns) times the transposed query, in
+// 6-token x 64-head register tiles (24 accumulators; each step 4 query loads and 6 broadcasts
+// feed 24 dot products; no horizontal sums), written [token][head]; (2) online softmax on head
+// vectors (a cheaper exp, exp_p), P packed as dwords of 2 / 4 tokens of one head; (3) the
+// block's rows interleaved once (adjacent elements = 2 / 4 tokens of one column) and P·c in
+// 4-head x 64-column register tiles, each 64-column slice of the block reused from L1 by every
+// head quad. On Zen 4 both products run near one 512-bit dot-product instruction per cycle
+// (bf16 ~100%, int8 ~90-95%); the rest (softmax, interleave, partials, prefetch stalls) is
+// ~12% (bf16) / ~15% (int8) of the time at depth.
+// The fp32 paths (run_item): 4-head x 4-token score tiles with lanes along the row (one
+// horizontal-sum tree per tile), then the same softmax and P·c tiles with fp32 FMAs.
 // Elsewhere: the portable loops, work items (sequence, chunk of 8 heads), int8 rows widened.
 #include "common.h"
 #include <type_traits>
