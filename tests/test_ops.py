@@ -416,7 +416,7 @@ def test_mla_decode_invariant(kv):
     sequence gives bit-identical results alone, in a batch, with 1, 2 or 3 threads."""
     from k2lite.backends import cpu
     rng = np.random.default_rng(11)
-    # 40 heads: with 2 and 3 threads the items also split the heads (chunks of 32 and 8)
+    # 40 heads: with 3 threads the items also split the heads (chunks of 32 and 8)
     ql, qp, pool, table, lengths, sc = mk_mla(rng, 3, 40, 96, 24, 64, 120, kv=kv, pages=40)
     lengths[1] = 700
     threads = cpu.get_threads()
