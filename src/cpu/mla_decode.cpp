@@ -23,10 +23,10 @@
 // broadcast dword of a row (2 bf16 / 4 int8 adjacent columns) times the transposed query, in
 // 6-token x 64-head register tiles (24 accumulators; each step 4 query loads and 6 broadcasts
 // feed 24 dot products; no horizontal sums), written [token][head]; (2) online softmax on head
-// vectors (a cheaper exp, exp_p), P packed as dwords of 2 / 4 tokens of one head; (3) the
-// block's rows interleaved once (adjacent elements = 2 / 4 tokens of one column) and P·c in
-// 4-head x 64-column register tiles, each 64-column slice of the block reused from L1 by every
-// head quad. On Zen 4 both products run near one 512-bit dot-product instruction per cycle
+// vectors (a cheaper exp, exp_p), P packed as dwords of 2 / 4 tokens of one head; (3) P·c per
+// 64-column slice of the block: the slice interleaved once (adjacent elements = 2 / 4 tokens of
+// one column; 8 / 16 KB, kept in L1), then 4-head x 64-column register tiles for every head
+// quad over it. On Zen 4 both products run near one 512-bit dot-product instruction per cycle
 // (bf16 ~100%, int8 ~90-95%); the rest (softmax, interleave, partials, prefetch stalls) is
 // ~12% (bf16) / ~15% (int8) of the time at depth.
 // The fp32 paths (run_item): 4-head x 4-token score tiles with lanes along the row (one
@@ -233,60 +233,60 @@ inline void score_ht_q8(float* s, int ss, const uint32_t* qt, int Hq, const char
         }
 }
 
-// Interleaved block scratch: X[g][k][v] (64 bytes each) for token group g (2 bf16 / 4 int8
-// tokens), column chunk k (32 / 64 columns) and vector v (2 / 4): dword j of vector v holds the
-// group's tokens of column 32k + 16v + j (bf16) or 64k + 16v + j (int8).
-inline void interleave_bf16(__m512i* X, const char* const* row, int nb, int C, int nck) {
+// One 64-column slice [c0, c0 + 64) of the block interleaved: X[g][v] (64 bytes each) for token
+// group g (2 bf16 / 4 int8 tokens) and vector v < 4: dword j of vector v holds the group's
+// tokens of column c0 + 16v + j (zero past C). A slice (8 KB int8, 16 KB bf16) is made just
+// before its P·c tiles and stays in L1 for all of them (a whole interleaved block would not fit:
+// its stores would go to L2).
+inline void interleave_bf16(__m512i* X, const char* const* row, int nb, int C, int c0) {
     for (int g = 0; g < (nb + 1) / 2; g++) {
         const uint16_t* ra = (const uint16_t*)row[2 * g];
         const uint16_t* rb = 2 * g + 1 < nb ? (const uint16_t*)row[2 * g + 1] : nullptr;
-        for (int k = 0; k < nck; k++) {
-            const int left = C - 32 * k;
+        for (int v = 0; v < 4; v += 2) {
+            const int c = c0 + 16 * v, left = C - c;
             const __mmask32 m = left >= 32 ? 0xFFFFFFFFu : left <= 0 ? 0 : (__mmask32)((1u << left) - 1);
-            const __m512i a = _mm512_maskz_loadu_epi16(m, ra + 32 * k);
-            const __m512i b = rb ? _mm512_maskz_loadu_epi16(m, rb + 32 * k) : _mm512_setzero_si512();
+            const __m512i a = _mm512_maskz_loadu_epi16(m, ra + c);
+            const __m512i b = rb ? _mm512_maskz_loadu_epi16(m, rb + c) : _mm512_setzero_si512();
             const __m512i lo = _mm512_unpacklo_epi16(a, b), hi = _mm512_unpackhi_epi16(a, b);
             // lo's 128-bit lanes hold columns 8L..8L+3, hi's 8L+4..8L+7: back to column order
-            X[((size_t)g * nck + k) * 2] = _mm512_permutex2var_epi64(lo, _mm512_set_epi64(11, 10, 3, 2, 9, 8, 1, 0), hi);
-            X[((size_t)g * nck + k) * 2 + 1] = _mm512_permutex2var_epi64(lo, _mm512_set_epi64(15, 14, 7, 6, 13, 12, 5, 4), hi);
+            X[(size_t)g * 4 + v] = _mm512_permutex2var_epi64(lo, _mm512_set_epi64(11, 10, 3, 2, 9, 8, 1, 0), hi);
+            X[(size_t)g * 4 + v + 1] = _mm512_permutex2var_epi64(lo, _mm512_set_epi64(15, 14, 7, 6, 13, 12, 5, 4), hi);
         }
     }
 }
 
-inline void interleave_q8(__m512i* X, const char* const* row, int nb, int C, int nck) {
-    for (int g = 0; g < (nb + 3) / 4; g++)
-        for (int k = 0; k < nck; k++) {
-            const int left = C - 64 * k;
-            const __mmask64 m = left >= 64 ? ~0ull : left <= 0 ? 0 : (__mmask64)((1ull << left) - 1);
-            __m512i r[4];
-            for (int j = 0; j < 4; j++)
-                r[j] = 4 * g + j < nb ? _mm512_maskz_loadu_epi8(m, row[4 * g + j] + 64 * k) : _mm512_setzero_si512();
-            const __m512i lo01 = _mm512_unpacklo_epi8(r[0], r[1]), hi01 = _mm512_unpackhi_epi8(r[0], r[1]);
-            const __m512i lo23 = _mm512_unpacklo_epi8(r[2], r[3]), hi23 = _mm512_unpackhi_epi8(r[2], r[3]);
-            // vector v's 128-bit lane L: columns 16L + 4v .. +3; a 4x4 transpose of the lanes puts
-            // the columns back in order
-            const __m512i x0 = _mm512_unpacklo_epi16(lo01, lo23), x1 = _mm512_unpackhi_epi16(lo01, lo23);
-            const __m512i x2 = _mm512_unpacklo_epi16(hi01, hi23), x3 = _mm512_unpackhi_epi16(hi01, hi23);
-            const __m512i t0 = _mm512_shuffle_i32x4(x0, x1, _MM_SHUFFLE(1, 0, 1, 0));
-            const __m512i t1 = _mm512_shuffle_i32x4(x2, x3, _MM_SHUFFLE(1, 0, 1, 0));
-            const __m512i t2 = _mm512_shuffle_i32x4(x0, x1, _MM_SHUFFLE(3, 2, 3, 2));
-            const __m512i t3 = _mm512_shuffle_i32x4(x2, x3, _MM_SHUFFLE(3, 2, 3, 2));
-            __m512i* x = X + ((size_t)g * nck + k) * 4;
-            x[0] = _mm512_shuffle_i32x4(t0, t1, _MM_SHUFFLE(2, 0, 2, 0));
-            x[1] = _mm512_shuffle_i32x4(t0, t1, _MM_SHUFFLE(3, 1, 3, 1));
-            x[2] = _mm512_shuffle_i32x4(t2, t3, _MM_SHUFFLE(2, 0, 2, 0));
-            x[3] = _mm512_shuffle_i32x4(t2, t3, _MM_SHUFFLE(3, 1, 3, 1));
-        }
+inline void interleave_q8(__m512i* X, const char* const* row, int nb, int C, int c0) {
+    const int left = C - c0;
+    const __mmask64 m = left >= 64 ? ~0ull : (__mmask64)((1ull << left) - 1);
+    for (int g = 0; g < (nb + 3) / 4; g++) {
+        __m512i r[4];
+        for (int j = 0; j < 4; j++)
+            r[j] = 4 * g + j < nb ? _mm512_maskz_loadu_epi8(m, row[4 * g + j] + c0) : _mm512_setzero_si512();
+        const __m512i lo01 = _mm512_unpacklo_epi8(r[0], r[1]), hi01 = _mm512_unpackhi_epi8(r[0], r[1]);
+        const __m512i lo23 = _mm512_unpacklo_epi8(r[2], r[3]), hi23 = _mm512_unpackhi_epi8(r[2], r[3]);
+        // vector v's 128-bit lane L: columns 16L + 4v .. +3; a 4x4 transpose of the lanes puts
+        // the columns back in order
+        const __m512i x0 = _mm512_unpacklo_epi16(lo01, lo23), x1 = _mm512_unpackhi_epi16(lo01, lo23);
+        const __m512i x2 = _mm512_unpacklo_epi16(hi01, hi23), x3 = _mm512_unpackhi_epi16(hi01, hi23);
+        const __m512i t0 = _mm512_shuffle_i32x4(x0, x1, _MM_SHUFFLE(1, 0, 1, 0));
+        const __m512i t1 = _mm512_shuffle_i32x4(x2, x3, _MM_SHUFFLE(1, 0, 1, 0));
+        const __m512i t2 = _mm512_shuffle_i32x4(x0, x1, _MM_SHUFFLE(3, 2, 3, 2));
+        const __m512i t3 = _mm512_shuffle_i32x4(x2, x3, _MM_SHUFFLE(3, 2, 3, 2));
+        __m512i* x = X + (size_t)g * 4;
+        x[0] = _mm512_shuffle_i32x4(t0, t1, _MM_SHUFFLE(2, 0, 2, 0));
+        x[1] = _mm512_shuffle_i32x4(t0, t1, _MM_SHUFFLE(3, 1, 3, 1));
+        x[2] = _mm512_shuffle_i32x4(t2, t3, _MM_SHUFFLE(2, 0, 2, 0));
+        x[3] = _mm512_shuffle_i32x4(t2, t3, _MM_SHUFFLE(3, 1, 3, 1));
+    }
 }
 
-// acc[i][c0..c0+64) = acc·corr[i] + Σ_g P_i[g] · X[g][..] for 4 heads, 64 columns: head i's
-// bf16 P pair of token group g at p[g*ps + i], over X in 32-column chunks 2·c0/64 and the next.
+// acc[i][c0..c0+64) = acc·corr[i] + Σ_g P_i[g] · X[g][..] for 4 heads over the slice X of
+// columns c0.. (interleave_bf16): head i's bf16 P pair of token group g at p[g*ps + i].
 inline void pv_tile_bf16(float* acc, int Cp, const uint32_t* p, int ps, const float* corr, const __m512i* X,
-                         int ng, int nck, int c0) {
+                         int ng, int c0) {
     K2_TILE_DECL(__m512, _mm512_setzero_ps())
-    const int k = c0 / 32;
     for (int g = 0; g < ng; g++) {
-        const __m512i* xg = X + ((size_t)g * nck + k) * 2;
+        const __m512i* xg = X + (size_t)g * 4;
         const __m512i x0 = xg[0], x1 = xg[1], x2 = xg[2], x3 = xg[3];
         const uint32_t* pp = p + (size_t)g * ps;
 #define K2_PV_HEAD(i) K2_ROW4(dpbf16_, i, _mm512_set1_epi32((int)pp[i]))
@@ -302,11 +302,10 @@ inline void pv_tile_bf16(float* acc, int Cp, const uint32_t* p, int ps, const fl
 
 // The same over int8 X (4 tokens a dword) with uint8 P quads; sb[i]: head i's P scale.
 inline void pv_tile_q8(float* acc, int Cp, const uint32_t* p, int ps, const float* corr, const float* sb,
-                       const __m512i* X, int ng, int nck, int c0) {
+                       const __m512i* X, int ng, int c0) {
     K2_TILE_DECL(__m512i, _mm512_setzero_si512())
-    const int k = c0 / 64;
     for (int g = 0; g < ng; g++) {
-        const __m512i* xg = X + ((size_t)g * nck + k) * 4;
+        const __m512i* xg = X + (size_t)g * 4;
         const __m512i x0 = xg[0], x1 = xg[1], x2 = xg[2], x3 = xg[3];
         const uint32_t* pp = p + (size_t)g * ps;
 #define K2_PV_HEAD(i) K2_ROW4(dpbusd_, i, _mm512_set1_epi32((int)pp[i]))
@@ -339,7 +338,7 @@ struct Args {
 // Per-thread scratch, kept between calls: O(H·(C+R) + BS·(C+R)), independent of the context.
 struct Scratch {
     std::vector<float> f;
-    std::vector<float> x;              // interleaved block (bf16 / int8 modes), 64-byte aligned
+    std::vector<float> x;              // an interleaved slice (bf16 / int8 modes), 64-byte aligned
     std::vector<const char*> rows;     // this block's rows, the next's
     std::vector<const float*> frows;   // this block's as float32 rows (M_F32, M_BF16W)
     std::vector<float> wide;           // M_BF16W: [BS][Wp] widened
@@ -586,9 +585,8 @@ static_assert(NT == 6, "score_block_dp's last tiles");
 
 // bf16 rows with vdpbf16ps, int8 rows with vpdpbusd: per block (1) scores [token][head] in
 // NT-token x 64-head tiles (heads in lanes), (2) online softmax on head vectors, P packed as
-// the P·c tiles read it (dwords of 2 or 4 tokens of one head), (3) the block's rows interleaved
-// once and P·c in 4-head x 64-column tiles, each 64-column slice of it (8 or 16 KB) reused from L1
-// by every head quad.
+// the P·c tiles read it (dwords of 2 or 4 tokens of one head), (3) P·c per 64-column slice:
+// the slice interleaved (8 or 16 KB, in L1), then 4-head x 64-column tiles of every head quad.
 template <int M>
 void run_item_dp(const Args& A, const Item& it) {
     const int C = A.C, W = C + A.R, Cp = ceil_div(C, 64) * 64, Hq = A.Hp;
@@ -614,8 +612,7 @@ void run_item_dp(const Args& A, const Item& it) {
     const char** cur = sc.rows.data();
     const char** nxt = cur + BS;
     int nb = it.t1 > it.t0 ? block_rows(cur, A, it, it.t0) : 0;
-    const int nck = M == M_BF16DP ? Cp / 32 : Cp / 64;   // interleaved column chunks
-    const size_t nx = (size_t)(BS / tg) * nck * (M == M_BF16DP ? 2 : 4);
+    const size_t nx = (size_t)(BS / tg) * 4;   // one interleaved 64-column slice
     if (sc.x.size() < 16 * nx + 16) sc.x.resize(16 * nx + 16);
     __m512i* X = (__m512i*)align64(sc.x.data());
     for (int t0 = it.t0; t0 < it.t1; t0 += BS) {
@@ -692,17 +689,18 @@ void run_item_dp(const Args& A, const Item& it) {
             _mm512_store_ps(corr + 16 * g, cr);
         }
         const int ng = ceil_div(nb, tg);
-        if (M == M_BF16DP) interleave_bf16(X, cur, nb, C, nck);
-        else interleave_q8(X, cur, nb, C, nck);
         const int npv = ceil_div(C, 64) * (nh4 / HQ);
         int ti = 0;
-        for (int c0 = 0; c0 < C; c0 += 64)
+        for (int c0 = 0; c0 < C; c0 += 64) {
+            if (M == M_BF16DP) interleave_bf16(X, cur, nb, C, c0);
+            else interleave_q8(X, cur, nb, C, c0);
             for (int i = 0; i < nh4; i += HQ, ti++) {
                 prefetch_rows(nxt, (int)((int64_t)nbn * ti / npv), (int)((int64_t)nbn * (ti + 1) / npv), A.row_bytes);
                 float* a = acc + (size_t)i * Cp;
-                if (M == M_BF16DP) pv_tile_bf16(a, Cp, P + i, nhp, corr + i, X, ng, nck, c0);
-                else pv_tile_q8(a, Cp, P + i, nhp, corr + i, sb + i, X, ng, nck, c0);
+                if (M == M_BF16DP) pv_tile_bf16(a, Cp, P + i, nhp, corr + i, X, ng, c0);
+                else pv_tile_q8(a, Cp, P + i, nhp, corr + i, sb + i, X, ng, c0);
             }
+        }
         std::swap(cur, nxt);
         nb = nbn;
     }
