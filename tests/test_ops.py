@@ -121,7 +121,7 @@ BF16_TOL = 2e-5
 # bf16 rows on AVX512-BF16: the query and the probabilities are rounded to bf16 (relative error
 # <= 2^-9 per element, random signs: score and output errors ~2^-9 / sqrt(3) relative, NMSE
 # ~4e-6 measured); int8 rows: the query is quantized per head (absmax / 127 steps) and P·s_c to
-# uint8 per 64-token block, NMSE ~4-9e-5 measured. The f32 path and the other SIMD levels stay exact.
+# uint8 per 128-token block, NMSE ~4-9e-5 measured. The f32 path and the other SIMD levels stay exact.
 MLA_BF16_TOL, MLA_INT8_TOL = 2e-5, 3e-4
 # The expanded prefill attention on AVX512-BF16: q·scale, k, v and P rounded to bf16 (NMSE ~1e-5).
 ATTN_TOL = 4e-5
@@ -179,18 +179,22 @@ CASES += [
     ("mla_decode", mk_mla, dict(B=3, H=11, C=96, R=16, page=7, P=30), 1e-10, 1e-5),
     ("mla_decode", mk_mla, dict(B=1, H=16, C=512, R=64, page=100, P=40, pages=30), 1e-10, 1e-5),  # split-KV
     ("mla_decode", mk_mla, dict(B=2, H=11, C=40, R=9, page=90, P=14), 1e-10, 1e-5),    # tails
-    ("mla_decode", mk_mla, dict(B=2, H=11, C=40, R=9, page=90, P=40, pages=20), 1e-10, 1e-5),  # tails, split
+    ("mla_decode", mk_mla, dict(B=2, H=11, C=40, R=9, page=90, P=50, pages=25), 1e-10, 1e-5),  # tails, split
 ]
 # bf16 and int8 caches (the cpu backend's default with AVX512-BF16, and kv_cache="int8"):
 # odd widths (C, R not multiples of 16, 32 or 64), odd head counts, pages of odd sizes, split-KV
-# (> 1024 tokens), K2's head shape
+# (> 2048 tokens), K2's head shape
 for kv, tol in (("bf16", MLA_BF16_TOL), ("int8", MLA_INT8_TOL)):
     CASES += [
         ("mla_decode", mk_mla, dict(B=1, H=4, C=64, R=16, page=16, P=8, kv=kv), tol, None),
         ("mla_decode", mk_mla, dict(B=3, H=11, C=96, R=16, page=7, P=30, kv=kv), tol, None),
         ("mla_decode", mk_mla, dict(B=1, H=16, C=512, R=64, page=100, P=40, kv=kv, pages=30), tol, None),
         ("mla_decode", mk_mla, dict(B=2, H=11, C=40, R=9, page=90, P=14, kv=kv), tol, None),
-        ("mla_decode", mk_mla, dict(B=2, H=7, C=200, R=33, page=50, P=60, kv=kv, pages=25), tol, None),
+        ("mla_decode", mk_mla, dict(B=2, H=7, C=200, R=33, page=50, P=90, kv=kv, pages=45), tol, None),
+        # C not a multiple of 4 (an int8 column quad across the latent and the rope key), more
+        # heads than one score tile holds (64)
+        ("mla_decode", mk_mla, dict(B=2, H=5, C=37, R=11, page=13, P=20, kv=kv, pages=9), tol, None),
+        ("mla_decode", mk_mla, dict(B=1, H=70, C=24, R=8, page=16, P=8, kv=kv), tol, None),
     ]
 CASES += [
     ("attention", mk_attention, dict(T=1, S=9, H=3, Dk=24, Dv=20, off=8), ATTN_TOL, None),
@@ -398,8 +402,8 @@ def test_mla_decode_empty_sequence(name, kv):
     """A sequence with nothing cached attends to nothing: zeros, next to normal ones (and a
     long one that the CPU kernel splits into token ranges)."""
     be = backend(name)
-    ql, qp, pool, table, _, sc = mk_mla(np.random.default_rng(9), 3, 5, 40, 8, 100, 60, kv=kv, pages=20)
-    lengths = np.array([0, 1900, 0], np.int32)
+    ql, qp, pool, table, _, sc = mk_mla(np.random.default_rng(9), 3, 5, 40, 8, 100, 90, kv=kv, pages=30)
+    lengths = np.array([0, 2900, 0], np.int32)
     got, want = be.mla_decode(ql, qp, pool, table, lengths, sc), ref.mla_decode(ql, qp, pool, table, lengths, sc)
     assert not got[[0, 2]].any() and not want[[0, 2]].any()
     assert nmse(got, want) < MLA_TOL[kv]
@@ -412,7 +416,8 @@ def test_mla_decode_invariant(kv):
     sequence gives bit-identical results alone, in a batch, with 1, 2 or 3 threads."""
     from k2lite.backends import cpu
     rng = np.random.default_rng(11)
-    ql, qp, pool, table, lengths, sc = mk_mla(rng, 3, 13, 96, 24, 64, 120, kv=kv, pages=40)
+    # 40 heads: with 3 threads the items also split the heads (chunks of 32 and 8)
+    ql, qp, pool, table, lengths, sc = mk_mla(rng, 3, 40, 96, 24, 64, 120, kv=kv, pages=40)
     lengths[1] = 700
     threads = cpu.get_threads()
     try:

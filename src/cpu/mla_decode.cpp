@@ -9,19 +9,28 @@
 //     probabilities rounded to bf16, as a GPU runs MLA (FlashMLA);
 //   int8 rows: vpdpbusd (64 MACs) with the query quantized per head (unsigned codes + 128, the
 //     offset taken back with the row's stored code sum) and, for P·c, the probabilities times
-//     the rows' scales quantized to uint8 per (head, 64-token block) against the block's max;
+//     the rows' scales quantized to uint8 per (head, 128-token block) against the block's max;
 //   float32 rows (and bf16 in exact mode): fp32 FMAs, as ref to rounding.
-// Every sum is formed in one order whatever the thread count: scores in fixed 4x4 register
-// tiles, P·c over the tokens in order, and a long sequence is cut into ranges of KVC tokens at
-// fixed positions (split-KV: each range's (m, l, acc) partial, merged in range order), so
-// threads only decide which items run where (ranges, or head chunks when there are few).
+// Every sum is formed in one order whatever the thread count: each score in one accumulator
+// (fp32 paths: fixed 4x4 register tiles), P·c over the tokens in order, and a long sequence is
+// cut into ranges of KVC tokens at fixed positions (split-KV: each range's (m, l, acc) partial,
+// merged in range order), so threads only decide which items run where (ranges, or head chunks
+// when there are few).
 //
 // AVX-512: an item walks its range in blocks of BS tokens (in L2, the next block prefetched) and
-// all heads of the item visit each block: (1) scores in 4-head x 4-token register tiles (16
-// independent chains, one horizontal-sum tree per tile), (2) online softmax with a vector exp,
-// (3) P·c in 4-head x 64-column register tiles. For the dot-product instructions, which sum
-// pairs (bf16) or quads (int8) of adjacent elements, the block's rows are first interleaved
-// once into scratch so adjacent elements are 2 or 4 tokens of one column.
+// all heads of the item visit each block. The dot-product paths (run_item_dp), where one cached
+// row feeds all 64 heads (a small GEMM, M = heads): (1) scores with HEADS in the lanes: a
+// broadcast dword of a row (2 bf16 / 4 int8 adjacent columns) times the transposed query, in
+// 6-token x 64-head register tiles (24 accumulators; each step 4 query loads and 6 broadcasts
+// feed 24 dot products; no horizontal sums), written [token][head]; (2) online softmax on head
+// vectors (a cheaper exp, exp_p), P packed as dwords of 2 / 4 tokens of one head; (3) P·c per
+// 64-column slice of the block: the slice interleaved once (adjacent elements = 2 / 4 tokens of
+// one column; 8 / 16 KB, kept in L1), then 4-head x 64-column register tiles for every head
+// quad over it. On Zen 4 both products run near one 512-bit dot-product instruction per cycle
+// (bf16 ~100%, int8 ~90-95%); the rest (softmax, interleave, partials, prefetch stalls) is
+// ~12% (bf16) / ~15% (int8) of the time at depth.
+// The fp32 paths (run_item): 4-head x 4-token score tiles with lanes along the row (one
+// horizontal-sum tree per tile), then the same softmax and P·c tiles with fp32 FMAs.
 // Elsewhere: the portable loops, work items (sequence, chunk of 8 heads), int8 rows widened.
 #include "common.h"
 #include <type_traits>
@@ -35,8 +44,12 @@
 namespace {
 
 const int BS = 128;    // tokens per block
-const int HQ = 4;      // heads per register tile
-const int KVC = 1024;  // tokens per split-KV range (a multiple of BS; fixed: results never depend on it)
+const int HQ = 4;      // heads per register tile (fp32 paths; P·c of all paths)
+const int HG = 16;     // heads per vector (the dot-product paths' score tiles)
+// Tokens per split-KV range (a multiple of BS; fixed: results never depend on it). Each range
+// ends in a partial (acc [H][C] written, read back by the merge: ~128 KB each for K2) and
+// starts on rows not yet prefetched: 2048 halves that traffic against 1024 (~5% at 32K).
+const int KVC = 2048;
 
 // Lane i of the result = the sum of v[i]'s 16 lanes.
 inline __m512 hsum16(const __m512* v) {
@@ -53,21 +66,6 @@ inline __m512 hsum16(const __m512* v) {
                                      _mm512_shuffle_f32x4(z[2], z[3], _MM_SHUFFLE(3, 1, 3, 1)));
     return _mm512_add_ps(_mm512_shuffle_f32x4(w01, w23, _MM_SHUFFLE(2, 0, 2, 0)),
                          _mm512_shuffle_f32x4(w01, w23, _MM_SHUFFLE(3, 1, 3, 1)));
-}
-
-// The same for int32 lanes (exact integer sums; the same shuffles).
-inline __m512i hsum16i(const __m512i* v) {
-    __m512i x[8], z[4];
-    for (int k = 0; k < 8; k++)
-        x[k] = _mm512_add_epi32(_mm512_unpacklo_epi32(v[2 * k], v[2 * k + 1]), _mm512_unpackhi_epi32(v[2 * k], v[2 * k + 1]));
-    for (int k = 0; k < 4; k++)
-        z[k] = _mm512_add_epi32(_mm512_unpacklo_epi64(x[2 * k], x[2 * k + 1]), _mm512_unpackhi_epi64(x[2 * k], x[2 * k + 1]));
-    const __m512i w01 = _mm512_add_epi32(_mm512_shuffle_i32x4(z[0], z[1], _MM_SHUFFLE(2, 0, 2, 0)),
-                                         _mm512_shuffle_i32x4(z[0], z[1], _MM_SHUFFLE(3, 1, 3, 1)));
-    const __m512i w23 = _mm512_add_epi32(_mm512_shuffle_i32x4(z[2], z[3], _MM_SHUFFLE(2, 0, 2, 0)),
-                                         _mm512_shuffle_i32x4(z[2], z[3], _MM_SHUFFLE(3, 1, 3, 1)));
-    return _mm512_add_epi32(_mm512_shuffle_i32x4(w01, w23, _MM_SHUFFLE(2, 0, 2, 0)),
-                            _mm512_shuffle_i32x4(w01, w23, _MM_SHUFFLE(3, 1, 3, 1)));
 }
 
 // Scores of a 4x4 tile, lane 4i+j (head i, token j), to rows of S (BS apart).
@@ -148,111 +146,149 @@ inline __m512i dpbusd_(__m512i a, __m512i v, __m512i x) {
     return a;
 }
 
-// bf16 rows: s[i*BS + j] = scale · q_i·row_j, q bf16 (rows Wq apart, zero past W), 32 elements
-// a step, each lane summing its pairs in order.
-inline void score_tile_bf16(float* s, const uint16_t* q, int Wq, const char* const* row, int W, float scale) {
-    const uint16_t *r0 = (const uint16_t*)row[0], *r1 = (const uint16_t*)row[1];
-    const uint16_t *r2 = (const uint16_t*)row[2], *r3 = (const uint16_t*)row[3];
-    K2_TILE_DECL(__m512, _mm512_setzero_ps())
-#define K2_QK_HEAD(i) K2_ROW4(dpbf16_, i, _mm512_load_si512(q + (size_t)i * Wq + c))
-    int c = 0;
-    for (; c + 32 <= W; c += 32) {   // plain loads; the tail masked (the rows are not padded)
-        const __m512i x0 = _mm512_loadu_si512(r0 + c), x1 = _mm512_loadu_si512(r1 + c);
-        const __m512i x2 = _mm512_loadu_si512(r2 + c), x3 = _mm512_loadu_si512(r3 + c);
-        K2_QK_HEAD(0) K2_QK_HEAD(1) K2_QK_HEAD(2) K2_QK_HEAD(3)
-    }
-    if (c < W) {
-        const __mmask32 m = (__mmask32)((1u << (W - c)) - 1);
-        const __m512i x0 = _mm512_maskz_loadu_epi16(m, r0 + c), x1 = _mm512_maskz_loadu_epi16(m, r1 + c);
-        const __m512i x2 = _mm512_maskz_loadu_epi16(m, r2 + c), x3 = _mm512_maskz_loadu_epi16(m, r3 + c);
-        K2_QK_HEAD(0) K2_QK_HEAD(1) K2_QK_HEAD(2) K2_QK_HEAD(3)
-    }
-#undef K2_QK_HEAD
-    const __m512 a[16] = K2_TILE_ARRAY;
-    store_tile(s, _mm512_mul_ps(hsum16(a), _mm512_set1_ps(scale)));
+// The dot-product paths' score tiles put HEADS in the lanes: all heads of an item multiply the
+// same cached rows (it is a small GEMM, M = heads), so one broadcast dword of a row (2 bf16 or
+// 4 int8 adjacent columns of one token) feeds NG dot products against the transposed query
+// qt[k][head] (the same 2 / 4 columns of 16 heads a vector, prep_query). Each of the N x NG
+// accumulators holds finished scores: no horizontal sums, no interleaved copy of the rows, and
+// the scores come out [token][head], the layout the softmax runs on (lanes = heads).
+// NT tokens x 4 head vectors = 24 accumulators + 4 query vectors + 1 broadcast: 29 of 32 zmm.
+const int NT = 6;    // tokens per score tile (fewer in the last tile of a block)
+
+inline uint32_t load_u32(const char* p) {
+    uint32_t v;
+    std::memcpy(&v, p, 4);
+    return v;
 }
 
-// int8 rows: lane 4i+j = Σ_{c<n} q_i[c] · row_j[off + c] (unsigned query codes, rows Qs apart
-// and zero past n; signed row codes), exact integer sums, as float.
-inline __m512 score_tile_q8(const uint8_t* q, int Qs, const char* const* row, int off, int n) {
-    const int8_t *r0 = (const int8_t*)row[0] + off, *r1 = (const int8_t*)row[1] + off;
-    const int8_t *r2 = (const int8_t*)row[2] + off, *r3 = (const int8_t*)row[3] + off;
-    K2_TILE_DECL(__m512i, _mm512_setzero_si512())
-#define K2_QK_HEAD(i) K2_ROW4(dpbusd_, i, _mm512_load_si512(q + (size_t)i * Qs + c))
-    int c = 0;
-    for (; c + 64 <= n; c += 64) {   // plain loads; the tail masked
-        const __m512i x0 = _mm512_loadu_si512(r0 + c), x1 = _mm512_loadu_si512(r1 + c);
-        const __m512i x2 = _mm512_loadu_si512(r2 + c), x3 = _mm512_loadu_si512(r3 + c);
-        K2_QK_HEAD(0) K2_QK_HEAD(1) K2_QK_HEAD(2) K2_QK_HEAD(3)
+// bf16 rows: s[t*ss + 16g + i] = scale · Σ_k qt[k*Hq + 16g + i] · row_t[2k, 2k+1] for N tokens and
+// NG head vectors, k < ceil(W/2) in order (one fp32 accumulator per score); an odd W's last pair
+// is read as one element (the next one may lie past the pool).
+template <int NG, int N>
+inline void score_ht_bf16(float* s, int ss, const uint32_t* qt, int Hq, const char* const* row, int W, float scale) {
+    __m512 a[N][NG];
+    for (int t = 0; t < N; t++)
+        for (int g = 0; g < NG; g++) a[t][g] = _mm512_setzero_ps();
+    const int K = W / 2;
+    auto step = [&](const uint32_t* qk, auto rowval) {
+        __m512i q[NG];
+        for (int g = 0; g < NG; g++) q[g] = _mm512_load_si512(qk + 16 * g);
+        for (int t = 0; t < N; t++) {
+            const __m512i x = _mm512_set1_epi32((int)rowval(row[t]));
+            for (int g = 0; g < NG; g++) a[t][g] = dpbf16_(a[t][g], q[g], x);
+        }
+    };
+    for (int k = 0; k < K; k++) step(qt + (size_t)k * Hq, [k](const char* r) { return load_u32(r + 4 * k); });
+    if (W & 1) {
+        step(qt + (size_t)K * Hq, [K](const char* r) {
+            uint16_t v;
+            std::memcpy(&v, r + 4 * K, 2);
+            return (uint32_t)v;
+        });
     }
-    if (c < n) {
-        const __mmask64 m = (__mmask64)((1ull << (n - c)) - 1);
-        const __m512i x0 = _mm512_maskz_loadu_epi8(m, r0 + c), x1 = _mm512_maskz_loadu_epi8(m, r1 + c);
-        const __m512i x2 = _mm512_maskz_loadu_epi8(m, r2 + c), x3 = _mm512_maskz_loadu_epi8(m, r3 + c);
-        K2_QK_HEAD(0) K2_QK_HEAD(1) K2_QK_HEAD(2) K2_QK_HEAD(3)
-    }
-#undef K2_QK_HEAD
-    const __m512i ai[16] = K2_TILE_ARRAY;
-    return _mm512_cvtepi32_ps(hsum16i(ai));   // |sum| <= 127·255·n: exact in int32
+    const __m512 sv = _mm512_set1_ps(scale);
+    for (int t = 0; t < N; t++)
+        for (int g = 0; g < NG; g++) _mm512_store_ps(s + (size_t)t * ss + 16 * g, _mm512_mul_ps(a[t][g], sv));
 }
 
-// Interleaved block scratch: X[g][k][v] (64 bytes each) for token group g (2 bf16 / 4 int8
-// tokens), column chunk k (32 / 64 columns) and vector v (2 / 4): dword j of vector v holds the
-// group's tokens of column 32k + 16v + j (bf16) or 64k + 16v + j (int8).
-inline void interleave_bf16(__m512i* X, const char* const* row, int nb, int C, int nck) {
+// int8 rows, the same tiles over integer dot products: a[t][g] = a0[t] + Σ_{k<nk} qt[k] · row_t
+// bytes [off + 4k, +4) (unsigned query codes, signed row codes; exact in int32).
+template <int NG, int N>
+inline void dot_ht_q8(__m512i (&a)[N][NG], const int32_t* a0, const uint32_t* qt, int Hq, const char* const* row,
+                      int off, int nk) {
+    for (int t = 0; t < N; t++)
+        for (int g = 0; g < NG; g++) a[t][g] = _mm512_set1_epi32(a0[t]);
+    for (int k = 0; k < nk; k++) {
+        __m512i q[NG];
+        for (int g = 0; g < NG; g++) q[g] = _mm512_load_si512(qt + (size_t)k * Hq + 16 * g);
+        for (int t = 0; t < N; t++) {
+            const __m512i x = _mm512_set1_epi32((int)load_u32(row[t] + off + 4 * k));
+            for (int g = 0; g < NG; g++) a[t][g] = dpbusd_(a[t][g], q[g], x);
+        }
+    }
+}
+
+// s[t*ss + 16g + i] = (σ_c,i · s_c,t) · (dot_c - 128·Σc_t) + (σ_r,i · s_r,t) · (dot_r - 128·Σr_t), σ the
+// query's scales times the softmax scale, the 128s taking back the query codes' offset (the
+// accumulators start at -128·Σ). The latent quads k < kc are qt's first kc rows; the rope quads
+// [kr0, kr1) of the row (a quad across C holds both parts: each part's query codes are zero in
+// the other's columns) its next rows. qs: σ_c of the tile's heads, σ_r at qs + Hq; tok: the
+// tile's first token's s_c, then s_r, -128·Σc, -128·Σr (int32) BS apart.
+template <int NG, int N>
+inline void score_ht_q8(float* s, int ss, const uint32_t* qt, int Hq, const char* const* row, int kc, int kr0,
+                        int kr1, const float* qs, const float* tok) {
+    __m512i a[N][NG];
+    dot_ht_q8<NG, N>(a, (const int32_t*)(tok + 2 * BS), qt, Hq, row, 0, kc);
+    for (int t = 0; t < N; t++)
+        for (int g = 0; g < NG; g++) {
+            const __m512 hs = _mm512_mul_ps(_mm512_load_ps(qs + 16 * g), _mm512_set1_ps(tok[t]));
+            _mm512_store_ps(s + (size_t)t * ss + 16 * g, _mm512_mul_ps(hs, _mm512_cvtepi32_ps(a[t][g])));
+        }
+    dot_ht_q8<NG, N>(a, (const int32_t*)(tok + 3 * BS), qt + (size_t)kc * Hq, Hq, row, 4 * kr0, kr1 - kr0);
+    for (int t = 0; t < N; t++)
+        for (int g = 0; g < NG; g++) {
+            const __m512 hs = _mm512_mul_ps(_mm512_load_ps(qs + Hq + 16 * g), _mm512_set1_ps(tok[BS + t]));
+            float* st = s + (size_t)t * ss + 16 * g;
+            _mm512_store_ps(st, _mm512_fmadd_ps(hs, _mm512_cvtepi32_ps(a[t][g]), _mm512_load_ps(st)));
+        }
+}
+
+// One 64-column slice [c0, c0 + 64) of the block interleaved: X[g][v] (64 bytes each) for token
+// group g (2 bf16 / 4 int8 tokens) and vector v < 4: dword j of vector v holds the group's
+// tokens of column c0 + 16v + j (zero past C). A slice (8 KB int8, 16 KB bf16) is made just
+// before its P·c tiles and stays in L1 for all of them (a whole interleaved block would not fit:
+// its stores would go to L2).
+inline void interleave_bf16(__m512i* X, const char* const* row, int nb, int C, int c0) {
     for (int g = 0; g < (nb + 1) / 2; g++) {
         const uint16_t* ra = (const uint16_t*)row[2 * g];
         const uint16_t* rb = 2 * g + 1 < nb ? (const uint16_t*)row[2 * g + 1] : nullptr;
-        for (int k = 0; k < nck; k++) {
-            const int left = C - 32 * k;
+        for (int v = 0; v < 4; v += 2) {
+            const int c = c0 + 16 * v, left = C - c;
             const __mmask32 m = left >= 32 ? 0xFFFFFFFFu : left <= 0 ? 0 : (__mmask32)((1u << left) - 1);
-            const __m512i a = _mm512_maskz_loadu_epi16(m, ra + 32 * k);
-            const __m512i b = rb ? _mm512_maskz_loadu_epi16(m, rb + 32 * k) : _mm512_setzero_si512();
+            const __m512i a = _mm512_maskz_loadu_epi16(m, ra + c);
+            const __m512i b = rb ? _mm512_maskz_loadu_epi16(m, rb + c) : _mm512_setzero_si512();
             const __m512i lo = _mm512_unpacklo_epi16(a, b), hi = _mm512_unpackhi_epi16(a, b);
             // lo's 128-bit lanes hold columns 8L..8L+3, hi's 8L+4..8L+7: back to column order
-            X[((size_t)g * nck + k) * 2] = _mm512_permutex2var_epi64(lo, _mm512_set_epi64(11, 10, 3, 2, 9, 8, 1, 0), hi);
-            X[((size_t)g * nck + k) * 2 + 1] = _mm512_permutex2var_epi64(lo, _mm512_set_epi64(15, 14, 7, 6, 13, 12, 5, 4), hi);
+            X[(size_t)g * 4 + v] = _mm512_permutex2var_epi64(lo, _mm512_set_epi64(11, 10, 3, 2, 9, 8, 1, 0), hi);
+            X[(size_t)g * 4 + v + 1] = _mm512_permutex2var_epi64(lo, _mm512_set_epi64(15, 14, 7, 6, 13, 12, 5, 4), hi);
         }
     }
 }
 
-inline void interleave_q8(__m512i* X, const char* const* row, int nb, int C, int nck) {
-    for (int g = 0; g < (nb + 3) / 4; g++)
-        for (int k = 0; k < nck; k++) {
-            const int left = C - 64 * k;
-            const __mmask64 m = left >= 64 ? ~0ull : left <= 0 ? 0 : (__mmask64)((1ull << left) - 1);
-            __m512i r[4];
-            for (int j = 0; j < 4; j++)
-                r[j] = 4 * g + j < nb ? _mm512_maskz_loadu_epi8(m, row[4 * g + j] + 64 * k) : _mm512_setzero_si512();
-            const __m512i lo01 = _mm512_unpacklo_epi8(r[0], r[1]), hi01 = _mm512_unpackhi_epi8(r[0], r[1]);
-            const __m512i lo23 = _mm512_unpacklo_epi8(r[2], r[3]), hi23 = _mm512_unpackhi_epi8(r[2], r[3]);
-            // vector v's 128-bit lane L: columns 16L + 4v .. +3; a 4x4 transpose of the lanes puts
-            // the columns back in order
-            const __m512i x0 = _mm512_unpacklo_epi16(lo01, lo23), x1 = _mm512_unpackhi_epi16(lo01, lo23);
-            const __m512i x2 = _mm512_unpacklo_epi16(hi01, hi23), x3 = _mm512_unpackhi_epi16(hi01, hi23);
-            const __m512i t0 = _mm512_shuffle_i32x4(x0, x1, _MM_SHUFFLE(1, 0, 1, 0));
-            const __m512i t1 = _mm512_shuffle_i32x4(x2, x3, _MM_SHUFFLE(1, 0, 1, 0));
-            const __m512i t2 = _mm512_shuffle_i32x4(x0, x1, _MM_SHUFFLE(3, 2, 3, 2));
-            const __m512i t3 = _mm512_shuffle_i32x4(x2, x3, _MM_SHUFFLE(3, 2, 3, 2));
-            __m512i* x = X + ((size_t)g * nck + k) * 4;
-            x[0] = _mm512_shuffle_i32x4(t0, t1, _MM_SHUFFLE(2, 0, 2, 0));
-            x[1] = _mm512_shuffle_i32x4(t0, t1, _MM_SHUFFLE(3, 1, 3, 1));
-            x[2] = _mm512_shuffle_i32x4(t2, t3, _MM_SHUFFLE(2, 0, 2, 0));
-            x[3] = _mm512_shuffle_i32x4(t2, t3, _MM_SHUFFLE(3, 1, 3, 1));
-        }
+inline void interleave_q8(__m512i* X, const char* const* row, int nb, int C, int c0) {
+    const int left = C - c0;
+    const __mmask64 m = left >= 64 ? ~0ull : (__mmask64)((1ull << left) - 1);
+    for (int g = 0; g < (nb + 3) / 4; g++) {
+        __m512i r[4];
+        for (int j = 0; j < 4; j++)
+            r[j] = 4 * g + j < nb ? _mm512_maskz_loadu_epi8(m, row[4 * g + j] + c0) : _mm512_setzero_si512();
+        const __m512i lo01 = _mm512_unpacklo_epi8(r[0], r[1]), hi01 = _mm512_unpackhi_epi8(r[0], r[1]);
+        const __m512i lo23 = _mm512_unpacklo_epi8(r[2], r[3]), hi23 = _mm512_unpackhi_epi8(r[2], r[3]);
+        // vector v's 128-bit lane L: columns 16L + 4v .. +3; a 4x4 transpose of the lanes puts
+        // the columns back in order
+        const __m512i x0 = _mm512_unpacklo_epi16(lo01, lo23), x1 = _mm512_unpackhi_epi16(lo01, lo23);
+        const __m512i x2 = _mm512_unpacklo_epi16(hi01, hi23), x3 = _mm512_unpackhi_epi16(hi01, hi23);
+        const __m512i t0 = _mm512_shuffle_i32x4(x0, x1, _MM_SHUFFLE(1, 0, 1, 0));
+        const __m512i t1 = _mm512_shuffle_i32x4(x2, x3, _MM_SHUFFLE(1, 0, 1, 0));
+        const __m512i t2 = _mm512_shuffle_i32x4(x0, x1, _MM_SHUFFLE(3, 2, 3, 2));
+        const __m512i t3 = _mm512_shuffle_i32x4(x2, x3, _MM_SHUFFLE(3, 2, 3, 2));
+        __m512i* x = X + (size_t)g * 4;
+        x[0] = _mm512_shuffle_i32x4(t0, t1, _MM_SHUFFLE(2, 0, 2, 0));
+        x[1] = _mm512_shuffle_i32x4(t0, t1, _MM_SHUFFLE(3, 1, 3, 1));
+        x[2] = _mm512_shuffle_i32x4(t2, t3, _MM_SHUFFLE(2, 0, 2, 0));
+        x[3] = _mm512_shuffle_i32x4(t2, t3, _MM_SHUFFLE(3, 1, 3, 1));
+    }
 }
 
-// acc[i][c0..c0+64) = acc·corr[i] + Σ_g P_i[g] · X[g][..] for 4 heads, 64 columns:
-// bf16 P pairs (rows BS apart) over X in 32-column chunks 2·c0/64 and the next.
-inline void pv_tile_bf16(float* acc, int Cp, const uint16_t* p, const float* corr, const __m512i* X, int ng,
-                         int nck, int c0) {
+// acc[i][c0..c0+64) = acc·corr[i] + Σ_g P_i[g] · X[g][..] for 4 heads over the slice X of
+// columns c0.. (interleave_bf16): head i's bf16 P pair of token group g at p[g*ps + i].
+inline void pv_tile_bf16(float* acc, int Cp, const uint32_t* p, int ps, const float* corr, const __m512i* X,
+                         int ng, int c0) {
     K2_TILE_DECL(__m512, _mm512_setzero_ps())
-    const int k = c0 / 32;
     for (int g = 0; g < ng; g++) {
-        const __m512i* xg = X + ((size_t)g * nck + k) * 2;
+        const __m512i* xg = X + (size_t)g * 4;
         const __m512i x0 = xg[0], x1 = xg[1], x2 = xg[2], x3 = xg[3];
-        uint32_t pp[4];
-        for (int i = 0; i < 4; i++) std::memcpy(&pp[i], p + (size_t)i * BS + 2 * g, 4);
+        const uint32_t* pp = p + (size_t)g * ps;
 #define K2_PV_HEAD(i) K2_ROW4(dpbf16_, i, _mm512_set1_epi32((int)pp[i]))
         K2_PV_HEAD(0) K2_PV_HEAD(1) K2_PV_HEAD(2) K2_PV_HEAD(3)
 #undef K2_PV_HEAD
@@ -265,15 +301,13 @@ inline void pv_tile_bf16(float* acc, int Cp, const uint16_t* p, const float* cor
 }
 
 // The same over int8 X (4 tokens a dword) with uint8 P quads; sb[i]: head i's P scale.
-inline void pv_tile_q8(float* acc, int Cp, const uint8_t* p, const float* corr, const float* sb, const __m512i* X,
-                       int ng, int nck, int c0) {
+inline void pv_tile_q8(float* acc, int Cp, const uint32_t* p, int ps, const float* corr, const float* sb,
+                       const __m512i* X, int ng, int c0) {
     K2_TILE_DECL(__m512i, _mm512_setzero_si512())
-    const int k = c0 / 64;
     for (int g = 0; g < ng; g++) {
-        const __m512i* xg = X + ((size_t)g * nck + k) * 4;
+        const __m512i* xg = X + (size_t)g * 4;
         const __m512i x0 = xg[0], x1 = xg[1], x2 = xg[2], x3 = xg[3];
-        uint32_t pp[4];
-        for (int i = 0; i < 4; i++) std::memcpy(&pp[i], p + (size_t)i * BS + 4 * g, 4);
+        const uint32_t* pp = p + (size_t)g * ps;
 #define K2_PV_HEAD(i) K2_ROW4(dpbusd_, i, _mm512_set1_epi32((int)pp[i]))
         K2_PV_HEAD(0) K2_PV_HEAD(1) K2_PV_HEAD(2) K2_PV_HEAD(3)
 #undef K2_PV_HEAD
@@ -289,183 +323,195 @@ inline void pv_tile_q8(float* acc, int Cp, const uint8_t* p, const float* corr, 
 
 enum Mode { M_F32, M_BF16W, M_BF16DP, M_Q8 };
 
-struct Item { int b, h0, h1, t0, t1, slot; };   // slot < 0: whole sequence, written to out
+// slot < 0: whole sequence, written to out; else range k of the sequence's nr (slots slot - k ..)
+struct Item { int b, h0, h1, t0, t1, slot, k, nr; };
 
 struct Args {
     float* out; const float* q_latent; const float* q_pe; const char* pool; const int32_t* page_table;
     int H, C, R, page, max_pages, row_bytes; float scale;
-    const void* qprep; const float* qscale; int Hp;   // prep_query's, [B][Hp] heads
-    float* part_acc; float* part_ml;   // per slot: acc [H][C]; m [H] then l [H]
+    const uint32_t* qprep; const float* qscale; int Hp;   // prep_query's, [B][..][Hp] heads
+    // partials: per sequence (its first slot s0, nr ranges) acc at s0·H·C as [H][nr][C], so that the
+    // merge reads each head's ranges in one stream; per slot m [H] then l [H]
+    float* part_acc; float* part_ml;
 };
 
 // Per-thread scratch, kept between calls: O(H·(C+R) + BS·(C+R)), independent of the context.
 struct Scratch {
     std::vector<float> f;
-    std::vector<float> x;              // interleaved block (bf16 / int8 modes), 64-byte aligned
+    std::vector<float> x;              // an interleaved slice (bf16 / int8 modes), 64-byte aligned
     std::vector<const char*> rows;     // this block's rows, the next's
     std::vector<const float*> frows;   // this block's as float32 rows (M_F32, M_BF16W)
     std::vector<float> wide;           // M_BF16W: [BS][Wp] widened
 };
 
-// The query of head slot i (< Hp, the heads rounded up to HQ; zero past H) of sequence b in the
-// form M_BF16DP / M_Q8 multiply: bf16 [Wq], or codes round(q / s) + 128 (unsigned for vpdpbusd,
-// s = absmax / 127, the latent and the rope parts each their own) [Qs] and s_c, s_r at qs[0], qs[Hp].
+// Dword columns of the prepared query (M_BF16DP: pairs of elements; M_Q8: the latent's quads,
+// then the rope key's, which start at quad C/4).
+inline int qt_rows(int M, int C, int R) {
+    return M == M_BF16DP ? ceil_div(C + R, 2) : ceil_div(C, 4) + ceil_div(C + R, 4) - C / 4;
+}
+
+// Head slot i (< Hp, the heads rounded up to HG; zero past H) of sequence b's query, transposed
+// for the score tiles: qt[k*Hp] = dword column k (qt = qprep + b·qt_rows·Hp + i). M_BF16DP:
+// elements 2k, 2k+1 as bf16. M_Q8: codes round(q / s) + 128 (unsigned for vpdpbusd,
+// s = absmax / 127, the latent and the rope key each their own) of columns 4k..4k+3 of its part,
+// 0 for columns outside it (so they add nothing), and s·scale (the softmax's) of each part at
+// qs[0], qs[Hp].
 // Prepared once per call, not per item.
 template <int M>
-void prep_query(void* qout, float* qs, const Args& A, int b, int i) {
-    const int C = A.C, R = A.R, W = C + R;
-    const bool real = i < A.H;
-    const float* ql = A.q_latent + ((size_t)b * A.H + i) * C;
-    const float* qr = A.q_pe + ((size_t)b * A.H + i) * R;
-    if (M == M_BF16DP) {
-        uint16_t* qi = (uint16_t*)qout;
-        std::fill(qi, qi + ceil_div(W, 32) * 32, (uint16_t)0);
-        for (int c = 0; real && c < W; c++) {
-            const float f = round_bf16(c < C ? ql[c] : qr[c - C]);
-            uint32_t u;
-            std::memcpy(&u, &f, 4);
-            qi[c] = (uint16_t)(u >> 16);
-        }
+void prep_query(uint32_t* qt, float* qs, const Args& A, int b, int i) {
+    const int C = A.C, R = A.R, W = C + R, Hp = A.Hp;
+    // the head's row [q_latent | q_pe] in x, zero past W (all zero for a padding head); the
+    // dword columns in d, then written out transposed (vector code, ~30 us a call less for K2)
+    static thread_local std::vector<float> xb;
+    static thread_local std::vector<uint32_t> db;
+    const int Wx = ceil_div(W, 64) * 64 + 16;
+    if ((int)xb.size() < Wx) xb.resize(Wx), db.resize(Wx);
+    float* x = xb.data();
+    uint32_t* d = db.data();
+    std::fill(x, x + Wx, 0.f);
+    if (i < A.H) {
+        std::memcpy(x, A.q_latent + ((size_t)b * A.H + i) * C, sizeof(float) * C);
+        std::memcpy(x + C, A.q_pe + ((size_t)b * A.H + i) * R, sizeof(float) * R);
+    }
+    int nd = 0;
+    if (M == M_BF16DP) {   // pairs rounded to bf16 (vcvtne2ps2bf16: nearest even, as P)
+        nd = ceil_div(W, 2);
+        for (int k = 0; k < nd; k += 16)
+            _mm512_storeu_si512(d + k, (__m512i)_mm512_cvtne2ps_pbh(_mm512_loadu_ps(x + 2 * k + 16),
+                                                                      _mm512_loadu_ps(x + 2 * k)));
     } else {
-        const int Cq = ceil_div(C, 64) * 64;
-        uint8_t* qi = (uint8_t*)qout;
-        std::fill(qi, qi + Cq + ceil_div(R, 64) * 64, (uint8_t)0);
         for (int part = 0; part < 2; part++) {
-            const float* src = part ? qr : ql;
-            const int n = real ? (part ? R : C) : 0;
-            float amax = 0.f;
-            for (int c = 0; c < n; c++) amax = std::max(amax, std::fabs(src[c]));
-            const float inv = amax > 0.f ? 127.f / amax : 0.f;
-            for (int c = 0; c < n; c++) qi[part * Cq + c] = (uint8_t)(128 + (int)std::nearbyint(src[c] * inv));
-            qs[part * A.Hp] = amax / 127.f;
+            const int c0 = part ? C : 0, c1 = part ? W : C;   // the part's columns
+            __m512 mx = _mm512_setzero_ps();
+            for (int c = c0; c < c1; c += 16) {
+                const __mmask16 m = c1 - c >= 16 ? 0xFFFF : (__mmask16)((1u << (c1 - c)) - 1);
+                mx = _mm512_max_ps(mx, _mm512_abs_ps(_mm512_maskz_loadu_ps(m, x + c)));
+            }
+            const float amax = _mm512_reduce_max_ps(mx);
+            const __m512 inv = _mm512_set1_ps(amax > 0.f ? 127.f / amax : 0.f);
+            uint8_t* u = (uint8_t*)(d + nd);   // bytes of columns 4·(c0/4) ..; 0 outside the part
+            const __m512i lane = _mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0);
+            for (int c = c0 / 4 * 4; c < ceil_div(c1, 4) * 4; c += 16) {
+                const __m512i col = _mm512_add_epi32(_mm512_set1_epi32(c), lane);
+                const __mmask16 in = _mm512_cmpge_epi32_mask(col, _mm512_set1_epi32(c0)) &
+                                     _mm512_cmplt_epi32_mask(col, _mm512_set1_epi32(c1));
+                const __m512i code = _mm512_add_epi32(_mm512_cvtps_epi32(_mm512_mul_ps(_mm512_loadu_ps(x + c), inv)),
+                                                      _mm512_set1_epi32(128));   // round to nearest, as nearbyint
+                _mm_storeu_si128((__m128i*)(u + c - c0 / 4 * 4), _mm512_cvtepi32_epi8(_mm512_maskz_mov_epi32(in, code)));
+            }
+            nd += ceil_div(c1, 4) - c0 / 4;
+            qs[part * Hp] = amax / 127.f * A.scale;
         }
+    }
+    for (int k = 0; k < nd; k++) qt[(size_t)k * Hp] = d[k];
+}
+
+// Item prologue and epilogue shared by both paths: this item's m, l, acc start empty; at the end
+// u = acc / l to out, or the (m, l, acc) partial of its range to its slot.
+inline void item_start(float* acc, float* m, float* l, int nhp, int Cp) {
+    std::fill(m, m + nhp, -INFINITY);
+    std::fill(l, l + nhp, 0.f);
+    std::fill(acc, acc + (size_t)nhp * Cp, 0.f);
+}
+
+inline void item_finish(const Args& A, const Item& it, const float* acc, int Cp, const float* m, const float* l) {
+    const int nh = it.h1 - it.h0, C = A.C, H = A.H;
+    for (int i = 0; i < nh; i++) {
+        const int h = it.h0 + i;
+        const float* ai = acc + (size_t)i * Cp;
+        float* o;
+        float f = 1.f;
+        if (it.slot < 0) {
+            f = l[i] > 0.f ? 1.f / l[i] : 0.f;   // length 0 -> zeros
+            o = A.out + ((size_t)it.b * H + h) * C;
+        } else {
+            o = A.part_acc + (((size_t)(it.slot - it.k) * H + (size_t)h * it.nr + it.k) * C);
+            A.part_ml[(size_t)it.slot * 2 * H + h] = m[i];
+            A.part_ml[(size_t)it.slot * 2 * H + H + h] = l[i];
+            if (C % 16 == 0 && ((uintptr_t)o & 63) == 0) {
+                // the merge reads it only after every item, from memory anyway: streaming stores
+                // spare the read-for-ownership of lines long evicted by the rows
+                for (int c = 0; c < C; c += 16) _mm512_stream_ps(o + c, _mm512_load_ps(ai + c));
+                continue;
+            }
+        }
+        for (int c = 0; c < C; c++) o[c] = ai[c] * f;
+    }
+    _mm_sfence();   // the streamed partials visible before the merge
+}
+
+// The rows of tokens [t0, min(t0 + BS, it.t1)) of the item's sequence; returns their count.
+inline int block_rows(const char** r, const Args& A, const Item& it, int t0) {
+    const int32_t* pt = A.page_table + (size_t)it.b * A.max_pages;
+    const int nb = std::min(BS, it.t1 - t0);
+    for (int j = 0; j < nb; j++) {
+        const int t = t0 + j;
+        r[j] = A.pool + ((size_t)pt[t / A.page] * A.page + t % A.page) * A.row_bytes;
+    }
+    return nb;
+}
+
+// Rows r[j0, j1) into L2 (the next block's, scattered pages, spread over this block's tiles).
+inline void prefetch_rows(const char* const* r, int j0, int j1, int row_bytes) {
+    for (int j = j0; j < j1; j++) {
+        for (int o = 0; o < row_bytes; o += 64) _mm_prefetch(r[j] + o, _MM_HINT_T1);
+        _mm_prefetch(r[j] + row_bytes - 1, _MM_HINT_T1);
     }
 }
 
+// float32 and widened bf16 rows (M_F32, M_BF16W): fp32 FMAs in 4-head x 4-token score tiles
+// (lanes along the row, one horizontal-sum tree per tile) and 4-head x 64-column P·c tiles.
 template <int M>
 void run_item(const Args& A, const Item& it) {
-    const int C = A.C, R = A.R, W = C + R, H = A.H;
+    const int C = A.C, R = A.R, W = C + R;
     const int Wp = ceil_div(W, 16) * 16, Cp = ceil_div(C, 64) * 64;
-    const int Wq = ceil_div(W, 32) * 32;                              // bf16 query, 32-element steps
-    const int Cq = ceil_div(C, 64) * 64, Qs = Cq + ceil_div(R, 64) * 64;   // int8 query codes
     const int nh = it.h1 - it.h0, nhp = ceil_div(nh, HQ) * HQ;
     static thread_local Scratch sc;
-    const size_t qfloats = M == M_F32 || M == M_BF16W ? (size_t)nhp * Wp : 0;
-    const size_t need = qfloats + (size_t)nhp * (Cp + 2 * BS + 4) + 4 * BS + 64;
+    const size_t qfloats = (size_t)nhp * Wp;
+    const size_t need = qfloats + (size_t)nhp * (Cp + BS + 3) + 64;
     if (sc.f.size() < need) sc.f.resize(need);
     if (sc.rows.size() < 2 * BS) sc.rows.resize(2 * BS), sc.frows.resize(BS);
-    float* qc = align64(sc.f.data());             // M_F32, M_BF16W: the query as float32 [nhp][Wp]
+    float* qc = align64(sc.f.data());             // the query as float32 [nhp][Wp]
     float* acc = align64(qc + qfloats);           // [nhp][Cp]
     float* S = acc + (size_t)nhp * Cp;            // [nhp][BS] scores, then P
-    float* P2 = S + (size_t)nhp * BS;             // [nhp][BS]: P as bf16 or uint8 (M_BF16DP, M_Q8)
-    float* m = P2 + (size_t)nhp * BS;
+    float* m = S + (size_t)nhp * BS;
     float* l = m + nhp;
     float* corr = l + nhp;
-    [[maybe_unused]] float* sb = corr + nhp;      // M_Q8: P's scale per head (this block)
-    float* tok = sb + nhp;                        // M_Q8: per token s_c, s_r, Σc, Σr [4][BS]
-    // M_BF16DP, M_Q8: this item's heads of the prepared query (prep_query)
-    const size_t hq = (size_t)it.b * A.Hp + it.h0;
-    [[maybe_unused]] const uint16_t* qb = (const uint16_t*)A.qprep + hq * Wq;
-    [[maybe_unused]] const uint8_t* q8 = (const uint8_t*)A.qprep + hq * Qs;
-    [[maybe_unused]] const float* qs = A.qscale + (size_t)it.b * 2 * A.Hp + it.h0;   // s_c; s_r at + Hp
     for (int i = 0; i < nhp; i++) {
-        if (M == M_F32 || M == M_BF16W) {
-            const int h = it.h0 + i;
-            float* qi = qc + (size_t)i * Wp;
-            std::fill(qi, qi + Wp, 0.f);
-            if (i < nh) {
-                std::memcpy(qi, A.q_latent + ((size_t)it.b * A.H + h) * C, sizeof(float) * C);
-                std::memcpy(qi + C, A.q_pe + ((size_t)it.b * A.H + h) * R, sizeof(float) * R);
-            }
+        const int h = it.h0 + i;
+        float* qi = qc + (size_t)i * Wp;
+        std::fill(qi, qi + Wp, 0.f);
+        if (i < nh) {
+            std::memcpy(qi, A.q_latent + ((size_t)it.b * A.H + h) * C, sizeof(float) * C);
+            std::memcpy(qi + C, A.q_pe + ((size_t)it.b * A.H + h) * R, sizeof(float) * R);
         }
-        m[i] = -INFINITY;
-        l[i] = 0.f;
     }
-    std::fill(acc, acc + (size_t)nhp * Cp, 0.f);
-    const int32_t* pt = A.page_table + (size_t)it.b * A.max_pages;
+    item_start(acc, m, l, nhp, Cp);
     const char** cur = sc.rows.data();
     const char** nxt = cur + BS;
-    auto block_rows = [&](const char** r, int t0) {
-        const int nb = std::min(BS, it.t1 - t0);
-        for (int j = 0; j < nb; j++) {
-            const int t = t0 + j;
-            r[j] = A.pool + ((size_t)pt[t / A.page] * A.page + t % A.page) * A.row_bytes;
-        }
-        return nb;
-    };
     const int nq = nhp / HQ;
-    int nb = it.t1 > it.t0 ? block_rows(cur, it.t0) : 0;
-    [[maybe_unused]] const int nck = M == M_BF16DP ? Cp / 32 : Cp / 64;   // interleaved column chunks
-    if (M == M_BF16DP || M == M_Q8) {
-        const size_t nx = (size_t)(M == M_BF16DP ? BS / 2 : BS / 4) * nck * (M == M_BF16DP ? 2 : 4);
-        if (sc.x.size() < 16 * nx + 16) sc.x.resize(16 * nx + 16);
-    }
-    [[maybe_unused]] __m512i* X = (__m512i*)align64(sc.x.data());
+    int nb = it.t1 > it.t0 ? block_rows(cur, A, it, it.t0) : 0;
     if (M == M_BF16W && sc.wide.size() < (size_t)BS * Wp) sc.wide.resize((size_t)BS * Wp);
     for (int t0 = it.t0; t0 < it.t1; t0 += BS) {
-        const int nb4 = ceil_div(nb, 4) * 4;
-        const char** rw = cur;   // 4-row score tiles: the last row repeated as padding (unused)
+        const int nb4 = ceil_div(nb, 4) * 4;   // 4-row score tiles: the last row repeated as padding
         for (int j = nb; j < nb4; j++) cur[j] = cur[nb - 1];
-        if (M == M_F32 || M == M_BF16W) {
-            for (int j = 0; j < nb4; j++) {
-                if (M == M_F32) {
-                    sc.frows[j] = (const float*)cur[j];
-                } else {
-                    float* w = sc.wide.data() + (size_t)j * Wp;
-                    for (int c = 0; c < W; c += 16) {
-                        const __mmask16 k = W - c >= 16 ? 0xFFFF : (__mmask16)((1u << (W - c)) - 1);
-                        _mm512_mask_storeu_ps(w + c, k, load16(k, (const uint16_t*)cur[j] + c));
-                    }
-                    sc.frows[j] = w;
+        for (int j = 0; j < nb4; j++) {
+            if (M == M_F32) {
+                sc.frows[j] = (const float*)cur[j];
+            } else {
+                float* w = sc.wide.data() + (size_t)j * Wp;
+                for (int c = 0; c < W; c += 16) {
+                    const __mmask16 k = W - c >= 16 ? 0xFFFF : (__mmask16)((1u << (W - c)) - 1);
+                    _mm512_mask_storeu_ps(w + c, k, load16(k, (const uint16_t*)cur[j] + c));
                 }
+                sc.frows[j] = w;
             }
         }
-        // the next block's rows (scattered pages) are prefetched into L2 a slice per head quad
-        const int nbn = t0 + BS < it.t1 ? block_rows(nxt, t0 + BS) : 0;
-#ifdef K2_MLA_DP
-        if (M == M_Q8)
-            for (int j = 0; j < nb4; j++) {
-                const char* meta = cur[j] + kv8_meta(W);
-                float v[2];
-                int32_t s[2];
-                std::memcpy(v, meta, 8);
-                std::memcpy(s, meta + 8, 8);
-                tok[j] = v[0]; tok[BS + j] = v[1]; tok[2 * BS + j] = (float)s[0]; tok[3 * BS + j] = (float)s[1];
-            }
-        if (M == M_Q8)
-            for (int j = nb4; j < BS; j++) tok[j] = 0.f;   // P·s_c runs over the whole block
-#endif
+        const int nbn = t0 + BS < it.t1 ? block_rows(nxt, A, it, t0 + BS) : 0;
         for (int i = 0; i < nhp; i += HQ) {
-            for (int j = 0; j < nb4; j += 4) {
-                float* s = S + (size_t)i * BS + j;
-                if (M == M_F32 || M == M_BF16W) {
-                    score_tile(s, qc + (size_t)i * Wp, Wp, sc.frows.data() + j, W, A.scale);
-#ifdef K2_MLA_DP
-                } else if (M == M_BF16DP) {
-                    score_tile_bf16(s, qb + (size_t)i * Wq, Wq, rw + j, W, A.scale);
-                } else {
-                    // lane 4i+j: scale · (s_q,c·s_c,j·(dot_c - 128·Σc_j) + s_q,r·s_r,j·(dot_r - 128·Σr_j)),
-                    // the 128s taking back the query codes' offset
-                    const uint8_t* q = q8 + (size_t)i * Qs;
-                    const __m512 lc = score_tile_q8(q, Qs, rw + j, 0, C);
-                    const __m512 lr = score_tile_q8(q + Cq, Qs, rw + j, C, R);
-                    const __m512i byhead = _mm512_set_epi32(3, 3, 3, 3, 2, 2, 2, 2, 1, 1, 1, 1, 0, 0, 0, 0);
-                    auto tokv = [&](int k) { return _mm512_broadcast_f32x4(_mm_loadu_ps(tok + k * BS + j)); };
-                    auto headv = [&](int k) {
-                        return _mm512_permutexvar_ps(byhead, _mm512_castps128_ps512(_mm_loadu_ps(qs + k * A.Hp + i)));
-                    };
-                    const __m512 c128 = _mm512_set1_ps(128.f);
-                    const __m512 dc = _mm512_mul_ps(_mm512_mul_ps(headv(0), tokv(0)), _mm512_fnmadd_ps(c128, tokv(2), lc));
-                    const __m512 dr = _mm512_mul_ps(_mm512_mul_ps(headv(1), tokv(1)), _mm512_fnmadd_ps(c128, tokv(3), lr));
-                    store_tile(s, _mm512_mul_ps(_mm512_add_ps(dc, dr), _mm512_set1_ps(A.scale)));
-#endif
-                }
-            }
-            for (int j = nbn * (i / HQ) / nq; j < nbn * (i / HQ + 1) / nq; j++) {
-                const char* r = nxt[j];
-                for (int o = 0; o < A.row_bytes; o += 64) _mm_prefetch(r + o, _MM_HINT_T1);
-                _mm_prefetch(r + A.row_bytes - 1, _MM_HINT_T1);
-            }
+            for (int j = 0; j < nb4; j += 4)
+                score_tile(S + (size_t)i * BS + j, qc + (size_t)i * Wp, Wp, sc.frows.data() + j, W, A.scale);
+            prefetch_rows(nxt, nbn * (i / HQ) / nq, nbn * (i / HQ + 1) / nq, A.row_bytes);
         }
         for (int i = 0; i < nhp; i++) {   // online softmax; S becomes P (zeros past nb)
             float* s = S + (size_t)i * BS;
@@ -486,72 +532,194 @@ void run_item(const Args& A, const Item& it) {
             }
             l[i] = l[i] * corr[i] + _mm512_reduce_add_ps(sum);
             m[i] = mn;
+        }
+        for (int i = 0; i < nhp; i += HQ)
+            for (int c0 = 0; c0 < C; c0 += 64) {
+                __mmask16 cm[4];   // columns past C
+                for (int k = 0; k < 4; k++) {
+                    const int left = C - c0 - 16 * k;
+                    cm[k] = left >= 16 ? 0xFFFF : left <= 0 ? 0 : (__mmask16)((1u << left) - 1);
+                }
+                pv_tile(acc + (size_t)i * Cp, Cp, S + (size_t)i * BS, corr + i, sc.frows.data(), nb, c0, cm);
+            }
+        std::swap(cur, nxt);
+        nb = nbn;
+    }
+    item_finish(A, it, acc, Cp, m, l);
+}
+
 #ifdef K2_MLA_DP
-            if (M == M_BF16DP) {    // P rounded to bf16 (vcvtneps2bf16: nearest even)
-                uint16_t* pb = (uint16_t*)P2 + (size_t)i * BS;
-                for (int j = 0; j < BS; j += 16)
-                    _mm256_storeu_si256((__m256i*)(pb + j), (__m256i)_mm512_cvtneps_pbh(_mm512_loadu_ps(s + j)));
-            } else if (M == M_Q8) {  // P·s_c (the rows' latent scales) as uint8 against its block max
+// e^x for x <= 0 as 2^(x·log2 e): n = round, 2^f (|f| <= 1/2) by its Taylor polynomial of degree
+// 5 (relative error < 4e-6, plus ~|x|·1e-7 from rounding x·log2 e: far below the bf16 / uint8
+// rounding of P; the same p enters P and l), scaled by 2^n. 9 vector ops against exp512's 14.
+inline __m512 exp_p(__m512 x) {
+    x = _mm512_mul_ps(_mm512_max_ps(x, _mm512_set1_ps(-104.f)), _mm512_set1_ps(1.44269504088896341f));
+    const __m512 n = _mm512_roundscale_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    const __m512 f = _mm512_sub_ps(x, n);
+    __m512 p = _mm512_set1_ps(1.3333558e-3f);   // (ln 2)^k / k!
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(9.6181291e-3f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(5.5504109e-2f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(2.4022651e-1f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(6.9314718e-1f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.f));
+    return _mm512_scalef_ps(p, n);
+}
+
+// The score tiles of one block for head vectors [g0, g0 + NG): NT tokens a tile, the block's
+// last tile narrower.
+template <int M, int NG, int N>
+inline void score_tile_dp(const Args& A, float* S, int ss, const uint32_t* qt, int Hq, const char* const* row,
+                          const float* qs, const float* tok) {
+    if (M == M_BF16DP) {
+        score_ht_bf16<NG, N>(S, ss, qt, Hq, row, A.C + A.R, A.scale);
+    } else {
+        const int C = A.C, W = C + A.R, kc = ceil_div(C, 4);
+        score_ht_q8<NG, N>(S, ss, qt, Hq, row, kc, C / 4, ceil_div(W, 4), qs, tok);
+    }
+}
+
+template <int M, int NG>
+void score_block_dp(const Args& A, float* S, int ss, const uint32_t* qt, int Hq, const char* const* row, int nb,
+                    const float* qs, const float* tok) {
+    int j = 0;
+    for (; j + NT <= nb; j += NT) {
+        score_tile_dp<M, NG, NT>(A, S + (size_t)j * ss, ss, qt, Hq, row + j, qs, tok + j);
+    }
+    float* s = S + (size_t)j * ss;
+    switch (nb - j) {   // the last tile, fewer tokens (NT = 6)
+        case 1: score_tile_dp<M, NG, 1>(A, s, ss, qt, Hq, row + j, qs, tok + j); break;
+        case 2: score_tile_dp<M, NG, 2>(A, s, ss, qt, Hq, row + j, qs, tok + j); break;
+        case 3: score_tile_dp<M, NG, 3>(A, s, ss, qt, Hq, row + j, qs, tok + j); break;
+        case 4: score_tile_dp<M, NG, 4>(A, s, ss, qt, Hq, row + j, qs, tok + j); break;
+        case 5: score_tile_dp<M, NG, 5>(A, s, ss, qt, Hq, row + j, qs, tok + j); break;
+    }
+}
+static_assert(NT == 6, "score_block_dp's last tiles");
+
+// bf16 rows with vdpbf16ps, int8 rows with vpdpbusd: per block (1) scores [token][head] in
+// NT-token x 64-head tiles (heads in lanes), (2) online softmax on head vectors, P packed as
+// the P·c tiles read it (dwords of 2 or 4 tokens of one head), (3) P·c per 64-column slice:
+// the slice interleaved (8 or 16 KB, in L1), then 4-head x 64-column tiles of every head quad.
+template <int M>
+void run_item_dp(const Args& A, const Item& it) {
+    const int C = A.C, W = C + A.R, Cp = ceil_div(C, 64) * 64, Hq = A.Hp;
+    const int nh = it.h1 - it.h0, nhp = ceil_div(nh, HG) * HG, ngv = nhp / HG;
+    const int nh4 = ceil_div(nh, HQ) * HQ;   // heads the P·c tiles run
+    const int tg = M == M_BF16DP ? 2 : 4;    // tokens a dword of P and of X
+    static thread_local Scratch sc;
+    const size_t need = (size_t)nhp * (Cp + BS + BS / 2 + 4) + 4 * BS + 64;
+    if (sc.f.size() < need) sc.f.resize(need);
+    if (sc.rows.size() < 2 * BS) sc.rows.resize(2 * BS);
+    float* acc = align64(sc.f.data());            // [nhp][Cp]
+    float* S = acc + (size_t)nhp * Cp;            // [BS][nhp] scores (M_Q8: then P·s_c)
+    uint32_t* P = (uint32_t*)(S + (size_t)nhp * BS);   // [BS / tg][nhp] P pairs / quads
+    float* m = (float*)P + (size_t)nhp * BS / 2;
+    float* l = m + nhp;
+    float* corr = l + nhp;
+    float* sb = corr + nhp;                       // M_Q8: P's scale per head (this block)
+    float* tok = sb + nhp;                        // M_Q8: per token s_c, s_r, -128·Σc, -128·Σr [4][BS]
+    const int nqt = qt_rows(M, C, A.R);
+    const uint32_t* qt = (const uint32_t*)A.qprep + (size_t)it.b * nqt * Hq + it.h0;   // prep_query's
+    const float* qs = A.qscale + (size_t)it.b * 2 * Hq + it.h0;   // M_Q8: s_q,c; s_q,r at + Hq
+    item_start(acc, m, l, nhp, Cp);
+    const char** cur = sc.rows.data();
+    const char** nxt = cur + BS;
+    int nb = it.t1 > it.t0 ? block_rows(cur, A, it, it.t0) : 0;
+    const size_t nx = (size_t)(BS / tg) * 4;   // one interleaved 64-column slice
+    if (sc.x.size() < 16 * nx + 16) sc.x.resize(16 * nx + 16);
+    __m512i* X = (__m512i*)align64(sc.x.data());
+    for (int t0 = it.t0; t0 < it.t1; t0 += BS) {
+        const int nbn = t0 + BS < it.t1 ? block_rows(nxt, A, it, t0 + BS) : 0;
+        if (M == M_Q8)
+            for (int j = 0; j < nb; j++) {
+                const char* meta = cur[j] + kv8_meta(W);
+                float v[2];
+                int32_t s[2];
+                std::memcpy(v, meta, 8);
+                std::memcpy(s, meta + 8, 8);
+                const int32_t o[2] = {-128 * s[0], -128 * s[1]};   // the query codes' offset
+                tok[j] = v[0];
+                tok[BS + j] = v[1];
+                std::memcpy(tok + 2 * BS + j, o, 4);
+                std::memcpy(tok + 3 * BS + j, o + 1, 4);
+            }
+        for (int g0 = 0; g0 < ngv; g0 += 4) {   // head vectors, 4 at a time (all of K2's 64 heads)
+            float* s = S + 16 * g0;
+            const uint32_t* q = qt + 16 * g0;
+            switch (std::min(4, ngv - g0)) {
+                case 1: score_block_dp<M, 1>(A, s, nhp, q, Hq, cur, nb, qs + 16 * g0, tok); break;
+                case 2: score_block_dp<M, 2>(A, s, nhp, q, Hq, cur, nb, qs + 16 * g0, tok); break;
+                case 3: score_block_dp<M, 3>(A, s, nhp, q, Hq, cur, nb, qs + 16 * g0, tok); break;
+                default: score_block_dp<M, 4>(A, s, nhp, q, Hq, cur, nb, qs + 16 * g0, tok); break;
+            }
+        }
+        // online softmax, 16 heads a vector, tokens in order; P (zeros past nb) in token groups
+        for (int g = 0; g < ngv; g++) {
+            float* s = S + 16 * g;
+            auto srow = [&](int j) { return s + (size_t)j * nhp; };
+            __m512 mx = _mm512_set1_ps(-INFINITY);
+            for (int j = 0; j < nb; j++) mx = _mm512_max_ps(mx, _mm512_load_ps(srow(j)));
+            const __m512 mo = _mm512_load_ps(m + 16 * g), mn = _mm512_max_ps(mo, mx);
+            const __m512 cr = exp512(_mm512_sub_ps(mo, mn));   // 0 on the first block (e^-104 is 0 in fp32)
+            __m512 sum = _mm512_setzero_ps();
+            uint32_t* pg = P + 16 * g;
+            if (M == M_BF16DP) {   // P rounded to bf16 (vcvtneps2bf16: nearest even), token pairs
+                for (int j = 0; j < nb; j += 2) {
+                    const __m512 p0 = exp_p(_mm512_sub_ps(_mm512_load_ps(srow(j)), mn));
+                    const __m512 p1 = j + 1 < nb ? exp_p(_mm512_sub_ps(_mm512_load_ps(srow(j + 1)), mn))
+                                                 : _mm512_setzero_ps();
+                    sum = _mm512_add_ps(_mm512_add_ps(sum, p0), p1);
+                    const __m512i b0 = _mm512_cvtepu16_epi32((__m256i)_mm512_cvtneps_pbh(p0));
+                    const __m512i b1 = _mm512_cvtepu16_epi32((__m256i)_mm512_cvtneps_pbh(p1));
+                    _mm512_store_si512(pg + (size_t)(j / 2) * nhp, _mm512_or_si512(b0, _mm512_slli_epi32(b1, 16)));
+                }
+            } else {   // P·s_c (the rows' latent scales) as uint8 against its block max, token quads
                 __m512 pm = _mm512_setzero_ps();
-                for (int j = 0; j < BS; j += 16) {
-                    const __m512 v = _mm512_mul_ps(_mm512_loadu_ps(s + j), _mm512_loadu_ps(tok + j));
-                    _mm512_storeu_ps(s + j, v);   // S is not read again
+                for (int j = 0; j < nb; j++) {
+                    const __m512 p = exp_p(_mm512_sub_ps(_mm512_load_ps(srow(j)), mn));
+                    sum = _mm512_add_ps(sum, p);
+                    const __m512 v = _mm512_mul_ps(p, _mm512_set1_ps(tok[j]));
+                    _mm512_store_ps(srow(j), v);
                     pm = _mm512_max_ps(pm, v);
                 }
-                const float mx8 = _mm512_reduce_max_ps(pm);
-                const __m512 inv = _mm512_set1_ps(mx8 > 0.f ? 255.f / mx8 : 0.f);
-                uint8_t* pq = (uint8_t*)P2 + (size_t)i * BS;
-                for (int j = 0; j < BS; j += 16)
-                    _mm_storeu_si128((__m128i*)(pq + j),
-                                     _mm512_cvtusepi32_epi8(_mm512_cvtps_epu32(_mm512_mul_ps(_mm512_loadu_ps(s + j), inv))));
-                sb[i] = mx8 / 255.f;
-            }
-#endif
-        }
-        if (M == M_F32 || M == M_BF16W) {
-            for (int i = 0; i < nhp; i += HQ)
-                for (int c0 = 0; c0 < C; c0 += 64) {
-                    __mmask16 cm[4];   // columns past C
-                    for (int k = 0; k < 4; k++) {
-                        const int left = C - c0 - 16 * k;
-                        cm[k] = left >= 16 ? 0xFFFF : left <= 0 ? 0 : (__mmask16)((1u << left) - 1);
-                    }
-                    pv_tile(acc + (size_t)i * Cp, Cp, S + (size_t)i * BS, corr + i, sc.frows.data(), nb, c0, cm);
+                const __mmask16 pos = _mm512_cmp_ps_mask(pm, _mm512_setzero_ps(), _CMP_GT_OQ);
+                const __m512 inv = _mm512_maskz_div_ps(pos, _mm512_set1_ps(255.f), pm);
+                _mm512_store_ps(sb + 16 * g, _mm512_div_ps(pm, _mm512_set1_ps(255.f)));
+                auto code = [&](int j) {
+                    return j < nb ? _mm512_min_epu32(_mm512_cvtps_epu32(_mm512_mul_ps(_mm512_load_ps(srow(j)), inv)),
+                                                     _mm512_set1_epi32(255))
+                                  : _mm512_setzero_si512();
+                };
+                for (int j = 0; j < nb; j += 4) {
+                    const __m512i d = _mm512_or_si512(_mm512_or_si512(code(j), _mm512_slli_epi32(code(j + 1), 8)),
+                                                      _mm512_or_si512(_mm512_slli_epi32(code(j + 2), 16),
+                                                                      _mm512_slli_epi32(code(j + 3), 24)));
+                    _mm512_store_si512(pg + (size_t)(j / 4) * nhp, d);
                 }
-#ifdef K2_MLA_DP
-        } else if (M == M_BF16DP) {
-            interleave_bf16(X, cur, nb, C, nck);
-            for (int i = 0; i < nhp; i += HQ)
-                for (int c0 = 0; c0 < C; c0 += 64)
-                    pv_tile_bf16(acc + (size_t)i * Cp, Cp, (const uint16_t*)P2 + (size_t)i * BS, corr + i,
-                                 X, (nb + 1) / 2, nck, c0);
-        } else {
-            interleave_q8(X, cur, nb, C, nck);
-            for (int i = 0; i < nhp; i += HQ)
-                for (int c0 = 0; c0 < C; c0 += 64)
-                    pv_tile_q8(acc + (size_t)i * Cp, Cp, (const uint8_t*)P2 + (size_t)i * BS, corr + i,
-                               sb + i, X, (nb + 3) / 4, nck, c0);
-#endif
+            }
+            _mm512_store_ps(l + 16 * g, _mm512_fmadd_ps(_mm512_load_ps(l + 16 * g), cr, sum));
+            _mm512_store_ps(m + 16 * g, mn);
+            _mm512_store_ps(corr + 16 * g, cr);
+        }
+        const int ng = ceil_div(nb, tg);
+        const int npv = ceil_div(C, 64) * (nh4 / HQ);
+        int ti = 0;
+        for (int c0 = 0; c0 < C; c0 += 64) {
+            if (M == M_BF16DP) interleave_bf16(X, cur, nb, C, c0);
+            else interleave_q8(X, cur, nb, C, c0);
+            for (int i = 0; i < nh4; i += HQ, ti++) {
+                prefetch_rows(nxt, (int)((int64_t)nbn * ti / npv), (int)((int64_t)nbn * (ti + 1) / npv), A.row_bytes);
+                float* a = acc + (size_t)i * Cp;
+                if (M == M_BF16DP) pv_tile_bf16(a, Cp, P + i, nhp, corr + i, X, ng, c0);
+                else pv_tile_q8(a, Cp, P + i, nhp, corr + i, sb + i, X, ng, c0);
+            }
         }
         std::swap(cur, nxt);
         nb = nbn;
     }
-    for (int i = 0; i < nh; i++) {
-        const int h = it.h0 + i;
-        const float* ai = acc + (size_t)i * Cp;
-        float* o;
-        float f = 1.f;
-        if (it.slot < 0) {
-            f = l[i] > 0.f ? 1.f / l[i] : 0.f;   // length 0 -> zeros
-            o = A.out + ((size_t)it.b * H + h) * C;
-        } else {
-            o = A.part_acc + ((size_t)it.slot * H + h) * C;
-            A.part_ml[(size_t)it.slot * 2 * H + h] = m[i];
-            A.part_ml[(size_t)it.slot * 2 * H + H + h] = l[i];
-        }
-        for (int c = 0; c < C; c++) o[c] = ai[c] * f;
-    }
+    item_finish(A, it, acc, Cp, m, l);
 }
+#endif
 
 }  // namespace
 
@@ -572,9 +740,17 @@ void mla_decode(float* out, const float* q_latent, const float* q_pe, const void
 #ifdef _OPENMP
     nt = omp_get_max_threads();
 #endif
-    // Token ranges of KVC tokens at fixed positions; too few items for ~4 per thread: split the
-    // heads too (chunks of a multiple of HQ heads; no effect on any sum).
-    const int want = 4 * nt;
+    int mode = kind == KV_F32 ? M_F32 : M_BF16W;
+#ifdef K2_MLA_DP
+    if (kind == KV_INT8) mode = M_Q8;
+    else if (kind == KV_BF16 && !g_exact) mode = M_BF16DP;
+#endif
+    const bool dp = mode == M_BF16DP || mode == M_Q8;
+    const int hq = dp ? HG : HQ;   // heads a tile runs
+    // Token ranges of KVC tokens at fixed positions; too few items for ~2 per thread: split the
+    // heads too (chunks of a multiple of hq heads; no effect on any sum). One thread: never (each
+    // chunk reads the rows again, and narrower score tiles load more per dot product).
+    const int want = nt == 1 ? 1 : 2 * nt;
     std::vector<int> np(B), slot0(B);
     int nitems = 0, nslots = 0;
     for (int b = 0; b < B; b++) {
@@ -585,38 +761,33 @@ void mla_decode(float* out, const float* q_latent, const float* q_pe, const void
     }
     int hcs = H;
     if (nitems < want) {
-        const int nhc = std::min(ceil_div(H, HQ), ceil_div(want, nitems));
-        hcs = ceil_div(ceil_div(H, nhc), HQ) * HQ;
+        const int nhc = std::min(ceil_div(H, hq), ceil_div(want, nitems));
+        hcs = ceil_div(ceil_div(H, nhc), hq) * hq;
     }
     std::vector<Item> items;
     for (int b = 0; b < B; b++)
         for (int k = 0; k < np[b]; k++)
             for (int h0 = 0; h0 < H; h0 += hcs)
                 items.push_back({b, h0, std::min(H, h0 + hcs), k * KVC, std::min(lengths[b], (k + 1) * KVC),
-                                 np[b] > 1 ? slot0[b] + k : -1});
+                                 np[b] > 1 ? slot0[b] + k : -1, k, np[b]});
     std::stable_sort(items.begin(), items.end(), [](const Item& x, const Item& y) {
         return (int64_t)(x.t1 - x.t0) * (x.h1 - x.h0) > (int64_t)(y.t1 - y.t0) * (y.h1 - y.h0);
     });
     // Partials of split sequences: kept per calling thread up to 64 MB (fresh pages cost ~0.1 ms).
     static thread_local std::vector<float> kept;
     std::unique_ptr<float[]> big;
-    float* part = kept_scratch(kept, big, (size_t)nslots * H * (C + 2));
+    float* part = align64(kept_scratch(kept, big, (size_t)nslots * H * (C + 2) + 16));
     const int W = C + R;
-    int mode = kind == KV_F32 ? M_F32 : M_BF16W;
-#ifdef K2_MLA_DP
-    if (kind == KV_INT8) mode = M_Q8;
-    else if (kind == KV_BF16 && !g_exact) mode = M_BF16DP;
-#endif
     const int row_bytes = kind == KV_F32 ? 4 * W : kind == KV_BF16 ? 2 * W : kv8_row_bytes(W);
-    // the query in the dot products' form, once for all items: [B][Hp] rows (+ scales, M_Q8)
-    const int Hp = ceil_div(H, HQ) * HQ;
-    const size_t qrow = mode == M_BF16DP ? 2 * (size_t)ceil_div(W, 32) * 32
-                                         : (size_t)ceil_div(C, 64) * 64 + ceil_div(R, 64) * 64;
+    // the query in the dot products' form, once for all items: per sequence s_q,c [Hp], s_q,r [Hp]
+    // (M_Q8), then the transposed query [qt_rows][Hp] (prep_query)
+    const int Hp = ceil_div(H, HG) * HG;
+    const size_t qrows = dp ? (size_t)qt_rows(mode, C, R) : 0;
     static thread_local std::vector<float> qkept;
-    const size_t qn = mode == M_BF16DP || mode == M_Q8 ? (size_t)B * Hp * (qrow / 4 + 2) + 16 : 0;
+    const size_t qn = dp ? (size_t)B * Hp * (2 + qrows) + 32 : 0;
     if (qkept.size() < qn) qkept.resize(qn);
-    float* qscale = qkept.data();
-    void* qprep = align64(qkept.data() + 2 * (size_t)B * Hp);
+    float* qscale = align64(qkept.data());
+    uint32_t* qprep = (uint32_t*)qscale + 2 * (size_t)B * Hp;
     const Args A{out, q_latent, q_pe, (const char*)pool, page_table, H, C, R, page, max_pages, row_bytes, scale,
                  qprep, qscale, Hp, part, part + (size_t)nslots * H * C};
     std::vector<int> split;   // sequences with partials
@@ -631,8 +802,9 @@ void mla_decode(float* out, const float* q_latent, const float* q_pe, const void
             for (int i = 0; i < B * Hp; i++) {
                 const int b = i / Hp, h = i % Hp;
                 float* qs = qscale + (size_t)b * 2 * Hp + h;
-                if (mode == M_BF16DP) prep_query<M_BF16DP>((char*)qprep + i * qrow, qs, A, b, h);
-                else prep_query<M_Q8>((char*)qprep + i * qrow, qs, A, b, h);
+                uint32_t* qt = qprep + (size_t)b * qrows * Hp + h;
+                if (mode == M_BF16DP) prep_query<M_BF16DP>(qt, qs, A, b, h);
+                else prep_query<M_Q8>(qt, qs, A, b, h);
             }
         }
 #endif
@@ -642,8 +814,8 @@ void mla_decode(float* out, const float* q_latent, const float* q_pe, const void
                 case M_F32: run_item<M_F32>(A, items[i]); break;
                 case M_BF16W: run_item<M_BF16W>(A, items[i]); break;
 #ifdef K2_MLA_DP
-                case M_BF16DP: run_item<M_BF16DP>(A, items[i]); break;
-                default: run_item<M_Q8>(A, items[i]); break;
+                case M_BF16DP: run_item_dp<M_BF16DP>(A, items[i]); break;
+                default: run_item_dp<M_Q8>(A, items[i]); break;
 #endif
             }
         }
@@ -659,7 +831,7 @@ void mla_decode(float* out, const float* q_latent, const float* q_pe, const void
             for (int k = 0; k < np[b]; k++) {
                 const float w = std::exp(ml[(size_t)k * 2 * H + h] - M);
                 lsum += w * ml[(size_t)k * 2 * H + H + h];
-                const float* a = A.part_acc + ((size_t)(slot0[b] + k) * H + h) * C;
+                const float* a = A.part_acc + ((size_t)slot0[b] * H + (size_t)h * np[b] + k) * C;
                 #pragma omp simd
                 for (int c = 0; c < C; c++) o[c] += w * a[c];
             }
