@@ -1,12 +1,17 @@
-"""k2-nano quality on held-out Austen: bits per byte, the trainer vs k2lite, and samples.
+"""k2-nano quality on text it never trained on: bits per byte, the trainer vs k2lite, and samples.
 
     python benchmarks/nano_quality.py --corpus DIR [--metrics /tmp/k2-nano-train/metrics.json]
+                                      [--also OTHER.txt ...]
 
-Bits per byte = total next-token negative log-likelihood in bits ÷ UTF-8 bytes of the text, so
-it does not depend on the tokenizer. The held-out text (Pride and Prejudice ch. 59-61, never
-trained on) is cut and reflowed exactly as scripts/train_nano.py does, scored in the trainer's
-non-overlapping 256-token windows, through `LLM.logits` on each backend. The trainer's own
-figures (float and INT4 export) come from the metrics file its export writes.
+Bits per byte = total next-token negative log-likelihood in bits ÷ UTF-8 bytes of the scored
+text, so it does not depend on the tokenizer. Two held-out texts, cut and reflowed exactly as
+scripts/train_nano.py does: Northanger Abbey, the whole novel (held out from training; the
+headline figure), and Pride and Prejudice chapters 59-61 (kept out of training, but the rest of
+that novel is trained on: the older, in-distribution figure). `--also` scores more plain-text
+files (reflowed the same way), e.g. another novel. Each is scored in the trainer's
+non-overlapping windows (the model's original context length) through `LLM.logits` on each
+backend. The trainer's own figures (float32 weights and the INT4 export read back) come from the
+metrics file its export writes.
 """
 import argparse
 import json
@@ -21,17 +26,10 @@ sys.path.insert(0, os.path.join(ROOT, "scripts"))
 sys.path.insert(0, ROOT)
 import k2lite  # noqa: E402
 from k2lite import ops  # noqa: E402
-from train_nano import HELDOUT_BOOK, HELDOUT_FROM, reflow  # noqa: E402
+from train_nano import heldout_texts, reflow  # noqa: E402
 
 
-def heldout_text(corpus):
-    d = os.path.join(corpus, "austen") if os.path.isdir(os.path.join(corpus, "austen")) else corpus
-    with open(os.path.join(d, HELDOUT_BOOK + ".txt"), encoding="utf-8") as f:
-        text = f.read()
-    return reflow(text[text.index("\n" + HELDOUT_FROM + "\n"):])
-
-
-def nll_nats(llm, ids, ctx=256):
+def nll_nats(llm, ids, ctx):
     """Sum of -log p(next token) over non-overlapping ctx windows (the trainer's windows)."""
     total, count = 0.0, 0
     for s in range(0, len(ids) - 1, ctx):
@@ -51,25 +49,30 @@ def main():
     ap.add_argument("--model", default=os.path.join(ROOT, "models", "k2-nano"))
     ap.add_argument("--corpus", required=True, help="folder of the novels k2-nano was trained on")
     ap.add_argument("--metrics", default="/tmp/k2-nano-train/metrics.json")
+    ap.add_argument("--also", nargs="*", default=[], help="more plain-text files to score")
     a = ap.parse_args()
-    text = heldout_text(a.corpus)
-    n_bytes = len(text.encode("utf-8"))
-    rows = []
-    if os.path.exists(a.metrics):
-        m = json.load(open(a.metrics))
-        preds = m["heldout_tokens"] - 1
-        for key, label in (("heldout_loss_fp32", "trainer, float32"), ("heldout_loss_int4", "trainer, INT4 export")):
-            rows.append((label, m[key] * preds / math.log(2) / n_bytes))
-    for backend in ["ref"] + [b for b in ("cpu", "cuda") if ops.available(b)]:
-        llm = k2lite.load(a.model, device=backend)
-        ids = np.array(llm.tokenizer.encode_ordinary(text))
-        nats, count = nll_nats(llm, ids)
-        rows.append((f"k2lite device={backend}", nats / math.log(2) / n_bytes))
-    print(f"held-out: {n_bytes} bytes, {len(ids)} tokens")
-    print("| evaluated by | bits/byte |\n| --- | ---: |")
-    for label, bpb in rows:
-        print(f"| {label} | {bpb:.4f} |")
-    llm = k2lite.load(a.model)
+    texts = heldout_texts(a.corpus)
+    for path in a.also:
+        with open(path, encoding="utf-8") as f:
+            texts[os.path.basename(path)] = reflow(f.read())
+    metrics = json.load(open(a.metrics)) if os.path.exists(a.metrics) else {}
+    backends = ["ref"] + [b for b in ("cpu", "cuda") if ops.available(b)]
+    llms = {b: k2lite.load(a.model, device=b) for b in backends}
+    ctx = llms["ref"].config.rope_scaling["original_max_position_embeddings"]
+    print("| text | tokens | bytes | evaluated by | bits/byte |\n| --- | ---: | ---: | --- | ---: |")
+    for name, text in texts.items():
+        ids = np.array(llms["ref"].tokenizer.encode_ordinary(text))
+        n_bytes = len(llms["ref"].tokenizer.decode(ids[1:].tolist()).encode("utf-8"))
+        rows = []
+        m = metrics.get("heldout", {}).get(name)
+        if m:
+            rows += [("trainer, float32", m["bpb_fp32"]), ("trainer, INT4 export", m["bpb_int4"])]
+        for b, llm in llms.items():
+            nats, _ = nll_nats(llm, ids, ctx)
+            rows.append((f"k2lite device={b}", nats / math.log(2) / n_bytes))
+        for label, bpb in rows:
+            print(f"| {name} | {len(ids)} | {n_bytes} | {label} | {bpb:.4f} |", flush=True)
+    llm = llms[backends[-1]]
     for seed in (1, 2, 3):
         out = llm.generate("It is a truth universally acknowledged", max_tokens=60, temperature=0.8, seed=seed)
         print(f"\nsample (seed {seed}, temperature 0.8): It is a truth universally acknowledged{out.text}")

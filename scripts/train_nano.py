@@ -3,12 +3,13 @@
 DeepSeek-V3 layout as in K2 Thinking: MLA with q_lora, YaRN RoPE (beta 1/1), a dense first layer,
 sigmoid-routed MoE with an aux-loss-free selection bias (noaux_tc) and one shared expert, routed
 experts exported as compressed-tensors INT4 (group 32) after a short quantization-aware phase.
-Trained on five Jane Austen novels (public domain); the last chapters of Pride and Prejudice
-(59-61) are held out and never trained on.
+Trained on four Jane Austen novels (public domain). Northanger Abbey is held out whole: it is the
+validation set for early stopping and the headline figure (bits per byte on a novel never seen).
+Pride and Prejudice chapters 59-61 are also kept out of training, for the older figure.
 
-    python models/train_nano.py                      # tokenizer + train (resumable) + export + eval
-    python models/train_nano.py --export-only        # export/eval the latest training checkpoint
-    python models/train_nano.py --sample "It is a truth universally acknowledged"
+    python scripts/train_nano.py --corpus DIR        # tokenizer + train (resumable) + export + eval
+    python scripts/train_nano.py --corpus DIR --export-only   # export/eval the training checkpoint
+    python scripts/train_nano.py --corpus DIR --sample "It is a truth universally acknowledged"
 
 transformers' DeepseekV3ForCausalLM is a training-time dependency only; the export goes through
 k2lite.writer.write_checkpoint. Run with one thread (the default here).
@@ -41,7 +42,8 @@ from k2lite.writer import write_checkpoint  # noqa: E402
 N_SPECIAL = 256
 KIMI_SPECIAL_BASE = 163584
 BOOKS = ["emma", "mansfieldpark", "northangerabbey", "prideprejudice", "sensesensibility"]
-HELDOUT_BOOK, HELDOUT_FROM = "prideprejudice", "Chapter 59"   # chapters 59-61 (~4% of the book)
+VALID_BOOK = "northangerabbey"            # held out whole: early stopping and the headline figure
+HELDOUT_BOOK, HELDOUT_FROM = "prideprejudice", "Chapter 59"   # chapters 59-61: the older figure
 
 
 # ------------------------------------------------------------------ tokenizer
@@ -90,19 +92,41 @@ def reflow(text: str) -> str:
     return "\n\n".join(p for p in paras if p) + "\n"
 
 
+def corpus_dir(corpus: str) -> str:
+    return os.path.join(corpus, "austen") if os.path.isdir(os.path.join(corpus, "austen")) else corpus
+
+
+def heldout_texts(corpus: str) -> dict:
+    """The two texts never trained on, reflowed: {"northangerabbey": whole novel,
+    "prideprejudice_ch59": Pride and Prejudice from chapter 59 to the end}."""
+    d = corpus_dir(corpus)
+    with open(os.path.join(d, VALID_BOOK + ".txt"), encoding="utf-8") as f:
+        valid = reflow(f.read())
+    with open(os.path.join(d, HELDOUT_BOOK + ".txt"), encoding="utf-8") as f:
+        text = f.read()
+    return {VALID_BOOK: valid, "prideprejudice_ch59": reflow(text[text.index("\n" + HELDOUT_FROM + "\n"):])}
+
+
 def load_corpus(corpus: str, enc, eos: int):
-    """-> (train token array, held-out token array). Books are reflowed, joined by eos."""
-    d = os.path.join(corpus, "austen") if os.path.isdir(os.path.join(corpus, "austen")) else corpus
-    train, held = [], None
+    """-> (train token array, {name: held-out token array}). Books are reflowed, joined by eos;
+    Northanger Abbey and P&P chapters 59-61 are left out of the training tokens."""
+    d = corpus_dir(corpus)
+    train = []
     for book in BOOKS:
+        if book == VALID_BOOK:
+            continue
         with open(os.path.join(d, book + ".txt"), encoding="utf-8") as f:
             text = f.read()
         if book == HELDOUT_BOOK:
-            cut = text.index("\n" + HELDOUT_FROM + "\n")
-            text, rest = text[:cut], text[cut:]
-            held = enc.encode_ordinary(reflow(rest))
+            text = text[:text.index("\n" + HELDOUT_FROM + "\n")]
         train += enc.encode_ordinary(reflow(text)) + [eos]
-    return np.array(train, np.int32), np.array(held, np.int32)
+    held = {k: np.array(enc.encode_ordinary(v), np.int32) for k, v in heldout_texts(corpus).items()}
+    return np.array(train, np.int32), held
+
+
+def scored_bytes(enc, tokens: np.ndarray) -> int:
+    """UTF-8 bytes of the tokens evaluate() scores (every token but the first)."""
+    return len(enc.decode_bytes(tokens[1:].tolist()))
 
 
 # ------------------------------------------------------------------ model
@@ -176,6 +200,20 @@ def make_model(cfg: dict, seed: int):
     conf._attn_implementation = "sdpa"
     model = DeepseekV3ForCausalLM(conf).float()
     return model
+
+
+def add_dropout(model, p: float):
+    """Dropout on the embedding output and on each attention and MLP output before it joins the
+    residual stream (training only; transformers' DeepseekV3 has no such option)."""
+    def drop(mod, inp, out):
+        if isinstance(out, tuple):
+            return (F.dropout(out[0], p, mod.training),) + tuple(out[1:])
+        return F.dropout(out, p, mod.training)
+    if p > 0:
+        model.model.embed_tokens.register_forward_hook(drop)
+        for layer in model.model.layers:
+            layer.self_attn.register_forward_hook(drop)
+            layer.mlp.register_forward_hook(drop)
 
 
 def moe_blocks(model):
@@ -321,7 +359,9 @@ def sample(model, enc, prompt: str, n: int, temperature: float, top_p: float, se
 
 
 # ------------------------------------------------------------------ main
-def export(model, cfg, enc, specials, a, heldout, train_tokens_seen, train_loss, elapsed):
+def export(model, cfg, enc, specials, a, held, run):
+    """Write the release folder, read it back, and score every held-out text three ways: the
+    float32 training weights, the same rounded to bf16, and the exported INT4 checkpoint."""
     out = a.out
     os.makedirs(out, exist_ok=True)
     write_checkpoint(out, cfg, release_tensors(model, cfg), int4_experts=True, group_size=32)
@@ -330,24 +370,27 @@ def export(model, cfg, enc, specials, a, heldout, train_tokens_seen, train_loss,
                    "pad_token_id": cfg["pad_token_id"], "do_sample": True, "temperature": 0.8,
                    "top_p": 0.95, "max_new_tokens": 200}, f, indent=2)
         f.write("\n")
-    # held-out: fp32 training weights, BF16-rounded weights, and the exported INT4 checkpoint
-    l32 = evaluate(model, heldout, a.ctx)
-    probe = make_model(cfg, a.seed)
-    probe.load_state_dict(bf16_round_model(model))
-    lbf = evaluate(probe, heldout, a.ctx)
+    bf16 = make_model(cfg, a.seed)
+    bf16.load_state_dict(bf16_round_model(model))
+    int4 = make_model(cfg, a.seed)
     _, sd = load_release(out)
-    missing, unexpected = probe.load_state_dict(sd, strict=False)
+    missing, unexpected = int4.load_state_dict(sd, strict=False)
     assert not unexpected and all("rotary" in m for m in missing), (missing, unexpected)
-    l4 = evaluate(probe, heldout, a.ctx)
-    m = {"heldout_tokens": int(len(heldout)), "heldout_loss_fp32": l32, "heldout_loss_bf16": lbf,
-         "heldout_loss_int4": l4, "heldout_ppl_bf16": math.exp(lbf), "heldout_ppl_int4": math.exp(l4),
-         "train_loss": train_loss, "train_tokens_seen": train_tokens_seen, "train_seconds": elapsed,
-         "params": sum(p.numel() for p in model.parameters())}
-    print(f"held-out ({len(heldout)} tokens): fp32 loss {l32:.4f} | BF16 loss {lbf:.4f} ppl "
-          f"{math.exp(lbf):.2f} | INT4 loss {l4:.4f} ppl {math.exp(l4):.2f}", flush=True)
+    m = dict(run, params=sum(p.numel() for p in model.parameters()), heldout={})
+    for name, toks in held.items():
+        nb = scored_bytes(enc, toks)
+        r = {"tokens": int(len(toks)), "bytes": nb}
+        for label, net in (("fp32", model), ("bf16", bf16), ("int4", int4)):
+            loss = evaluate(net, toks, a.ctx)
+            r[f"loss_{label}"] = loss
+            r[f"bpb_{label}"] = loss * (len(toks) - 1) / math.log(2) / nb
+        m["heldout"][name] = r
+        print(f"{name} ({len(toks)} tokens, {nb} bytes): bits/byte fp32 {r['bpb_fp32']:.4f} | "
+              f"bf16 {r['bpb_bf16']:.4f} | INT4 export {r['bpb_int4']:.4f}  (INT4 loss "
+              f"{r['loss_int4']:.4f}, ppl {math.exp(r['loss_int4']):.2f})", flush=True)
     with open(os.path.join(a.workdir, "metrics.json"), "w") as f:
         json.dump(m, f, indent=2)
-    print(sample(probe, enc, "It is a truth universally acknowledged", 80, 0.8, 0.95, a.seed,
+    print(sample(int4, enc, "It is a truth universally acknowledged", 80, 0.8, 0.95, a.seed,
                  specials["<|im_end|>"], a.ctx), flush=True)
     return m
 
@@ -368,19 +411,24 @@ def main(argv=None):
     ap.add_argument("--expert-ffn", type=int, default=256)
     ap.add_argument("--experts", type=int, default=8)
     ap.add_argument("--topk", type=int, default=2)
-    ap.add_argument("--ctx", type=int, default=256)
-    ap.add_argument("--batch", type=int, default=16)
-    ap.add_argument("--steps", type=int, default=1000)
-    ap.add_argument("--qat-steps", type=int, default=100, help="final steps with INT4 fake-quant experts")
+    ap.add_argument("--ctx", type=int, default=512, help="training window; YaRN's original length")
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--steps", type=int, default=3000, help="length of the cosine schedule")
+    ap.add_argument("--patience", type=int, default=3,
+                    help="stop after this many validations without a new best")
+    ap.add_argument("--qat-steps", type=int, default=100,
+                    help="final steps, from the best weights, with INT4 fake-quant experts")
     ap.add_argument("--lr", type=float, default=3e-3)
     ap.add_argument("--warmup", type=int, default=50)
+    ap.add_argument("--weight-decay", type=float, default=0.1)
+    ap.add_argument("--dropout", type=float, default=0.1)
     ap.add_argument("--bias-u", type=float, default=1e-3)
     ap.add_argument("--seed", type=int, default=1234)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--no-amp", action="store_true", help="train in fp32 (default: bf16 autocast)")
-    ap.add_argument("--save-every", type=int, default=100)
-    ap.add_argument("--eval-every", type=int, default=250)
-    ap.add_argument("--export-at", type=int, nargs="*", default=[], help="also export at these steps")
+    ap.add_argument("--eval-every", type=int, default=200, help="validate on Northanger Abbey")
+    ap.add_argument("--valid-tokens", type=int, default=0,
+                    help="validate on only the first N tokens (quick experiments; 0: the whole book)")
     ap.add_argument("--export-only", action="store_true")
     ap.add_argument("--bench", type=int, default=0, help="time this many steps and exit")
     ap.add_argument("--sample", help="prompt: continue it with the exported model (or --from-ckpt)")
@@ -409,54 +457,79 @@ def main(argv=None):
         return
 
     os.makedirs(a.workdir, exist_ok=True)
-    enc, specials = build_tokenizer(a.kimi_tokenizer, a.ranks, a.out)
+    enc, specials = build_tokenizer(a.kimi_tokenizer, a.ranks, None if a.bench else a.out)
     eos = specials["<|im_end|>"]
-    train, heldout = load_corpus(a.corpus, enc, eos)
-    print(f"tokenizer: {a.ranks} ranks + {N_SPECIAL} specials; train {len(train)} tokens, "
-          f"held-out {len(heldout)} tokens", flush=True)
+    train, held = load_corpus(a.corpus, enc, eos)
+    valid = held[VALID_BOOK][:a.valid_tokens or None]
+    valid_bytes = scored_bytes(enc, valid)
+    print(f"tokenizer: {a.ranks} ranks + {N_SPECIAL} specials; train {len(train)} tokens; held out: "
+          + ", ".join(f"{k} {len(v)} tokens" for k, v in held.items()), flush=True)
     cfg = nano_config(a.ranks, specials, a)
     model = make_model(cfg, a.seed)
+    add_dropout(model, a.dropout)
     n_par = sum(p.numel() for p in model.parameters())
     n_exp = sum(p.numel() for n, p in model.named_parameters() if ".experts." in n)
     print(f"params {n_par / 1e6:.2f}M (routed experts {n_exp / 1e6:.2f}M)", flush=True)
     decay = [p for n, p in model.named_parameters() if p.dim() >= 2 and "embed" not in n]
     nodecay = [p for n, p in model.named_parameters() if not (p.dim() >= 2 and "embed" not in n)]
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.1},
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": a.weight_decay},
                              {"params": nodecay, "weight_decay": 0.0}],
                             lr=a.lr, betas=(0.9, 0.95), eps=1e-8)
-    ckpt = os.path.join(a.workdir, "ckpt.pt")
-    step, seen, elapsed, hist = 0, 0, 0.0, []
+    # Two phases. "main": the cosine schedule, validated every eval_every steps; the best weights
+    # (and optimizer state) are kept in best.pt, and the phase ends after `patience` validations
+    # without a new best. "qat": qat_steps more from the best weights at the final learning rate,
+    # with the routed experts fake-quantized to the exported INT4 grid.
+    ckpt, best_path = os.path.join(a.workdir, "ckpt.pt"), os.path.join(a.workdir, "best.pt")
+    st = {"step": 0, "seen": 0, "elapsed": 0.0, "hist": [], "phase": "main", "qat_done": 0,
+          "best_bpb": float("inf"), "best_step": 0, "bad": 0, "valid": []}
     if os.path.exists(ckpt) and not a.bench:
         ck = torch.load(ckpt, weights_only=False)
         if ck["cfg"] != cfg:
             sys.exit(f"{ckpt} was trained with another config; delete it or change --workdir")
         model.load_state_dict(ck["model"])
         opt.load_state_dict(ck["opt"])
-        step, seen, elapsed, hist = ck["step"], ck["seen"], ck["elapsed"], ck["hist"]
-        print(f"resumed at step {step} ({seen} tokens, {elapsed:.0f}s)", flush=True)
+        st = ck["state"]
+        print(f"resumed at step {st['step']} ({st['phase']}, {st['seen']} tokens, "
+              f"{st['elapsed']:.0f}s)", flush=True)
 
-    def save():
-        tmp = ckpt + ".tmp"
-        torch.save({"cfg": cfg, "model": model.state_dict(), "opt": opt.state_dict(), "step": step,
-                    "seen": seen, "elapsed": elapsed, "hist": hist}, tmp)
-        os.replace(tmp, ckpt)
+    def save(path, **extra):
+        tmp = path + ".tmp"
+        torch.save({"cfg": cfg, "model": model.state_dict(), "opt": opt.state_dict(), "state": st,
+                    **extra}, tmp)
+        os.replace(tmp, path)
+
+    lr_min = 0.1 * a.lr
 
     def lr_at(s):
+        if st["phase"] == "qat":
+            return lr_min
         if s < a.warmup:
             return a.lr * (s + 1) / a.warmup
         frac = (s - a.warmup) / max(1, a.steps - a.warmup)
-        return a.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(frac, 1.0))))
+        return lr_min + (a.lr - lr_min) * 0.5 * (1 + math.cos(math.pi * min(frac, 1.0)))
 
     def last_loss():
-        return float(np.mean([h[1] for h in hist[-20:]])) if hist else float("nan")
+        h = st["hist"]
+        return float(np.mean([x[1] for x in h[-20:]])) if h else float("nan")
 
     model.train()
     T, B = a.ctx, a.batch
     tt = torch.from_numpy(train.astype(np.int64))
     t0, win_t, win_tok = time.time(), time.time(), 0
-    end = min(a.steps, a.bench) if a.bench else a.steps
-    while not a.export_only and step < end:
-        QAT["on"] = step >= a.steps - a.qat_steps
+    while not a.export_only:
+        if a.bench and st["step"] >= a.bench:
+            break
+        if st["phase"] == "main" and (st["step"] >= a.steps or st["bad"] >= a.patience):
+            bk = torch.load(best_path, weights_only=False)
+            model.load_state_dict(bk["model"])
+            opt.load_state_dict(bk["opt"])
+            st["phase"] = "qat"
+            print(f"main phase over at step {st['step']}; best validation {st['best_bpb']:.4f} "
+                  f"bits/byte at step {st['best_step']}; QAT from there", flush=True)
+        if st["phase"] == "qat" and st["qat_done"] >= a.qat_steps:
+            break
+        step = st["step"]
+        QAT["on"] = st["phase"] == "qat"
         rng = np.random.default_rng([a.seed, step])      # data order depends only on the step
         starts = rng.integers(0, len(tt) - T - 1, B)
         x = torch.stack([tt[s:s + T] for s in starts])
@@ -471,33 +544,49 @@ def main(argv=None):
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         update_router_bias(model, a.bias_u)
-        step += 1
-        seen += B * T
+        st["step"] = step = step + 1
+        st["seen"] += B * T
+        st["qat_done"] += QAT["on"]
         win_tok += B * T
-        hist.append((step, loss.item()))
-        if step % 25 == 0 or step == end:
+        st["hist"].append((step, loss.item()))
+        if step % 25 == 0:
             now = time.time()
-            elapsed += now - win_t
+            st["elapsed"] += now - win_t
             tps = win_tok / (now - win_t)
             win_t, win_tok = now, 0
             print(f"step {step:5d} loss {last_loss():.4f} lr {lr_at(step - 1):.2e}"
-                  f"{' qat' if QAT['on'] else ''} | {tps:6.0f} tok/s | {seen / 1e6:.2f}M tokens "
-                  f"{elapsed / 60:.1f} min", flush=True)
-        if step % a.eval_every == 0 and not a.bench:
+                  f"{' qat' if QAT['on'] else ''} | {tps:6.0f} tok/s | {st['seen'] / 1e6:.2f}M tokens "
+                  f"{st['elapsed'] / 60:.1f} min", flush=True)
+        if a.bench:
+            continue
+        if st["phase"] == "main" and (step % a.eval_every == 0 or step == a.steps):
+            now = time.time()
+            st["elapsed"] += now - win_t
+            bpb = evaluate(model, valid, T) * (len(valid) - 1) / math.log(2) / valid_bytes
+            st["valid"].append((step, bpb))
             bias = moe_blocks(model)[0].gate.e_score_correction_bias
-            print(f"  held-out loss {evaluate(model, heldout, T):.4f}; layer-1 router bias "
+            better = bpb < st["best_bpb"]
+            st["bad"] = 0 if better else st["bad"] + 1
+            print(f"  validation (Northanger Abbey{f', {len(valid)} tokens' if a.valid_tokens else ''}): "
+                  f"{bpb:.4f} bits/byte{' (best)' if better else ''}; layer-1 router bias "
                   f"[{bias.min():+.3f}, {bias.max():+.3f}]", flush=True)
+            if better:
+                st["best_bpb"], st["best_step"] = bpb, step
+                save(best_path)
+            save(ckpt)
             win_t = time.time()
-        if (step % a.save_every == 0 or step == a.steps) and not a.bench:
-            save()
-        if step in a.export_at:
-            export(model, cfg, enc, specials, a, heldout, seen, last_loss(), elapsed)
-            win_t = time.time()
+        elif step % 100 == 0:
+            save(ckpt)
     if a.bench:
-        print(f"bench: {seen / (time.time() - t0):.0f} tok/s", flush=True)
+        print(f"bench: {st['seen'] / (time.time() - t0):.0f} tok/s", flush=True)
         return
+    if not a.export_only:
+        save(ckpt)
     QAT["on"] = False
-    export(model, cfg, enc, specials, a, heldout, seen, last_loss(), elapsed)
+    run = {"train_tokens": int(len(train)), "train_tokens_seen": st["seen"],
+           "train_seconds": st["elapsed"], "train_loss": last_loss(), "best_step": st["best_step"],
+           "steps": st["step"], "validation": st["valid"], "args": vars(a)}
+    export(model, cfg, enc, specials, a, held, run)
 
 
 if __name__ == "__main__":
